@@ -1,0 +1,11 @@
+"""tpkernels: fused Triton kernels for tensor-parallel transformer MLPs.
+
+    y = gelu(x @ W1.T) @ W2.T, with W1 split by output features (column) and W2 by input features (row):
+    each rank computes linear_gelu(x, W1_r) with no communication, then linear_partial(h_r, W2_r), and
+    one all-reduce sums the partials.
+"""
+from tpkernels.kernels import MatmulConfig
+from tpkernels.ops import linear_gelu, linear_partial, pin_config
+
+__version__ = "0.1.0"
+__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "pin_config"]

@@ -1,0 +1,54 @@
+"""The unfused eager baseline of every op: ground truth for tests and benchmarks.
+
+Also what CPU tensors run when the Triton interpreter is off. Shapes are those of the fused ops:
+
+    linear_gelu     x [..., K], weight [N, K], bias [N]                -> [..., N]
+    linear_partial  x_shard_k [..., K_r], weight_shard_k [N, K_r], ... -> partial [..., N]
+"""
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("identity", "gelu", "gelu_tanh")  # indexed by the kernels' ACTIVATION codes
+
+
+def activation(z, code):
+    if code == 0:
+        return z
+    return F.gelu(z, approximate="tanh" if code == 2 else "none")
+
+
+def linear_gelu(x, weight, bias=None, approximate="none"):
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
+def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype=None):
+    out, _ = fused_linear(x, weight, bias, residual, 0, owner, out_dtype or x.dtype, False)
+    return out
+
+
+def fused_linear(x, weight, bias, residual, act, owner, out_dtype, store_preact):
+    """Eager `act(x @ weight.T + bias) + residual`, bias and residual only where `owner`.
+
+    Returns (out, preact); preact is empty unless `store_preact`. A wider `out_dtype` (fp32
+    partials) computes in that dtype, as an eager user would.
+    """
+    if out_dtype != x.dtype:
+        x, weight = x.to(out_dtype), weight.to(out_dtype)
+        bias = None if bias is None else bias.to(out_dtype)
+    preact = F.linear(x, weight, bias if owner else None)
+    out = activation(preact, act)
+    if owner and residual is not None:
+        out = out + residual
+    out = out.to(out_dtype)
+    return out, (preact if store_preact else preact.new_empty(0))
+
+
+def fused_linear_backward(grad, x, weight, preact, act, need_dx, need_dw, need_db):
+    """Eager gradients of `fused_linear` for x [M, K], weight [N, K], bias [N]; None where not needed."""
+    grad = grad.to(x.dtype)
+    if act != 0:
+        grad = torch.ops.aten.gelu_backward(grad, preact, approximate="tanh" if act == 2 else "none")
+    dx = grad @ weight if need_dx else None
+    dw = grad.t() @ x if need_dw else None
+    db = grad.sum(0, dtype=torch.float32).to(x.dtype) if need_db else None
+    return dx, dw, db
