@@ -210,19 +210,19 @@ def _fused_linear_backward(
     need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dX, dW, db) of `fused_linear`, each empty when not needed."""
-    empty = x.new_empty(0)
     if not _runs_triton(x):
         grads = reference.fused_linear_backward(grad, x, weight, preact, activation, need_dx, need_dw, need_db)
-        return tuple(empty if g is None else g for g in grads)
-    dx = dw = db = empty
+        return tuple(x.new_empty(0) if g is None else g for g in grads)
+    # Outputs of a custom op may not alias each other: one empty tensor each.
+    dx, dw, db = (x.new_empty(0) for _ in range(3))
+    z = None if activation == IDENTITY else preact
     if need_dx:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _launch(grad, weight, dx, z=preact, grad_activation=activation)
+        _launch(grad, weight, dx, z=z, grad_activation=activation)
     if need_dw:
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
         rowsum = torch.empty(weight.shape[0], dtype=torch.float32, device=x.device) if need_db else None
-        z_t = None if activation == IDENTITY else preact.t()
-        _launch(grad.t(), x, dw, z=z_t, rowsum=rowsum, grad_activation=activation)
+        _launch(grad.t(), x, dw, z=None if z is None else z.t(), rowsum=rowsum, grad_activation=activation)
         if need_db:
             db = rowsum.to(x.dtype)
     elif need_db:
@@ -233,19 +233,17 @@ def _fused_linear_backward(
 
 @_fused_linear_backward.register_fake
 def _(grad, x, weight, preact, activation, need_dx, need_dw, need_db):
-    empty = x.new_empty(0)
     return (
-        torch.empty_like(x) if need_dx else empty,
-        torch.empty_like(weight) if need_dw else empty,
-        x.new_empty(weight.shape[0]) if need_db else empty,
+        torch.empty_like(x) if need_dx else x.new_empty(0),
+        torch.empty_like(weight) if need_dw else x.new_empty(0),
+        x.new_empty(weight.shape[0]) if need_db else x.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, activation, owner, out_dtype, store_preact = inputs
-    preact = output[1]
-    if activation != IDENTITY and not store_preact:
-        preact = None  # backward refuses: nothing to differentiate the activation at
+    # Without a stored pre-activation an activation cannot be differentiated: backward refuses.
+    preact = output[1] if activation != IDENTITY and store_preact else None
     ctx.save_for_backward(x, weight, preact)
     ctx.activation = activation
     ctx.residual_dtype = None if residual is None else residual.dtype

@@ -139,12 +139,10 @@ def _matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k_block in range(0, tl.cdiv(K, BLOCK_K)):
-        if INT64_OFFSETS:
-            k_start = k_block.to(tl.int64) * BLOCK_K
-        else:
-            k_start = k_block * BLOCK_K
+    for k_start in range(0, K, BLOCK_K):
         offs_k = k_start + tl.arange(0, BLOCK_K)
+        if INT64_OFFSETS:
+            offs_k = offs_k.to(tl.int64)
         mask_k = offs_k < K
         mask_a = mask_m[:, None] & mask_k[None, :]
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=mask_a, other=0.0)

@@ -1,0 +1,54 @@
+"""Shared test numerics: the fp64 "2x eager error" rule, fresh inputs, devices and dtypes."""
+import pytest
+import torch
+
+from tpkernels.kernels import INTERPRETED
+
+# The small absolute slack on top of 2x eager's error, per dtype.
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(not INTERPRETED, reason="CPU tensors run the eager reference without TRITON_INTERPRET=1"),
+    ),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", scale=1.0, requires_grad=False):
+    t = (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def linear_inputs(lead, K, N, dtype, device, bias=True, requires_grad=False):
+    """Fresh x [*lead, K], weight [N, K] scaled like nn.Linear's init, bias [N]."""
+    x = randn(*lead, K, dtype=dtype, device=device, requires_grad=requires_grad)
+    w = randn(N, K, dtype=dtype, device=device, scale=max(K, 1) ** -0.5, requires_grad=requires_grad)
+    b = randn(N, dtype=dtype, device=device, requires_grad=requires_grad) if bias else None
+    return x, w, b
+
+
+def assert_close_to_ref(out, eager, ref, name="output"):
+    """max|out - ref| <= 2 max|eager - ref| + atol, with ref in fp64 and eager in out's dtype.
+
+    Non-finite values must sit where the fp64 reference has them, with the same sign.
+    """
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != eager's {eager.dtype}"
+    atol = ATOL[eager.dtype]
+    out, eager, ref = out.detach().double().cpu(), eager.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.equal(out.isnan(), ref.isnan()), f"{name}: NaN where the fp64 reference has none, or vice versa"
+    assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf()), (
+        f"{name}: infinities differ from the fp64 reference"
+    )
+    finite = ref.isfinite() & eager.isfinite()
+    if not finite.any():
+        return
+    err = (out - ref)[finite].abs().max().item()
+    eager_err = (eager - ref)[finite].abs().max().item()
+    assert err <= 2 * eager_err + atol, (
+        f"{name}: max error {err:.3e} exceeds 2 x eager's {eager_err:.3e} + atol {atol:.0e} ({eager.dtype})"
+    )

@@ -1,0 +1,282 @@
+"""The public functional API: linear_gelu and linear_partial against eager, forward and backward,
+every option, bad input, dispatch, and torch.compile."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tpkernels
+from numerics import DEVICES, DTYPES, assert_close_to_ref, linear_inputs, randn
+from tpkernels import ops, reference
+
+SHAPES = [  # (leading dims, in_features K, out_features N)
+    ((1,), 33, 17),
+    ((37,), 50, 45),
+    ((3, 5), 24, 70),
+    ((2, 3, 4), 7, 40),
+]
+
+
+def _fp64(*tensors):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _grads(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, wanted, grad_out)
+
+
+def _check_forward_backward(fused_fn, eager_fn, inputs, names):
+    """Compare fused_fn with eager_fn (same dtype) and eager_fn in fp64, outputs and gradients."""
+    out = fused_fn(*inputs)
+    eager = eager_fn(*inputs)
+    ref = eager_fn(*_fp64(*inputs))
+    assert_close_to_ref(out, eager, ref)
+    grad_out = randn(*out.shape, dtype=out.dtype, device=out.device)
+    ref_inputs = _fp64(*inputs)
+    ref = eager_fn(*ref_inputs)
+    for name, g, e, r in zip(
+        [n for n, t in zip(names, inputs) if t is not None and t.requires_grad],
+        _grads(out, inputs, grad_out),
+        _grads(eager, inputs, grad_out),
+        _grads(ref, ref_inputs, grad_out.double()),
+    ):
+        assert_close_to_ref(g, e, r, f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_gelu_matches_eager(device, dtype, lead, K, N, approximate, bias):
+    x, w, b = linear_inputs(lead, K, N, dtype, device, bias=bias, requires_grad=True)
+
+    def fused(x, w, b):
+        return tpkernels.linear_gelu(x, w, b, approximate=approximate)
+
+    def eager(x, w, b):
+        return reference.linear_gelu(x, w, b, approximate=approximate)
+
+    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES[1:3])
+@pytest.mark.parametrize("owner", [True, False])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("fp32_out", [True, False])
+def test_linear_partial_matches_eager(device, dtype, lead, K, N, owner, residual, fp32_out):
+    x, w, b = linear_inputs(lead, K, N, dtype, device, requires_grad=True)
+    out_dtype = torch.float32 if fp32_out else None
+    r = randn(*lead, N, dtype=out_dtype or dtype, device=device, requires_grad=True) if residual else None
+
+    def fused(x, w, b, r):
+        return tpkernels.linear_partial(x, w, b, residual=r, owner=owner, out_dtype=out_dtype)
+
+    def eager(x, w, b, r):
+        if x.dtype == torch.float64:  # the reference: no rounding to the partial's dtype
+            return reference.linear_partial(x, w, b, residual=r, owner=owner)
+        return reference.linear_partial(x, w, b, residual=r, owner=owner, out_dtype=out_dtype)
+
+    if owner:
+        _check_forward_backward(fused, eager, (x, w, b, r), ("x", "weight", "bias", "residual"))
+        return
+    # Not the owner: no bias or residual in the partial, yet the replicated bias and residual still get
+    # the full gradient, sum(dY) and dY, so that every rank's replica stays the same.
+    out = fused(x, w, b, r)
+    assert_close_to_ref(out, eager(x, w, None, None), eager(*_fp64(x, w, None, None)))
+    grad_out = randn(*out.shape, dtype=out.dtype, device=device)
+    grads = torch.autograd.grad(out, [t for t in (b, r) if t is not None], grad_out)
+    torch.testing.assert_close(grads[0].double(), grad_out.double().flatten(0, -2).sum(0), rtol=1e-2, atol=1e-2)
+    if residual:
+        assert torch.equal(grads[1], grad_out.to(r.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs_run_without_a_copy(device, monkeypatch):
+    base_x = randn(40, 64, device=device)
+    x = base_x[::2, 3:53]  # strided rows and an offset: [20, 50]
+    w = randn(50, 45, device=device, scale=50**-0.5).t()  # [45, 50], column-major
+    b = randn(90, device=device)[::2]
+    seen = []
+    launch = ops._launch
+
+    def spy(a, b_, c, **kwargs):
+        seen.append(a.data_ptr())
+        return launch(a, b_, c, **kwargs)
+
+    monkeypatch.setattr(ops, "_launch", spy)
+    out = tpkernels.linear_gelu(x, w, b)
+    assert seen == [x.data_ptr()], "a 2-D strided x must reach the kernel as it is"
+    eager = reference.linear_gelu(x, w, b)
+    assert_close_to_ref(out, eager, reference.linear_gelu(*_fp64(x, w, b)))
+    # 3-D, transposed in its leading dims: a copy is unavoidable, and the result is still right
+    x3 = randn(6, 5, 50, device=device).transpose(0, 1)
+    out = tpkernels.linear_partial(x3, w, b)
+    assert_close_to_ref(out, reference.linear_partial(x3, w, b), reference.linear_partial(*_fp64(x3, w, b)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_out_buffer_and_in_place_residual(device, dtype):
+    x, w, b = linear_inputs((4, 9), 30, 21, dtype, device)
+    r = randn(4, 9, 21, dtype=torch.float32, device=device)
+    ref = reference.linear_partial(*_fp64(x, w, b), residual=r.double())
+    eager = reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
+
+    buffer = torch.full((4, 9, 21), float("nan"), dtype=torch.float32, device=device)
+    result = tpkernels.linear_partial(x, w, b, residual=r, out=buffer)
+    assert result is buffer
+    assert_close_to_ref(buffer, eager, ref)
+
+    in_place = r.clone()
+    tpkernels.linear_partial(x, w, b, residual=in_place, out=in_place)
+    assert_close_to_ref(in_place, eager, ref, "out=residual")
+
+    not_owner = torch.full_like(buffer, float("nan"))
+    tpkernels.linear_partial(x, w, b, residual=r, owner=False, out=not_owner)
+    eager = reference.linear_partial(x, w, None, out_dtype=torch.float32)
+    assert_close_to_ref(not_owner, eager, reference.linear_partial(*_fp64(x, w, None)), "owner=False")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_nan_and_inf_propagate_like_the_fp64_reference(device, approximate):
+    x, w, b = linear_inputs((12,), 16, 20, torch.float32, device)
+    x[2, 3] = float("nan")
+    x[5, 0] = float("inf")
+    x[7, 9] = float("-inf")
+    w[4, 0] = 0.0  # inf * 0 = NaN in one column of row 5
+    ref = reference.linear_gelu(*_fp64(x, w, b), approximate=approximate)
+    out = tpkernels.linear_gelu(x, w, b, approximate=approximate)
+    assert ref.isnan().any() and ref.isinf().any()
+    assert_close_to_ref(out, reference.linear_gelu(x, w, b, approximate=approximate), ref)
+    partial = tpkernels.linear_partial(x, w, b, out_dtype=torch.float32)
+    assert_close_to_ref(partial, reference.linear_partial(x, w, b), reference.linear_partial(*_fp64(x, w, b)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fp16_gelu_of_large_values_is_never_nan(device, approximate):
+    x = randn(16, 32, dtype=torch.float16, device=device, scale=300.0, requires_grad=True)
+    w = randn(24, 32, dtype=torch.float16, device=device, requires_grad=True)
+    out = tpkernels.linear_gelu(x, w, approximate=approximate)
+    eager = reference.linear_gelu(x, w, approximate=approximate)
+    assert not eager.isnan().any()
+    assert not out.isnan().any()
+    assert out.abs().max() > 1000  # the inputs did reach the large-|x| range
+    grads = torch.autograd.grad(out, (x, w), torch.ones_like(out))
+    assert not any(g.isnan().any() for g in grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_inputs(device):
+    w, b = randn(6, 5, device=device), randn(6, device=device)
+    x = randn(0, 5, device=device, requires_grad=True)
+    out = tpkernels.linear_gelu(x, w, b)
+    assert out.shape == (0, 6)
+    out.sum().backward()
+    assert x.grad.shape == (0, 5)
+    assert tpkernels.linear_partial(randn(2, 0, 5, device=device), w, b).shape == (2, 0, 6)
+    # in_features == 0: the output is the epilogue of a zero matmul
+    out = tpkernels.linear_gelu(randn(3, 0, device=device), randn(6, 0, device=device), b)
+    torch.testing.assert_close(out, F.gelu(b).expand(3, 6))
+
+
+def test_bad_input_is_refused_before_launch(monkeypatch):
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel launched on bad input")
+
+    monkeypatch.setattr(ops, "_launch", no_launch)
+    x, w, b = linear_inputs((8,), 16, 12, torch.float32, "cpu")
+    cases = [
+        (ValueError, r"in_features=17 .* in_features=16", lambda: tpkernels.linear_gelu(randn(8, 17), w, b)),
+        (ValueError, r"bias has shape \(11,\) .* out_features=12", lambda: tpkernels.linear_gelu(x, w, b[:11])),
+        (ValueError, r"weight must be 2-D", lambda: tpkernels.linear_gelu(x, w[None], b)),
+        (TypeError, r"weight.dtype is torch.float16 but x.dtype is torch.float32",
+         lambda: tpkernels.linear_gelu(x, w.half(), b)),
+        (TypeError, r"bias.dtype is torch.float64", lambda: tpkernels.linear_partial(x, w, b.double())),
+        (TypeError, r"supported dtypes are", lambda: tpkernels.linear_gelu(x.double(), w.double())),
+        (TypeError, r"x must be a torch.Tensor", lambda: tpkernels.linear_gelu(x.tolist(), w)),
+        (ValueError, r"approximate must be 'none' or 'tanh', got 'erf'",
+         lambda: tpkernels.linear_gelu(x, w, b, approximate="erf")),
+        (ValueError, r"x is on cpu but weight is on meta", lambda: tpkernels.linear_gelu(x, w.to("meta"))),
+        (TypeError, r"out_dtype is torch.float16", lambda: tpkernels.linear_partial(x, w, out_dtype=torch.float16)),
+        (ValueError, r"residual has shape \(8, 13\) but the output is \(8, 12\)",
+         lambda: tpkernels.linear_partial(x, w, b, residual=randn(8, 13))),
+        (TypeError, r"residual.dtype is torch.float16",
+         lambda: tpkernels.linear_partial(x, w, b, residual=randn(8, 12).half())),
+        (ValueError, r"out has shape \(12, 8\)", lambda: tpkernels.linear_partial(x, w, out=randn(12, 8))),
+        (ValueError, r"out= does not support autograd",
+         lambda: tpkernels.linear_partial(x, w.clone().requires_grad_(), out=randn(8, 12))),
+        (ValueError, r"out shares memory with x", lambda: tpkernels.linear_partial(x, randn(16, 16), out=x)),
+        (ValueError, r"cannot be viewed as \[8, 12\] rows",
+         lambda: tpkernels.linear_partial(x.view(2, 4, 16), w, out=randn(4, 2, 12).transpose(0, 1))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.skipif(not ops.INTERPRETED, reason="needs TRITON_INTERPRET=1")
+def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
+    launches = []
+    launch = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    monkeypatch.setattr(reference, "fused_linear", lambda *a, **k: pytest.fail("the eager fallback ran"))
+    x, w, b = linear_inputs((8,), 16, 12, torch.float32, "cpu", requires_grad=True)
+    tpkernels.linear_gelu(x, w, b).sum().backward()
+    assert len(launches) == 3  # forward, dX, dW with db
+    tpkernels.linear_partial(x, w, b)
+    assert len(launches) == 4
+
+
+def test_cpu_without_the_interpreter_runs_eager():
+    code = (
+        "import torch, tpkernels, tpkernels.ops as ops\n"
+        "from tpkernels import reference\n"
+        "assert not ops.INTERPRETED\n"
+        "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
+        "assert torch.equal(tpkernels.linear_gelu(x, w, b), reference.linear_gelu(x, w, b))\n"
+        "assert torch.equal(tpkernels.linear_partial(x, w, b), torch.nn.functional.linear(x, w, b))\n"
+        "print('eager')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "eager", result.stderr
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_ops_pass_opcheck(device):
+    x, w, b = linear_inputs((6,), 10, 9, torch.float32, device, requires_grad=True)
+    r = randn(6, 9, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.tpkernels.fused_linear.default, (x, w, b, r, 1, True, torch.float32, True))
+    torch.library.opcheck(torch.ops.tpkernels.fused_linear.default, (x, w, b, None, 0, False, torch.float32, False))
+    out = torch.empty(6, 9, device=device)
+    torch.library.opcheck(torch.ops.tpkernels.fused_linear_out.default, (x.detach(), w.detach(), b.detach(), None, True, out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_forward_and_backward(device):
+    def mlp(x, w1, b1, w2, b2, r):
+        h = tpkernels.linear_gelu(x, w1, b1, approximate="tanh")
+        return tpkernels.linear_partial(h, w2, b2, residual=r, out_dtype=torch.float32) * 0.5
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mlp, fullgraph=True)
+    x, w1, b1 = linear_inputs((2, 7), 24, 40, torch.float32, device, requires_grad=True)
+    _, w2, b2 = linear_inputs((1,), 40, 24, torch.float32, device, requires_grad=True)
+    r = randn(2, 7, 24, device=device, requires_grad=True)
+    inputs = (x, w1, b1, w2, b2, r)
+    out = compiled(*inputs)
+    expected = mlp(*inputs)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)
+    )
