@@ -25,10 +25,11 @@ IDENTITY = 0
 GELU = 1  # exact: 0.5 x (1 + erf(x / sqrt 2))
 GELU_TANH = 2  # torch's tanh approximation
 
-_SQRT1_2: tl.constexpr = 0.7071067811865476
-_SQRT_2_OVER_PI: tl.constexpr = 0.7978845608028654
-_INV_SQRT_2PI: tl.constexpr = 0.3989422804014327
-_KAPPA: tl.constexpr = 0.044715
+# Globals a kernel reads must be tl.constexpr instances (an annotation alone fails to compile).
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_KAPPA = tl.constexpr(0.044715)
 
 
 @triton.jit
