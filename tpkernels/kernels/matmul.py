@@ -25,7 +25,8 @@ IDENTITY = 0
 GELU = 1  # exact: 0.5 x (1 + erf(x / sqrt 2))
 GELU_TANH = 2  # torch's tanh approximation
 
-# Globals a kernel reads must be tl.constexpr instances (an annotation alone fails to compile).
+# Globals a kernel reads must be tl.constexpr instances (an annotation alone fails to compile). Keep
+# them right of a tensor in products: the interpreter cannot multiply a constexpr by a tensor.
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -54,15 +55,15 @@ def _gelu_grad(x):
 
 @triton.jit
 def _gelu_tanh(x):
-    t = _tanh(_SQRT_2_OVER_PI * x * (1.0 + _KAPPA * x * x))
+    t = _tanh(x * _SQRT_2_OVER_PI * (1.0 + x * x * _KAPPA))
     return 0.5 * x * (1.0 + t)
 
 
 @triton.jit
 def _gelu_tanh_grad(x):
     x2 = x * x
-    t = _tanh(_SQRT_2_OVER_PI * x * (1.0 + _KAPPA * x2))
-    du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _KAPPA * x2)
+    t = _tanh(x * _SQRT_2_OVER_PI * (1.0 + x2 * _KAPPA))
+    du_dx = (1.0 + x2 * (3.0 * _KAPPA)) * _SQRT_2_OVER_PI
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx
 
 
