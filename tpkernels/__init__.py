@@ -4,8 +4,19 @@
     each rank computes linear_gelu(x, W1_r) with no communication, then linear_partial(h_r, W2_r), and
     one all-reduce sums the partials.
 """
+from tpkernels import distributed
 from tpkernels.kernels import MatmulConfig
+from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
 from tpkernels.ops import linear_gelu, linear_partial, pin_config
 
 __version__ = "0.1.0"
-__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "pin_config"]
+__all__ = [
+    "ColumnParallelLinear",
+    "MatmulConfig",
+    "RowParallelLinear",
+    "TensorParallelMLP",
+    "distributed",
+    "linear_gelu",
+    "linear_partial",
+    "pin_config",
+]

@@ -52,3 +52,18 @@ def fused_linear_backward(grad, x, weight, preact, act, need_dx, need_dw, need_d
     dw = grad.t() @ x if need_dw else None
     db = grad.sum(0, dtype=torch.float32).to(x.dtype) if need_db else None
     return dx, dw, db
+
+
+class MLP(torch.nn.Module):
+    """The dense model that `TensorParallelMLP` shards: fc2(gelu(fc1(x))), built fc1 first, then fc2."""
+
+    def __init__(self, in_features, hidden_features, out_features=None, bias=True, approximate="none",
+                 device=None, dtype=None):
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        self.fc1 = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
+        self.fc2 = torch.nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))

@@ -1,0 +1,107 @@
+"""Run a function on N CPU ranks over gloo: spawned processes, file:// init, timeouts, stragglers killed,
+tracebacks and results (pickled bytes) sent back to the parent."""
+import datetime
+import os
+import pickle
+import queue
+import tempfile
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _worker(fn, rank, world_size, init_file, timeout, results, args):
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException:  # everything goes home, KeyboardInterrupt included
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(fn, world_size, *args, timeout=300, collective_timeout=60):
+    """fn(rank, world_size, *args) on `world_size` processes; returns their results, by rank.
+
+    A rank's exception is raised here as a RuntimeError carrying its traceback; a rank that does not
+    report within `timeout` seconds, or dies without reporting, raises TimeoutError / RuntimeError.
+    Collectives time out after `collective_timeout` seconds, so a mismatch cannot hang a rank forever.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "init")
+        procs = [
+            ctx.Process(target=_worker, args=(fn, rank, world_size, init_file, collective_timeout, results, args),
+                        daemon=True)
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        values, errors = {}, {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(values) + len(errors) < world_size:
+                if errors and time.monotonic() > first_error_at + 5:
+                    break  # the other ranks are probably stuck in a collective the failed one left
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world_size)) - set(values) - set(errors))
+                    raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout} s")
+                try:
+                    rank, ok, payload = results.get(timeout=0.5)
+                except queue.Empty:
+                    dead = [r for r, p in enumerate(procs)
+                            if r not in values and r not in errors and p.exitcode not in (None, 0)]
+                    if dead:
+                        raise RuntimeError(f"ranks {dead} died without reporting (exit codes "
+                                           f"{[procs[r].exitcode for r in dead]})") from None
+                    continue
+                if ok:
+                    values[rank] = pickle.loads(payload)
+                else:
+                    if not errors:
+                        first_error_at = time.monotonic()
+                    errors[rank] = payload
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+    if errors:
+        raise RuntimeError("\n".join(f"--- rank {r} of {world_size} ---\n{tb}" for r, tb in sorted(errors.items())))
+    return [values[r] for r in range(world_size)]
+
+
+def _run_scenarios(rank, world_size, scenarios):
+    outcomes = {}
+    for scenario in scenarios:
+        try:
+            outcomes[scenario.__name__] = (True, scenario(rank, world_size))
+        except Exception:
+            outcomes[scenario.__name__] = (False, traceback.format_exc())
+    return outcomes
+
+
+def run_scenarios(scenarios, world_size, **kwargs):
+    """Run every scenario(rank, world_size) in one spawn; {name: (ok, value or traceback)} per rank.
+
+    One spawn serves many tests: starting a rank (torch, triton) costs seconds, a scenario far less.
+    """
+    return run_ranks(_run_scenarios, world_size, list(scenarios), **kwargs)
+
+
+def check_scenario(outcomes, name):
+    """Fail with the first failing rank's traceback; return every rank's value."""
+    import pytest
+
+    for rank, by_name in enumerate(outcomes):
+        ok, value = by_name[name]
+        if not ok:
+            pytest.fail(f"rank {rank} of {len(outcomes)}:\n{value}", pytrace=False)
+    return [by_name[name][1] for by_name in outcomes]

@@ -1,0 +1,275 @@
+"""The tensor-parallel modules on real gloo ranks, against the single-device model on identical weights:
+outputs, every gradient, one SGD step, collective counts, the bias added once, uneven sizes, 3-D
+inputs, state dicts, bad input and torch.compile."""
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from numerics import assert_close_to_ref
+from spawn import check_scenario, run_scenarios
+from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, reference
+from tpkernels import distributed as tpd
+
+WORLD_SIZES = [1, 2, 3, 4]
+IN, HIDDEN, OUT = 10, 13, 7  # 13 and 10 divide by none of 2, 3, 4
+LEAD = (2, 3)  # 3-D inputs
+LR = 0.1
+
+
+def _same_everywhere(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _fp64(module):
+    return copy.deepcopy(module).double()
+
+
+def _compare(out, eager, ref, name):
+    assert_close_to_ref(out, eager, ref, name)
+
+
+def _step(params):
+    torch.optim.SGD(params, lr=LR).step()
+
+
+def _expected(world, count):
+    return 0 if world == 1 else count
+
+
+def column(rank, world):
+    counts = {}
+    for activation, gather in ((None, True), ("gelu", False), ("gelu_tanh", True)):
+        torch.manual_seed(1)
+        dense = nn.Linear(IN, HIDDEN)
+        torch.manual_seed(1)
+        tp = ColumnParallelLinear(IN, HIDDEN, activation=activation, gather_output=gather)
+        rows = slice(tp.shard_start, tp.shard_stop)
+        # the fresh sharded layer is the slice of the dense one built under the same seed
+        assert torch.equal(tp.weight, dense.weight[rows]) and torch.equal(tp.bias, dense.bias[rows])
+        dense64 = _fp64(dense)
+        act = {None: lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
+        x = _same_everywhere(*LEAD, IN, seed=2)
+        x_tp, x_eager, x64 = (x.clone().requires_grad_() for x in (x, x, x.double()))
+        with tpd.count_collectives() as fwd:
+            y_tp = tp(x_tp)
+        y_eager, y64 = act(dense(x_eager)), act(dense64(x64))
+        keep = slice(None) if gather else rows
+        _compare(y_tp, y_eager[..., keep], y64[..., keep], f"column {activation} output")
+        grad = _same_everywhere(*LEAD, HIDDEN, seed=3)
+        with tpd.count_collectives() as bwd:
+            y_tp.backward(grad[..., keep])
+        y_eager.backward(grad)
+        y64.backward(grad.double())
+        _compare(x_tp.grad, x_eager.grad, x64.grad, "column input grad")
+        _compare(tp.weight.grad, dense.weight.grad[rows], dense64.weight.grad[rows], "column weight grad")
+        _compare(tp.bias.grad, dense.bias.grad[rows], dense64.bias.grad[rows], "column bias grad")
+        _step(tp.parameters())
+        _step(dense.parameters())
+        _step(dense64.parameters())
+        _compare(tp.weight, dense.weight[rows], dense64.weight[rows], "column weight after SGD")
+        assert fwd.count() == _expected(world, 1 if gather else 0), fwd.records
+        assert bwd.count("all_reduce") == _expected(world, 1) and bwd.count() == bwd.count("all_reduce")
+        counts[(activation, gather)] = (fwd.count(), bwd.count())
+    return counts
+
+
+def row(rank, world):
+    for input_is_parallel in (True, False):
+        torch.manual_seed(4)
+        dense = nn.Linear(HIDDEN, OUT)
+        torch.manual_seed(4)
+        tp = RowParallelLinear(HIDDEN, OUT, input_is_parallel=input_is_parallel)
+        cols = slice(tp.shard_start, tp.shard_stop)
+        assert torch.equal(tp.weight, dense.weight[:, cols]) and torch.equal(tp.bias, dense.bias)
+        dense64 = _fp64(dense)
+        x = _same_everywhere(*LEAD, HIDDEN, seed=5)
+        x_tp = (x[..., cols] if input_is_parallel else x).clone().requires_grad_()
+        x_eager, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+        with tpd.count_collectives() as fwd:
+            y_tp = tp(x_tp)
+        y_eager, y64 = dense(x_eager), dense64(x64)
+        _compare(y_tp, y_eager, y64, "row output")
+        grad = _same_everywhere(*LEAD, OUT, seed=6)
+        with tpd.count_collectives() as bwd:
+            y_tp.backward(grad)
+        y_eager.backward(grad)
+        y64.backward(grad.double())
+        keep = cols if input_is_parallel else slice(None)
+        _compare(x_tp.grad, x_eager.grad[..., keep], x64.grad[..., keep], "row input grad")
+        _compare(tp.weight.grad, dense.weight.grad[:, cols], dense64.weight.grad[:, cols], "row weight grad")
+        # the replicated bias: the single-device gradient on every rank, not scaled by world size
+        _compare(tp.bias.grad, dense.bias.grad, dense64.bias.grad, "row bias grad")
+        _step(tp.parameters())
+        _step(dense.parameters())
+        _step(dense64.parameters())
+        _compare(tp.bias, dense.bias, dense64.bias, "row bias after SGD")
+        _compare(tp.weight, dense.weight[:, cols], dense64.weight[:, cols], "row weight after SGD")
+        assert fwd.count("all_reduce") == _expected(world, 1) and fwd.count() == fwd.count("all_reduce")
+        assert bwd.count() == _expected(world, 0 if input_is_parallel else 1), bwd.records
+    return "ok"
+
+
+def mlp(rank, world):
+    counts = {}
+    for approximate, reduce_dtype in (("none", None), ("tanh", torch.float32)):
+        torch.manual_seed(7)
+        dense = reference.MLP(IN, HIDDEN, OUT, approximate=approximate)
+        torch.manual_seed(7)
+        tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate=approximate, reduce_dtype=reduce_dtype)
+        hidden = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
+        assert torch.equal(tp.fc1.weight, dense.fc1.weight[hidden])
+        assert torch.equal(tp.fc2.weight, dense.fc2.weight[:, hidden]) and torch.equal(tp.fc2.bias, dense.fc2.bias)
+        dense64 = _fp64(dense)
+        x = _same_everywhere(*LEAD, IN, seed=8)
+        x_tp, x_eager, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
+        with tpd.count_collectives() as fwd:
+            y_tp = tp(x_tp)
+        y_eager, y64 = dense(x_eager), dense64(x64)
+        _compare(y_tp, y_eager, y64, "mlp output")
+        grad = _same_everywhere(*LEAD, OUT, seed=9)
+        with tpd.count_collectives() as bwd:
+            y_tp.backward(grad)
+        y_eager.backward(grad)
+        y64.backward(grad.double())
+        _compare(x_tp.grad, x_eager.grad, x64.grad, "mlp input grad")
+        pairs = (("fc1.weight", hidden, slice(None)), ("fc1.bias", hidden, None),
+                 ("fc2.weight", slice(None), hidden), ("fc2.bias", slice(None), None))
+        tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in (tp, dense, dense64))
+
+        def sliced(t, rows, cols):
+            return t[rows] if cols is None else t[rows, cols]
+
+        for name, rows, cols in pairs:
+            _compare(tp_params[name].grad, sliced(eager_params[name].grad, rows, cols),
+                     sliced(params64[name].grad, rows, cols), f"mlp {name} grad")
+        _step(tp.parameters())
+        _step(dense.parameters())
+        _step(dense64.parameters())
+        for name, rows, cols in pairs:
+            _compare(tp_params[name], sliced(eager_params[name], rows, cols), sliced(params64[name], rows, cols),
+                     f"mlp {name} after SGD")
+        assert (fwd.count("all_reduce"), bwd.count("all_reduce")) == (_expected(world, 1), _expected(world, 1))
+        assert fwd.count() + bwd.count() == _expected(world, 2)
+        counts[approximate] = (fwd.count(), bwd.count())
+    return counts
+
+
+def bias_added_once(rank, world):
+    tp = RowParallelLinear(HIDDEN, OUT, input_is_parallel=False)
+    with torch.no_grad():
+        tp.weight.zero_()
+        tp.bias.copy_(torch.arange(1.0, OUT + 1))  # the same on every rank
+    y = tp(_same_everywhere(4, HIDDEN, seed=10))
+    assert torch.equal(y, torch.arange(1.0, OUT + 1).expand(4, OUT)), f"bias added {y[0, 0].item()} times"
+    return "ok"
+
+
+def state_dicts(rank, world):
+    torch.manual_seed(11)
+    dense = reference.MLP(IN, HIDDEN, OUT)
+    torch.manual_seed(11)
+    tp = TensorParallelMLP(IN, HIDDEN, OUT)
+    hidden = tp.fc1.shard_stop - tp.fc1.shard_start
+    shapes = {k: tuple(v.shape) for k, v in tp.state_dict().items()}
+    assert shapes == {"fc1.weight": (hidden, IN), "fc1.bias": (hidden,), "fc2.weight": (OUT, hidden),
+                      "fc2.bias": (OUT,)}, shapes
+    # sharded -> dense: the gathered state dict loads into the dense MLP and equals it
+    full = tp.full_state_dict()
+    restored = reference.MLP(IN, HIDDEN, OUT)
+    restored.load_state_dict(full)
+    for k, v in dense.state_dict().items():
+        assert torch.equal(restored.state_dict()[k], v), k
+    # dense -> sharded, in place (an optimizer keeps its parameters) and through from_dense
+    other = TensorParallelMLP(IN, HIDDEN, OUT)
+    before = [id(p) for p in other.parameters()]
+    other.load_full_state_dict(dense.state_dict())
+    assert [id(p) for p in other.parameters()] == before
+    from_dense = TensorParallelMLP.from_dense(dense.fc1, dense.fc2)
+    for module in (other, from_dense):
+        for k, v in tp.state_dict().items():
+            assert torch.equal(module.state_dict()[k], v), k
+    # the layers alone, from an existing nn.Linear
+    column = ColumnParallelLinear.from_linear(dense.fc1, activation="gelu")
+    row_layer = RowParallelLinear.from_linear(dense.fc2)
+    assert torch.equal(column.weight, tp.fc1.weight) and torch.equal(row_layer.weight, tp.fc2.weight)
+    for layer, linear in ((column, dense.fc1), (row_layer, dense.fc2)):
+        for k, v in layer.full_state_dict().items():
+            assert torch.equal(v, linear.state_dict()[k]), k
+    return "ok"
+
+
+def bad_input(rank, world):
+    with tpd.count_collectives() as counts:
+        if world > 1:
+            with pytest.raises(ValueError, match=rf"{world} ranks cannot share out_features={world - 1}"):
+                ColumnParallelLinear(4, world - 1)
+            with pytest.raises(ValueError, match=rf"{world} ranks cannot share in_features={world - 1}"):
+                RowParallelLinear(world - 1, 4)
+            row_layer = RowParallelLinear(HIDDEN, OUT)
+            in_r = row_layer.shard_stop - row_layer.shard_start
+            with pytest.raises(ValueError, match=rf"input has {HIDDEN} features .* takes {in_r} of in_features={HIDDEN}"):
+                row_layer(torch.randn(3, HIDDEN))  # full width, but input_is_parallel=True
+        with pytest.raises(ValueError, match="unknown activation 'relu'"):
+            ColumnParallelLinear(IN, HIDDEN, activation="relu")
+        with pytest.raises(ValueError, match=rf"input has 9 features .* in_features={IN}"):
+            ColumnParallelLinear(IN, HIDDEN)(torch.randn(3, 9))
+        with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh'"):
+            TensorParallelMLP(IN, HIDDEN, approximate="erf")
+        with pytest.raises(TypeError, match="takes an nn.Linear"):
+            ColumnParallelLinear.from_linear(nn.Conv1d(3, 3, 1))
+        with pytest.raises(ValueError, match="fc1.out_features=13 but fc2.in_features=12"):
+            TensorParallelMLP.from_dense(nn.Linear(IN, HIDDEN), nn.Linear(12, OUT))
+    assert counts.count() == 0, "bad input must be refused before any collective"
+    return "ok"
+
+
+def compiled_mlp(rank, world):
+    torch.manual_seed(12)
+    tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate="tanh")
+    compiled = torch.compile(tp, fullgraph=True)
+    x = _same_everywhere(*LEAD, IN, seed=13)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = _same_everywhere(*LEAD, OUT, seed=14)
+    y_compiled = compiled(x_compiled)
+    y_compiled.backward(grad)
+    compiled_grads = [p.grad.clone() for p in tp.parameters()]
+    tp.zero_grad()
+    y_eager = tp(x_eager)
+    y_eager.backward(grad)
+    torch.testing.assert_close(y_compiled, y_eager)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+    for got, expected in zip(compiled_grads, (p.grad for p in tp.parameters())):
+        torch.testing.assert_close(got, expected)
+    return "ok"
+
+
+SCENARIOS = [column, row, mlp, bias_added_once, state_dicts, bad_input]
+
+
+@functools.cache
+def _outcomes(world_size):
+    return run_scenarios(SCENARIOS, world_size)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
+def test_modules_on_gloo_ranks(scenario, world_size):
+    values = check_scenario(_outcomes(world_size), scenario)
+    if scenario in ("column", "mlp"):
+        assert all(v == values[0] for v in values), f"ranks disagree on collective counts: {values}"
+
+
+def test_torch_compile_fullgraph_of_the_mlp_on_two_ranks():
+    check_scenario(run_scenarios([compiled_mlp], 2), "compiled_mlp")
+
+
+def test_modules_run_without_torch_distributed():
+    torch.manual_seed(0)
+    dense = reference.MLP(IN, HIDDEN, OUT)
+    tp = TensorParallelMLP.from_dense(dense.fc1, dense.fc2)
+    x = torch.randn(*LEAD, IN)
+    assert_close_to_ref(tp(x), dense(x), _fp64(dense)(x.double()))

@@ -1,0 +1,275 @@
+"""Drop-in tensor-parallel layers over torch.distributed, running the fused kernels.
+
+Per-rank shapes, for W ranks and rank r; F_r is the r-th size of `torch.tensor_split` of F features:
+
+    ColumnParallelLinear  x [..., K] -> h_shard_n [..., N_r]   ([..., N] with gather_output=True)
+        weight_shard_n [N_r, K], bias_shard_n [N_r]
+        forward   h_r = act(x @ W_r.T + b_r)                     no collective (copy_to)
+        backward  dX = all-reduce_r((dH_r * act'(z_r)) @ W_r)    one all-reduce
+
+    RowParallelLinear  x_shard_k [..., K_r] ([..., K] with input_is_parallel=False) -> y [..., N]
+        weight_shard_k [N, K_r], bias [N] replicated and added once, by rank 0's epilogue
+        forward   y = all-reduce_r(x_r @ W_r.T (+ b on rank 0))  one all-reduce (reduce_from)
+        backward  dX_r = dY @ W_r, dW_r = dY.T @ x_r, db = sum(dY) on every rank; no collective
+
+    TensorParallelMLP  column with fused GELU, then row: one all-reduce forward, one backward.
+
+Initialisation: a module builds the dense `nn.Linear` and keeps its shard, so after the same
+`torch.manual_seed(s)` on every rank, the sharded model equals slicing a dense model built under that
+seed (`reference.MLP` for the MLP: fc1, then fc2). `from_linear` / `from_dense` shard an existing model.
+Every rank's `state_dict()` holds its shards; `full_state_dict()` gathers the dense one (a collective:
+call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
+"""
+import torch
+from torch import nn
+
+from tpkernels.distributed import copy_to, gather_from, get_rank, get_world_size, reduce_from, scatter_to, shard_range
+from tpkernels.ops import linear_gelu, linear_partial
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
+
+_ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
+
+
+class _ParallelLinear(nn.Module):
+    """Shared by both layers: the shard of a dense [out_features, in_features] weight along `shard_dim`."""
+
+    shard_dim = None  # 0: output features (column), 1: input features (row)
+
+    def __init__(self, in_features, out_features, bias, process_group, device, dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.process_group = process_group
+        self.world_size = get_world_size(process_group)
+        self.rank = get_rank(process_group)
+        sharded = out_features if self.shard_dim == 0 else in_features
+        if sharded < self.world_size:
+            name = "out_features" if self.shard_dim == 0 else "in_features"
+            raise ValueError(
+                f"{type(self).__name__}: {self.world_size} ranks cannot share {name}={sharded}; each rank "
+                f"needs at least one feature, so use at most {sharded} ranks or a wider layer"
+            )
+        self.shard_start, self.shard_stop = shard_range(sharded, self.world_size, self.rank)
+        dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
+        self.weight = nn.Parameter(self._shard(dense.weight, self.shard_dim).detach().clone())
+        self.bias = None if dense.bias is None else nn.Parameter(self._shard_bias(dense.bias).detach().clone())
+
+    def _shard(self, t, dim):
+        return t.narrow(dim, self.shard_start, self.shard_stop - self.shard_start)
+
+    def _shard_bias(self, bias):
+        return self._shard(bias, 0) if self.shard_dim == 0 else bias
+
+    @classmethod
+    def _check_linear(cls, linear):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear takes an nn.Linear, got {type(linear).__name__}")
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict):
+        """Load a dense nn.Linear's state dict ({"weight": [N, K], "bias": [N]}) into this rank's shards."""
+        weight = state_dict["weight"]
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{type(self).__name__}: weight has shape {tuple(weight.shape)} but this layer is "
+                f"[out_features={self.out_features}, in_features={self.in_features}]"
+            )
+        if (self.bias is None) != (state_dict.get("bias") is None):
+            raise ValueError(f"{type(self).__name__}: bias={self.bias is not None} but the state dict "
+                             f"{'lacks' if self.bias is not None else 'has'} one")
+        self._assign("weight", self._shard(weight, self.shard_dim))
+        if self.bias is not None:
+            self._assign("bias", self._shard_bias(state_dict["bias"]))
+
+    def _assign(self, name, value):
+        param = getattr(self, name)
+        if param.is_meta:  # built on the meta device by from_linear: take the value as it is
+            setattr(self, name, nn.Parameter(value.detach().clone(), requires_grad=param.requires_grad))
+        else:
+            param.copy_(value)
+
+    @torch.no_grad()
+    def full_state_dict(self):
+        """The dense nn.Linear's state dict, gathered from every rank (call it on every rank)."""
+        if self.shard_dim == 0:
+            weight = gather_from(self.weight.t(), self.out_features, self.process_group).t()
+        else:
+            weight = gather_from(self.weight, self.in_features, self.process_group)
+        state = {"weight": weight.contiguous()}
+        if self.bias is not None:
+            bias = self.bias
+            if self.shard_dim == 0:
+                bias = gather_from(bias, self.out_features, self.process_group)
+            state["bias"] = bias.clone()
+        return state
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, rank={self.rank}/{self.world_size}, "
+                f"shard=[{self.shard_start}:{self.shard_stop}] of dim {self.shard_dim}")
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """`nn.Linear` split by output features, with (bias +) GELU fused into the matmul.
+
+    Args:
+        in_features, out_features, bias: as nn.Linear; rank r keeps rows
+            `torch.tensor_split(range(out_features), world_size)[r]` of the weight and bias.
+        activation: None, "gelu" (exact, erf) or "gelu_tanh", applied per shard in the kernel.
+        gather_output: all-gather the shards into [..., out_features] (one collective forward).
+        process_group: the tensor-parallel group; None is the default group.
+        device, dtype: as nn.Linear.
+    """
+
+    shard_dim = 0
+
+    def __init__(self, in_features, out_features, bias=True, *, activation=None, gather_output=False,
+                 process_group=None, device=None, dtype=None):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"ColumnParallelLinear: unknown activation {activation!r}; use None, 'gelu' or 'gelu_tanh'")
+        super().__init__(in_features, out_features, bias, process_group, device, dtype)
+        self.activation = activation
+        self.gather_output = gather_output
+
+    @classmethod
+    def from_linear(cls, linear, *, activation=None, gather_output=False, process_group=None):
+        """Shard an existing nn.Linear (identical on every rank) by output features."""
+        cls._check_linear(linear)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, activation=activation,
+                     gather_output=gather_output, process_group=process_group, device="meta",
+                     dtype=linear.weight.dtype)
+        module.load_full_state_dict(linear.state_dict())
+        return module
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"ColumnParallelLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) "
+                f"but in_features={self.in_features}"
+            )
+        x = copy_to(x, self.process_group)
+        if self.activation is None:
+            h = linear_partial(x, self.weight, self.bias)  # owner=True: a plain linear
+        else:
+            h = linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation])
+        if self.gather_output:
+            h = gather_from(h, self.out_features, self.process_group)
+        return h
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, activation={self.activation}, gather_output={self.gather_output}"
+
+
+class RowParallelLinear(_ParallelLinear):
+    """`nn.Linear` split by input features; one all-reduce sums the partials, the bias added once.
+
+    Args:
+        in_features, out_features, bias: as nn.Linear; rank r keeps columns
+            `torch.tensor_split(range(in_features), world_size)[r]` of the weight. The bias is replicated;
+            rank 0's kernel epilogue adds it, and its gradient is sum(dY) on every rank.
+        input_is_parallel: the input is already this rank's shard [..., in_r] (the output of a
+            ColumnParallelLinear); False splits a full-width input [..., in_features] here.
+        reduce_dtype: None (the input's dtype) or torch.float32, to all-reduce fp32 partials and
+            round once after the sum.
+        process_group: the tensor-parallel group; None is the default group.
+        device, dtype: as nn.Linear.
+    """
+
+    shard_dim = 1
+
+    def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, reduce_dtype=None,
+                 process_group=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, process_group, device, dtype)
+        self.input_is_parallel = input_is_parallel
+        self.reduce_dtype = reduce_dtype
+
+    @classmethod
+    def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, process_group=None):
+        """Shard an existing nn.Linear (identical on every rank) by input features."""
+        cls._check_linear(linear)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                     input_is_parallel=input_is_parallel, reduce_dtype=reduce_dtype,
+                     process_group=process_group, device="meta", dtype=linear.weight.dtype)
+        module.load_full_state_dict(linear.state_dict())
+        return module
+
+    def forward(self, x):
+        in_r = self.shard_stop - self.shard_start
+        if self.input_is_parallel and x.shape[-1] != in_r:
+            raise ValueError(
+                f"RowParallelLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) but rank "
+                f"{self.rank}'s shard takes {in_r} of in_features={self.in_features}; pass "
+                f"input_is_parallel=False to feed full-width inputs"
+            )
+        if not self.input_is_parallel:
+            if x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"RowParallelLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) "
+                    f"but in_features={self.in_features}"
+                )
+            x = scatter_to(x, self.process_group)
+        partial = linear_partial(x, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype)
+        return reduce_from(partial, self.process_group).to(x.dtype)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, input_is_parallel={self.input_is_parallel}"
+
+
+class TensorParallelMLP(nn.Module):
+    """`fc2(gelu(fc1(x)))` with fc1 column-parallel (GELU fused) and fc2 row-parallel.
+
+    One all-reduce forward (fc2's partial sums) and one backward (fc1's input gradient).
+
+    Args:
+        in_features, hidden_features: fc1 is [hidden, in]; hidden is split across ranks.
+        out_features: fc2's outputs; None means in_features.
+        bias: both layers get a bias.
+        approximate: "none" (exact GELU) or "tanh".
+        reduce_dtype: None or torch.float32, see RowParallelLinear.
+        process_group, device, dtype: as the layers.
+    """
+
+    def __init__(self, in_features, hidden_features, out_features=None, bias=True, *, approximate="none",
+                 reduce_dtype=None, process_group=None, device=None, dtype=None):
+        super().__init__()
+        activation = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
+        if activation is None:
+            raise ValueError(f"TensorParallelMLP: approximate must be 'none' or 'tanh', got {approximate!r}")
+        out_features = in_features if out_features is None else out_features
+        self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, activation=activation,
+                                        process_group=process_group, device=device, dtype=dtype)
+        self.fc2 = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype,
+                                     process_group=process_group, device=device, dtype=dtype)
+
+    @classmethod
+    def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, process_group=None):
+        """Shard a dense MLP's two nn.Linear layers (identical on every rank)."""
+        for name, linear in (("fc1", fc1), ("fc2", fc2)):
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"TensorParallelMLP.from_dense: {name} must be an nn.Linear, got {type(linear).__name__}")
+        if fc1.out_features != fc2.in_features:
+            raise ValueError(f"TensorParallelMLP.from_dense: fc1.out_features={fc1.out_features} but "
+                             f"fc2.in_features={fc2.in_features}")
+        if (fc1.bias is None) != (fc2.bias is None):
+            raise ValueError("TensorParallelMLP.from_dense: fc1 and fc2 must both have a bias or both lack one")
+        module = cls(fc1.in_features, fc1.out_features, fc2.out_features, fc1.bias is not None,
+                     approximate=approximate, reduce_dtype=reduce_dtype, process_group=process_group,
+                     device="meta", dtype=fc1.weight.dtype)
+        module.load_full_state_dict({f"{name}.{k}": v for name, layer in (("fc1", fc1), ("fc2", fc2))
+                                     for k, v in layer.state_dict().items()})
+        return module
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+    def full_state_dict(self):
+        """The dense MLP's state dict ("fc1.weight", ...), gathered from every rank (call it on every rank)."""
+        return {f"{name}.{k}": v for name in ("fc1", "fc2") for k, v in getattr(self, name).full_state_dict().items()}
+
+    def load_full_state_dict(self, state_dict):
+        """Load a dense MLP's state dict ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias") into the shards."""
+        for name in ("fc1", "fc2"):
+            prefix = f"{name}."
+            getattr(self, name).load_full_state_dict(
+                {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            )
