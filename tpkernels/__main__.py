@@ -1,93 +1,61 @@
-"""`python -m tpkernels`: the seed notebook's question, answered through the fused kernels.
+"""`python -m tpkernels`: the seed notebook's question, answered on real ranks.
 
-    y = gelu(X @ W1) @ W2     (the notebook's layout; nn.Linear's weight is W.T)
-
-Column-wise, W1 split by output features: gelu commutes with the concatenation, so each shard
-applies it alone. Row-wise, W2 split by input features: the partial sums must be added before any
-nonlinearity. Column, GELU, row, then one sum: the one-collective path.
+Spawns the ranks: 2 CPU ranks on gloo by default, one rank per GPU on NCCL where there are two or
+more GPUs. Each reproduces the notebook's numbers, then runs three strategies for the whole MLP and
+rank 0 prints their collectives, bytes sent per rank, errors and times (`tpkernels.strategies`).
 """
 import argparse
 import os
 import sys
+import tempfile
 
 import torch
-import torch.nn.functional as F
+import torch.multiprocessing as mp
 
+from tpkernels.strategies import DTYPES, rank_main
 
-def _backend(device):
-    from tpkernels.kernels import INTERPRETED
-
-    if device.type == "cuda":
-        return "Triton kernels on CUDA"
-    if INTERPRETED:
-        return "Triton kernels under the interpreter (TRITON_INTERPRET=1)"
-    return "the eager reference (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
-
-
-def _show(label, t):
-    rows = ["[" + ", ".join(f"{v:7.4f}" for v in row) + "]" for row in t.tolist()]
-    print(f"  {label:<44} " + ("\n  " + " " * 45).join(rows))
-
-
-def seed_notebook(device):
-    """The notebook's three cells, with its numbers from torch.manual_seed(42), two shards in one process."""
-    import tpkernels
-
-    torch.manual_seed(42)
-    X = torch.randn(2, 4)
-    W = torch.randn(4, 4)
-    X, W = X.to(device), W.to(device)
-    baseline = F.gelu(X @ W)
-    print("Column-wise: W split by output features, GELU applied per shard")
-    _show("baseline gelu(X @ W)", baseline)
-    shards = torch.tensor_split(W.t(), 2, dim=0)  # nn.Linear layout: split weight rows = W's columns
-    column = torch.cat([tpkernels.linear_gelu(X, w) for w in shards], dim=1)
-    _show("cat(linear_gelu(X, W_r))", column)
-    column_ok = torch.allclose(column, baseline, rtol=1e-5, atol=1e-5)
-    print(f"  column-wise {'match' if column_ok else 'MISMATCH'}\n")
-
-    print("Row-wise: X and W split along the inner dim, partial sums added")
-    x_shards = torch.tensor_split(X, 2, dim=1)
-    w_shards = torch.tensor_split(W.t(), 2, dim=1)
-    gelu_then_sum = sum(tpkernels.linear_gelu(x, w) for x, w in zip(x_shards, w_shards))
-    sum_then_gelu = F.gelu(sum(tpkernels.linear_partial(x, w) for x, w in zip(x_shards, w_shards)))
-    _show("sum(gelu(X_r @ W_r))  (GELU on partials)", gelu_then_sum)
-    _show("gelu(sum(X_r @ W_r))", sum_then_gelu)
-    row_mismatch = not torch.allclose(gelu_then_sum, sum_then_gelu, rtol=1e-5, atol=1e-5)
-    print(f"  row-wise {'mismatch, as the notebook says' if row_mismatch else 'MATCH (unexpected)'}\n")
-
-    print("Column then row: gelu(X @ W1) @ W2 with one sum at the end")
-    # The notebook's last cell ran twice before its output was saved: draw its inputs twice.
-    for _ in range(2):
-        X, W1, W2 = torch.randn(2, 4), torch.randn(4, 4), torch.randn(4, 4)
-    X, W1, W2 = X.to(device), W1.to(device), W2.to(device)
-    baseline = F.gelu(X @ W1) @ W2
-    _show("baseline", baseline)
-    w1_shards = torch.tensor_split(W1.t(), 2, dim=0)
-    w2_shards = torch.tensor_split(W2.t(), 2, dim=1)
-    partials = [tpkernels.linear_partial(tpkernels.linear_gelu(X, w1), w2) for w1, w2 in zip(w1_shards, w2_shards)]
-    column_row = sum(partials)
-    _show("sum(linear_partial(linear_gelu(X, W1_r), W2_r))", column_row)
-    column_row_ok = torch.allclose(column_row, baseline, rtol=1e-5, atol=1e-5)
-    print(f"  column -> row {'match' if column_row_ok else 'MISMATCH'}\n")
-    return column_ok and row_mismatch and column_row_ok
+def parse_args(argv=None):
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    parser = argparse.ArgumentParser(prog="python -m tpkernels", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: one rank per GPU on NCCL with 2 or more GPUs, else CPU ranks on gloo")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks (default: the GPUs, or 2 on CPU)")
+    parser.add_argument("--tokens", type=int, default=64, help="M, the rows of x")
+    parser.add_argument("--in-features", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--out-features", type=int, default=None, help="default: in-features")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per strategy")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds before a stuck collective fails")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if gpus >= 2 else "cpu"
+    if args.world_size is None:
+        args.world_size = gpus if args.device == "cuda" else 2
+    if args.device == "cuda" and args.world_size > gpus:
+        parser.error(f"--world-size {args.world_size} needs that many GPUs; this machine has {gpus}")
+    if args.world_size < 1:
+        parser.error("--world-size must be at least 1")
+    for name in ("in_features", "hidden"):
+        if getattr(args, name) < args.world_size:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is smaller than the {args.world_size} "
+                         f"ranks that share it")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tpkernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    print(f"tpkernels: running {_backend(device)}\n")
-    ok = seed_notebook(device)
-    print("The one-collective path: column (no communication) -> GELU -> row -> one all-reduce.")
-    return 0 if ok else 1
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(rank_main, args=(args.world_size, os.path.join(tmp, "init"), args.device, args),
+                 nprocs=args.world_size, join=True)
+    return 0
 
 
 if __name__ == "__main__":
-    if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    if parse_args().device == "cpu" and "TRITON_INTERPRET" not in os.environ:
         # triton reads the switch as it decorates the kernels, which importing tpkernels already did:
-        # start again with it set, so that the CPU runs the Triton kernels rather than eager.
+        # start again with it set, so that CPU ranks run the Triton kernels rather than eager.
         os.execve(sys.executable, [sys.executable, "-m", "tpkernels", *sys.argv[1:]],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     sys.exit(main())

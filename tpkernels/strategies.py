@@ -1,0 +1,224 @@
+"""The seed notebook's question on real ranks: the notebook's cells, and three strategies for an MLP.
+
+    y = gelu(X @ W1) @ W2     (the notebook's layout; an nn.Linear weight is W.T)
+
+Column-wise, W1 split by output features: GELU commutes with the concatenation, so each rank applies
+it to its own shard. Row-wise, W2 split by input features: the partial sums must be added before any
+nonlinearity. Column, GELU, row, then one all-reduce: the one-collective path. The strategies:
+
+    (a) column -> all-gather -> GELU -> column -> all-gather
+    (b) row -> all-reduce -> GELU -> row -> all-reduce
+    (c) column (GELU fused) -> row -> all-reduce      (TensorParallelMLP)
+
+`rank_main` is what each spawned rank runs; `python -m tpkernels` spawns them.
+"""
+import datetime
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _print0(rank, *args):
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def _show(rank, label, t):
+    rows = ["[" + ", ".join(f"{v:7.4f}" for v in row) + "]" for row in t.tolist()]
+    _print0(rank, f"  {label:<40} " + ("\n  " + " " * 41).join(rows))
+
+
+def _backend(device):
+    from tpkernels.kernels import INTERPRETED
+
+    if device.type == "cuda":
+        return "the Triton kernels on CUDA"
+    if INTERPRETED:
+        return "the Triton kernels under the interpreter (TRITON_INTERPRET=1)"
+    return "the eager reference (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The notebook, on real ranks
+
+
+def notebook(rank, world, device):
+    import tpkernels
+    from tpkernels import distributed as tpd
+
+    torch.manual_seed(42)
+    X, W = torch.randn(2, 4).to(device), torch.randn(4, 4).to(device)
+    baseline = F.gelu(X @ W)
+    _print0(rank, "Column-wise: W split by output features, GELU on each rank's shard, then all-gather")
+    _show(rank, "baseline gelu(X @ W)", baseline)
+    w_shard_n = torch.tensor_split(W.t(), world, dim=0)[rank]  # nn.Linear layout: rows are W's columns
+    column = tpd.gather_from(tpkernels.linear_gelu(X, w_shard_n), 4)
+    _show(rank, "all-gather(gelu(X @ W_r))", column)
+    column_ok = torch.allclose(column, baseline, rtol=1e-5, atol=1e-5)
+    _print0(rank, f"  column-wise {'match' if column_ok else 'MISMATCH'}\n")
+
+    _print0(rank, "Row-wise: X and W split along the inner dim, partial sums all-reduced")
+    x_shard_k = torch.tensor_split(X, world, dim=1)[rank]
+    w_shard_k = torch.tensor_split(W.t(), world, dim=1)[rank]
+    partial = tpkernels.linear_partial(x_shard_k, w_shard_k)
+    gelu_then_sum = tpd.reduce_from(F.gelu(partial))
+    sum_then_gelu = F.gelu(tpd.reduce_from(partial))
+    _show(rank, "all-reduce(gelu(X_r @ W_r))", gelu_then_sum)
+    _show(rank, "gelu(all-reduce(X_r @ W_r))", sum_then_gelu)
+    row_mismatch = not torch.allclose(gelu_then_sum, sum_then_gelu, rtol=1e-5, atol=1e-5)
+    _print0(rank, f"  GELU on partial sums: {'mismatch, as the notebook says' if row_mismatch else 'MATCH?'}\n")
+
+    _print0(rank, "Column, GELU, row, one all-reduce: gelu(X @ W1) @ W2 as a TensorParallelMLP")
+    for _ in range(2):  # the notebook's last cell ran twice before its output was saved
+        X, W1, W2 = torch.randn(2, 4), torch.randn(4, 4), torch.randn(4, 4)
+    X, W1, W2 = X.to(device), W1.to(device), W2.to(device)
+    baseline = F.gelu(X @ W1) @ W2
+    fc1, fc2 = torch.nn.Linear(4, 4, bias=False, device=device), torch.nn.Linear(4, 4, bias=False, device=device)
+    with torch.no_grad():
+        fc1.weight.copy_(W1.t())
+        fc2.weight.copy_(W2.t())
+    mlp = tpkernels.TensorParallelMLP.from_dense(fc1, fc2)
+    with torch.no_grad():
+        column_row = mlp(X)
+    _show(rank, "baseline", baseline)
+    _show(rank, "TensorParallelMLP", column_row)
+    column_row_ok = torch.allclose(column_row, baseline, rtol=1e-5, atol=1e-5)
+    _print0(rank, f"  column -> row {'match' if column_row_ok else 'MISMATCH'}\n")
+    return column_ok and row_mismatch and column_row_ok
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three strategies
+
+
+def _strategy_a(x, w1, b1, w2, b2, world, rank):
+    """column -> all-gather -> GELU -> column -> all-gather."""
+    import tpkernels
+    from tpkernels import distributed as tpd
+
+    hidden, out = w1.shape[0], w2.shape[0]
+    h_shard = tpkernels.linear_partial(x, torch.tensor_split(w1, world)[rank], torch.tensor_split(b1, world)[rank])
+    g = F.gelu(tpd.gather_from(h_shard, hidden))
+    y_shard = tpkernels.linear_partial(g, torch.tensor_split(w2, world)[rank], torch.tensor_split(b2, world)[rank])
+    return tpd.gather_from(y_shard, out)
+
+
+def _strategy_b(x, w1, b1, w2, b2, world, rank):
+    """row -> all-reduce -> GELU -> row -> all-reduce."""
+    import tpkernels
+    from tpkernels import distributed as tpd
+
+    x_shard = torch.tensor_split(x, world, dim=-1)[rank]
+    h = tpd.reduce_from(tpkernels.linear_partial(x_shard, torch.tensor_split(w1, world, dim=1)[rank], b1,
+                                                 owner=rank == 0))
+    g_shard = torch.tensor_split(F.gelu(h), world, dim=-1)[rank]
+    return tpd.reduce_from(tpkernels.linear_partial(g_shard, torch.tensor_split(w2, world, dim=1)[rank], b2,
+                                                    owner=rank == 0))
+
+
+def strategies(rank, world, device, args):
+    import tpkernels
+    from tpkernels import distributed as tpd
+    from tpkernels.reference import MLP
+
+    dtype = DTYPES[args.dtype]
+    M, K, H, N = args.tokens, args.in_features, args.hidden, args.out_features or args.in_features
+    torch.manual_seed(0)
+    dense = MLP(K, H, N, device=device, dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    ref = MLP(K, H, N, device=device, dtype=torch.float64)
+    ref.load_state_dict(dense.state_dict())
+    y_ref = ref(x.double())
+    eager_error = (dense(x).double() - y_ref).abs().max().item()
+    w1, b1, w2, b2 = (p.detach() for p in (dense.fc1.weight, dense.fc1.bias, dense.fc2.weight, dense.fc2.bias))
+    mlp = tpkernels.TensorParallelMLP.from_dense(dense.fc1, dense.fc2)
+    b = torch.finfo(dtype).bits // 8
+    ring = (world - 1) / world
+    runs = {
+        "a": ("column -> all-gather -> GELU -> column -> all-gather",
+              lambda: _strategy_a(x, w1, b1, w2, b2, world, rank), ring * M * (H + N) * b,
+              "(W-1)/W * M * (H + N) * b"),
+        "b": ("row -> all-reduce -> GELU -> row -> all-reduce",
+              lambda: _strategy_b(x, w1, b1, w2, b2, world, rank), 2 * ring * M * (H + N) * b,
+              "2 (W-1)/W * M * (H + N) * b"),
+        "c": ("column (GELU fused) -> row -> all-reduce", lambda: mlp(x), 2 * ring * M * N * b,
+              "2 (W-1)/W * M * N * b"),
+    }
+    _print0(rank, f"Strategies for y = MLP(x): M={M} tokens, in={K}, hidden={H}, out={N}, {args.dtype}, "
+                  f"{world} ranks, {args.repeat} timed runs each (eager single-device error: {eager_error:.2e})")
+    results = {}
+    for key, (name, run, formula_bytes, formula) in runs.items():
+        _print0(rank, f"  ({key}) {name} ...")
+        with torch.no_grad():
+            with tpd.count_collectives() as counts:
+                y = run()
+            error = (y.double() - y_ref).abs().max().item()
+            times = []
+            for _ in range(args.repeat):
+                dist.barrier()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        results[key] = dict(name=name, collectives=counts.count(), sent=counts.sent_bytes,
+                            formula_bytes=formula_bytes, formula=formula, error=error,
+                            ms=1e3 * statistics.median(times))
+    if rank == 0:
+        _table(results, device)
+    return results
+
+
+def _table(results, device):
+    print(f"\n  {'strategy':<56}{'collectives':>12}{'bytes sent/rank':>17}{'formula':>12}  "
+          f"{'max error':>9}{'ms':>10}")
+    for key, r in results.items():
+        print(f"  ({key}) {r['name']:<52}{r['collectives']:>12}{r['sent']:>17,}{int(r['formula_bytes']):>12,}  "
+              f"{r['error']:>9.2e}{r['ms']:>10.2f}")
+    print("  formulas: " + "; ".join(f"({k}) {r['formula']}" for k, r in results.items())
+          + " (b: bytes per element; an all-gather of uneven shards pads them to the largest)")
+    fewest = min(results, key=lambda k: (results[k]["collectives"], results[k]["sent"]))
+    c, a, b = results["c"], results["a"], results["b"]
+    print(f"\n  Winner: ({fewest}). Strategy (c) issues {c['collectives']} collective per forward and sends "
+          f"{c['sent']:,} bytes per rank, against {a['collectives']} and {a['sent']:,} for (a) and "
+          f"{b['collectives']} and {b['sent']:,} for (b): GELU acts on whole hidden features, which the column "
+          f"split keeps on one rank, so the hidden activation never crosses the network; only the [M, out] "
+          f"partial sums are all-reduced, once. (a) gathers the hidden activation and the output; (b) reduces "
+          f"both, because GELU must not see a partial sum.")
+    if device.type == "cpu":
+        print("  Times are CPU times with gloo (and the Triton interpreter when it is on): they show the "
+              "ranking of communication, not kernel speed.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks
+
+
+def rank_main(rank, world, init_file, device_type, args):
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        _print0(rank, f"tpkernels: {world} ranks on {dist.get_backend()}, running {_backend(device)}\n")
+        ok = True
+        if world <= 4:
+            ok = notebook(rank, world, device)
+        else:
+            _print0(rank, "(the notebook's 4 features cannot be split over more than 4 ranks: skipping it)\n")
+        strategies(rank, world, device, args)
+        if not ok:
+            raise RuntimeError("the notebook's checks did not come out as the notebook says")
+    finally:
+        dist.destroy_process_group()
