@@ -32,12 +32,43 @@ def _compare(out, eager, ref, name):
     assert_close_to_ref(out, eager, ref, name)
 
 
-def _step(params):
-    torch.optim.SGD(params, lr=LR).step()
-
-
 def _expected(world, count):
     return 0 if world == 1 else count
+
+
+def _forward_backward(name, tp, dense, x, grad, x_part=slice(None), y_part=slice(None), act=lambda t: t):
+    """tp on this rank's part of x, the dense model (fp32 eager and fp64 reference) on all of it; then the
+    same output gradient through all three and one SGD step each. Compares the output and the input
+    gradient; returns the fp64 model and the collectives counted forward and backward."""
+    dense64 = _fp64(dense)
+    x_tp = x[..., x_part].clone().requires_grad_()
+    x_eager, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    with tpd.count_collectives() as fwd:
+        y_tp = tp(x_tp)
+    y_eager, y64 = act(dense(x_eager)), act(dense64(x64))
+    _compare(y_tp, y_eager[..., y_part], y64[..., y_part], f"{name} output")
+    with tpd.count_collectives() as bwd:
+        y_tp.backward(grad[..., y_part])
+    y_eager.backward(grad)
+    y64.backward(grad.double())
+    _compare(x_tp.grad, x_eager.grad[..., x_part], x64.grad[..., x_part], f"{name} input grad")
+    return dense64, fwd, bwd
+
+
+def _compare_params(name, tp, dense, dense64, shards):
+    """Every parameter's gradient, then its value after one SGD step, against the dense slices.
+
+    shards maps a parameter name to the index of this rank's shard in the dense parameter."""
+    models = (tp, dense, dense64)
+    for what in ("grad", "after SGD"):
+        if what == "after SGD":
+            for model in models:
+                torch.optim.SGD(model.parameters(), lr=LR).step()
+        tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in models)
+        for param, index in shards.items():
+            pick = (lambda p: p.grad) if what == "grad" else (lambda p: p)
+            _compare(pick(tp_params[param]), pick(eager_params[param])[index], pick(params64[param])[index],
+                     f"{name} {param} {what}")
 
 
 def column(rank, world):
@@ -50,27 +81,11 @@ def column(rank, world):
         rows = slice(tp.shard_start, tp.shard_stop)
         # the fresh sharded layer is the slice of the dense one built under the same seed
         assert torch.equal(tp.weight, dense.weight[rows]) and torch.equal(tp.bias, dense.bias[rows])
-        dense64 = _fp64(dense)
         act = {None: lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
-        x = _same_everywhere(*LEAD, IN, seed=2)
-        x_tp, x_eager, x64 = (x.clone().requires_grad_() for x in (x, x, x.double()))
-        with tpd.count_collectives() as fwd:
-            y_tp = tp(x_tp)
-        y_eager, y64 = act(dense(x_eager)), act(dense64(x64))
-        keep = slice(None) if gather else rows
-        _compare(y_tp, y_eager[..., keep], y64[..., keep], f"column {activation} output")
-        grad = _same_everywhere(*LEAD, HIDDEN, seed=3)
-        with tpd.count_collectives() as bwd:
-            y_tp.backward(grad[..., keep])
-        y_eager.backward(grad)
-        y64.backward(grad.double())
-        _compare(x_tp.grad, x_eager.grad, x64.grad, "column input grad")
-        _compare(tp.weight.grad, dense.weight.grad[rows], dense64.weight.grad[rows], "column weight grad")
-        _compare(tp.bias.grad, dense.bias.grad[rows], dense64.bias.grad[rows], "column bias grad")
-        _step(tp.parameters())
-        _step(dense.parameters())
-        _step(dense64.parameters())
-        _compare(tp.weight, dense.weight[rows], dense64.weight[rows], "column weight after SGD")
+        x, grad = _same_everywhere(*LEAD, IN, seed=2), _same_everywhere(*LEAD, HIDDEN, seed=3)
+        dense64, fwd, bwd = _forward_backward(f"column {activation}", tp, dense, x, grad,
+                                              y_part=slice(None) if gather else rows, act=act)
+        _compare_params("column", tp, dense, dense64, {"weight": rows, "bias": rows})
         assert fwd.count() == _expected(world, 1 if gather else 0), fwd.records
         assert bwd.count("all_reduce") == _expected(world, 1) and bwd.count() == bwd.count("all_reduce")
         counts[(activation, gather)] = (fwd.count(), bwd.count())
@@ -85,29 +100,11 @@ def row(rank, world):
         tp = RowParallelLinear(HIDDEN, OUT, input_is_parallel=input_is_parallel)
         cols = slice(tp.shard_start, tp.shard_stop)
         assert torch.equal(tp.weight, dense.weight[:, cols]) and torch.equal(tp.bias, dense.bias)
-        dense64 = _fp64(dense)
-        x = _same_everywhere(*LEAD, HIDDEN, seed=5)
-        x_tp = (x[..., cols] if input_is_parallel else x).clone().requires_grad_()
-        x_eager, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
-        with tpd.count_collectives() as fwd:
-            y_tp = tp(x_tp)
-        y_eager, y64 = dense(x_eager), dense64(x64)
-        _compare(y_tp, y_eager, y64, "row output")
-        grad = _same_everywhere(*LEAD, OUT, seed=6)
-        with tpd.count_collectives() as bwd:
-            y_tp.backward(grad)
-        y_eager.backward(grad)
-        y64.backward(grad.double())
-        keep = cols if input_is_parallel else slice(None)
-        _compare(x_tp.grad, x_eager.grad[..., keep], x64.grad[..., keep], "row input grad")
-        _compare(tp.weight.grad, dense.weight.grad[:, cols], dense64.weight.grad[:, cols], "row weight grad")
+        x, grad = _same_everywhere(*LEAD, HIDDEN, seed=5), _same_everywhere(*LEAD, OUT, seed=6)
+        dense64, fwd, bwd = _forward_backward("row", tp, dense, x, grad,
+                                              x_part=cols if input_is_parallel else slice(None))
         # the replicated bias: the single-device gradient on every rank, not scaled by world size
-        _compare(tp.bias.grad, dense.bias.grad, dense64.bias.grad, "row bias grad")
-        _step(tp.parameters())
-        _step(dense.parameters())
-        _step(dense64.parameters())
-        _compare(tp.bias, dense.bias, dense64.bias, "row bias after SGD")
-        _compare(tp.weight, dense.weight[:, cols], dense64.weight[:, cols], "row weight after SGD")
+        _compare_params("row", tp, dense, dense64, {"weight": (slice(None), cols), "bias": slice(None)})
         assert fwd.count("all_reduce") == _expected(world, 1) and fwd.count() == fwd.count("all_reduce")
         assert bwd.count() == _expected(world, 0 if input_is_parallel else 1), bwd.records
     return "ok"
@@ -123,35 +120,10 @@ def mlp(rank, world):
         hidden = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
         assert torch.equal(tp.fc1.weight, dense.fc1.weight[hidden])
         assert torch.equal(tp.fc2.weight, dense.fc2.weight[:, hidden]) and torch.equal(tp.fc2.bias, dense.fc2.bias)
-        dense64 = _fp64(dense)
-        x = _same_everywhere(*LEAD, IN, seed=8)
-        x_tp, x_eager, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
-        with tpd.count_collectives() as fwd:
-            y_tp = tp(x_tp)
-        y_eager, y64 = dense(x_eager), dense64(x64)
-        _compare(y_tp, y_eager, y64, "mlp output")
-        grad = _same_everywhere(*LEAD, OUT, seed=9)
-        with tpd.count_collectives() as bwd:
-            y_tp.backward(grad)
-        y_eager.backward(grad)
-        y64.backward(grad.double())
-        _compare(x_tp.grad, x_eager.grad, x64.grad, "mlp input grad")
-        pairs = (("fc1.weight", hidden, slice(None)), ("fc1.bias", hidden, None),
-                 ("fc2.weight", slice(None), hidden), ("fc2.bias", slice(None), None))
-        tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in (tp, dense, dense64))
-
-        def sliced(t, rows, cols):
-            return t[rows] if cols is None else t[rows, cols]
-
-        for name, rows, cols in pairs:
-            _compare(tp_params[name].grad, sliced(eager_params[name].grad, rows, cols),
-                     sliced(params64[name].grad, rows, cols), f"mlp {name} grad")
-        _step(tp.parameters())
-        _step(dense.parameters())
-        _step(dense64.parameters())
-        for name, rows, cols in pairs:
-            _compare(tp_params[name], sliced(eager_params[name], rows, cols), sliced(params64[name], rows, cols),
-                     f"mlp {name} after SGD")
+        x, grad = _same_everywhere(*LEAD, IN, seed=8), _same_everywhere(*LEAD, OUT, seed=9)
+        dense64, fwd, bwd = _forward_backward("mlp", tp, dense, x, grad)
+        _compare_params("mlp", tp, dense, dense64, {"fc1.weight": hidden, "fc1.bias": hidden,
+                                                    "fc2.weight": (slice(None), hidden), "fc2.bias": slice(None)})
         assert (fwd.count("all_reduce"), bwd.count("all_reduce")) == (_expected(world, 1), _expected(world, 1))
         assert fwd.count() + bwd.count() == _expected(world, 2)
         counts[approximate] = (fwd.count(), bwd.count())

@@ -61,9 +61,14 @@ class _ParallelLinear(nn.Module):
         return self._shard(bias, 0) if self.shard_dim == 0 else bias
 
     @classmethod
-    def _check_linear(cls, linear):
+    def _from_linear(cls, linear, **options):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear takes an nn.Linear, got {type(linear).__name__}")
+        # Built on the meta device, so no memory or random numbers are spent on weights that are replaced.
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                     dtype=linear.weight.dtype, **options)
+        module.load_full_state_dict(linear.state_dict())
+        return module
 
     @torch.no_grad()
     def load_full_state_dict(self, state_dict):
@@ -134,12 +139,8 @@ class ColumnParallelLinear(_ParallelLinear):
     @classmethod
     def from_linear(cls, linear, *, activation=None, gather_output=False, process_group=None):
         """Shard an existing nn.Linear (identical on every rank) by output features."""
-        cls._check_linear(linear)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, activation=activation,
-                     gather_output=gather_output, process_group=process_group, device="meta",
-                     dtype=linear.weight.dtype)
-        module.load_full_state_dict(linear.state_dict())
-        return module
+        return cls._from_linear(linear, activation=activation, gather_output=gather_output,
+                                process_group=process_group)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
@@ -186,12 +187,8 @@ class RowParallelLinear(_ParallelLinear):
     @classmethod
     def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, process_group=None):
         """Shard an existing nn.Linear (identical on every rank) by input features."""
-        cls._check_linear(linear)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                     input_is_parallel=input_is_parallel, reduce_dtype=reduce_dtype,
-                     process_group=process_group, device="meta", dtype=linear.weight.dtype)
-        module.load_full_state_dict(linear.state_dict())
-        return module
+        return cls._from_linear(linear, input_is_parallel=input_is_parallel, reduce_dtype=reduce_dtype,
+                                process_group=process_group)
 
     def forward(self, x):
         in_r = self.shard_stop - self.shard_start
