@@ -60,6 +60,7 @@ def main():
     worst = max((full[k] - v).abs().max().item() for k, v in dense.state_dict().items())
     if rank == 0:
         print(f"largest difference between the trained weights: {worst:.2e}")
+    dist.barrier()  # no rank tears its group down while another still talks to it
     dist.destroy_process_group()
     if worst > 1e-4:
         raise SystemExit(f"rank {rank}: the tensor-parallel model drifted from the dense one by {worst:.2e}")

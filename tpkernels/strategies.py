@@ -220,5 +220,6 @@ def rank_main(rank, world, init_file, device_type, args):
         strategies(rank, world, device, args)
         if not ok:
             raise RuntimeError("the notebook's checks did not come out as the notebook says")
+        dist.barrier()  # no rank tears its group down while another still talks to it
     finally:
         dist.destroy_process_group()
