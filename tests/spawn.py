@@ -45,10 +45,11 @@ def run_ranks(fn, world_size, *args, timeout=300, collective_timeout=60):
         for p in procs:
             p.start()
         values, errors = {}, {}
+        first_error_at = None
         deadline = time.monotonic() + timeout
         try:
             while len(values) + len(errors) < world_size:
-                if errors and time.monotonic() > first_error_at + 5:
+                if first_error_at is not None and time.monotonic() > first_error_at + 5:
                     break  # the other ranks are probably stuck in a collective the failed one left
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world_size)) - set(values) - set(errors))
@@ -65,7 +66,7 @@ def run_ranks(fn, world_size, *args, timeout=300, collective_timeout=60):
                 if ok:
                     values[rank] = pickle.loads(payload)
                 else:
-                    if not errors:
+                    if first_error_at is None:
                         first_error_at = time.monotonic()
                     errors[rank] = payload
         finally:

@@ -13,13 +13,17 @@ nonlinearity. Column, GELU, row, then one all-reduce: the one-collective path. T
 `rank_main` is what each spawned rank runs; `python -m tpkernels` spawns them.
 """
 import datetime
-import os
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+import tpkernels
+from tpkernels import distributed as tpd
+from tpkernels.kernels import INTERPRETED
+from tpkernels.reference import MLP
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -35,8 +39,6 @@ def _show(rank, label, t):
 
 
 def _backend(device):
-    from tpkernels.kernels import INTERPRETED
-
     if device.type == "cuda":
         return "the Triton kernels on CUDA"
     if INTERPRETED:
@@ -49,8 +51,6 @@ def _backend(device):
 
 
 def notebook(rank, world, device):
-    import tpkernels
-    from tpkernels import distributed as tpd
 
     torch.manual_seed(42)
     X, W = torch.randn(2, 4).to(device), torch.randn(4, 4).to(device)
@@ -99,8 +99,6 @@ def notebook(rank, world, device):
 
 def _strategy_a(x, w1, b1, w2, b2, world, rank):
     """column -> all-gather -> GELU -> column -> all-gather."""
-    import tpkernels
-    from tpkernels import distributed as tpd
 
     hidden, out = w1.shape[0], w2.shape[0]
     h_shard = tpkernels.linear_partial(x, torch.tensor_split(w1, world)[rank], torch.tensor_split(b1, world)[rank])
@@ -111,8 +109,6 @@ def _strategy_a(x, w1, b1, w2, b2, world, rank):
 
 def _strategy_b(x, w1, b1, w2, b2, world, rank):
     """row -> all-reduce -> GELU -> row -> all-reduce."""
-    import tpkernels
-    from tpkernels import distributed as tpd
 
     x_shard = torch.tensor_split(x, world, dim=-1)[rank]
     h = tpd.reduce_from(tpkernels.linear_partial(x_shard, torch.tensor_split(w1, world, dim=1)[rank], b1,
@@ -123,9 +119,6 @@ def _strategy_b(x, w1, b1, w2, b2, world, rank):
 
 
 def strategies(rank, world, device, args):
-    import tpkernels
-    from tpkernels import distributed as tpd
-    from tpkernels.reference import MLP
 
     dtype = DTYPES[args.dtype]
     M, K, H, N = args.tokens, args.in_features, args.hidden, args.out_features or args.in_features
