@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from tpkernels.strategies import DTYPES, rank_main
 
+
 def parse_args(argv=None):
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     parser = argparse.ArgumentParser(prog="python -m tpkernels", description=__doc__.split("\n\n")[0],
@@ -44,8 +45,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(args):
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(rank_main, args=(args.world_size, os.path.join(tmp, "init"), args.device, args),
                  nprocs=args.world_size, join=True)
@@ -53,9 +53,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if parse_args().device == "cpu" and "TRITON_INTERPRET" not in os.environ:
+    arguments = parse_args()
+    if arguments.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
         # triton reads the switch as it decorates the kernels, which importing tpkernels already did:
         # start again with it set, so that CPU ranks run the Triton kernels rather than eager.
         os.execve(sys.executable, [sys.executable, "-m", "tpkernels", *sys.argv[1:]],
                   {**os.environ, "TRITON_INTERPRET": "1"})
-    sys.exit(main())
+    sys.exit(main(arguments))

@@ -135,12 +135,12 @@ def _check_same_on_every_rank(kind, t, group):
     world = dist.get_world_size(group)
     gathered = [torch.empty(len(mine), dtype=torch.int64, device=t.device) for _ in range(world)]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=t.device), group=group)
-    described = []
-    for rank, meta in enumerate(g.tolist() for g in gathered):
-        dims = meta[0]
-        dtype = next((d for d, c in _DTYPE_CODES.items() if c == meta[1]), "other")
-        described.append(f"rank {rank}: {tuple(meta[2:2 + dims])} {dtype}")
-    if len(set(tuple(g.tolist()) for g in gathered)) > 1:
+    metas = [g.tolist() for g in gathered]
+    if any(meta != mine for meta in metas):
+        described = []
+        for rank, meta in enumerate(metas):
+            dtype = next((d for d, c in _DTYPE_CODES.items() if c == meta[1]), "other")
+            described.append(f"rank {rank}: {tuple(meta[2:2 + meta[0]])} {dtype}")
         raise ValueError(
             f"{kind}: the ranks' tensors differ, so the collective would hang or mix buffers: "
             + "; ".join(described)

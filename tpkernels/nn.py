@@ -54,6 +54,13 @@ class _ParallelLinear(nn.Module):
         self.weight = nn.Parameter(self._shard(dense.weight, self.shard_dim).detach().clone())
         self.bias = None if dense.bias is None else nn.Parameter(self._shard_bias(dense.bias).detach().clone())
 
+    def _check_full_width(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.shape[-1]} features (shape {tuple(x.shape)}) "
+                f"but in_features={self.in_features}"
+            )
+
     def _shard(self, t, dim):
         return t.narrow(dim, self.shard_start, self.shard_stop - self.shard_start)
 
@@ -143,11 +150,7 @@ class ColumnParallelLinear(_ParallelLinear):
                                 process_group=process_group)
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"ColumnParallelLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) "
-                f"but in_features={self.in_features}"
-            )
+        self._check_full_width(x)
         x = copy_to(x, self.process_group)
         if self.activation is None:
             h = linear_partial(x, self.weight, self.bias)  # owner=True: a plain linear
@@ -199,11 +202,7 @@ class RowParallelLinear(_ParallelLinear):
                 f"input_is_parallel=False to feed full-width inputs"
             )
         if not self.input_is_parallel:
-            if x.shape[-1] != self.in_features:
-                raise ValueError(
-                    f"RowParallelLinear: input has {x.shape[-1]} features (shape {tuple(x.shape)}) "
-                    f"but in_features={self.in_features}"
-                )
+            self._check_full_width(x)
             x = scatter_to(x, self.process_group)
         partial = linear_partial(x, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype)
         return reduce_from(partial, self.process_group).to(x.dtype)
