@@ -13,7 +13,10 @@ import triton.language as tl
 
 from numerics import DEVICES, assert_close_to_ref, randn
 from tpkernels import MatmulConfig, ops, pin_config
-from tpkernels.kernels import GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, matmul
+from tpkernels.kernels import GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, TMA_CONFIGS, matmul
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+import compile_report  # noqa: E402  (importable under the interpreter: it compiles only in main())
 
 CONFIGS = [
     INTERPRETER_CONFIG,
@@ -57,33 +60,30 @@ def test_gelu_and_its_derivative_match_fp64(device, approximate):
 
 
 def _run(a, b, *, device, out_dtype=None, bias=None, residual=None, activation=IDENTITY, store_preact=False,
-         z=None, grad_activation=IDENTITY, rowsum=False):
+         z=None, grad_activation=IDENTITY):
     M, N = a.shape[0], b.shape[1]
     out_dtype = out_dtype or b.dtype
     c = torch.full((M, N), float("nan"), dtype=out_dtype, device=device)
     preact = torch.full((M, N), float("nan"), dtype=b.dtype, device=device) if store_preact else None
-    sums = torch.full((M,), float("nan"), dtype=torch.float32, device=device) if rowsum else None
-    ops._launch(a, b, c, bias=bias, residual=residual, preact=preact, z=z, rowsum=sums,
-                activation=activation, grad_activation=grad_activation)
-    return c, preact, sums
+    ops._launch(a, b, c, bias=bias, residual=residual, preact=preact, z=z, activation=activation,
+                grad_activation=grad_activation)
+    return c, preact
 
 
 def _reference(a, b, *, bias=None, residual=None, activation=IDENTITY, z=None, grad_activation=IDENTITY,
                dtype=torch.float64, out_dtype=None):
     """The same math in eager, in `dtype` (fp64 for the reference, the operands' dtype for eager)."""
-    a = a.to(dtype)
-    if grad_activation != IDENTITY:
-        a = torch.ops.aten.gelu_backward(
-            a, z.to(dtype), approximate="tanh" if grad_activation == GELU_TANH else "none"
-        )
-    sums = a.double().sum(1)
-    pre = a @ b.to(dtype)
+    pre = a.to(dtype) @ b.to(dtype)
     if bias is not None:
         pre = pre + bias.to(dtype)
     out = pre if activation == IDENTITY else F.gelu(pre, approximate="tanh" if activation == GELU_TANH else "none")
+    if grad_activation != IDENTITY:
+        out = torch.ops.aten.gelu_backward(
+            out, z.to(dtype), approximate="tanh" if grad_activation == GELU_TANH else "none"
+        )
     if residual is not None:
         out = out + residual.to(dtype)
-    return out.to(out_dtype or dtype), pre, sums
+    return out.to(out_dtype or dtype), pre
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -97,50 +97,100 @@ def test_forward_epilogues(device, config, dtype, M, K, N):
     residual = randn(M, N, dtype=dtype, device=device)
     with pin_config(config):
         for activation in (IDENTITY, GELU, GELU_TANH):
-            c, pre, _ = _run(a, b, device=device, bias=bias, residual=residual, activation=activation,
-                             store_preact=True)
-            ref_c, ref_pre, _ = _reference(a, b, bias=bias, residual=residual, activation=activation)
-            eager_c, eager_pre, _ = _reference(a, b, bias=bias, residual=residual, activation=activation,
-                                               dtype=dtype)
+            c, pre = _run(a, b, device=device, bias=bias, residual=residual, activation=activation,
+                          store_preact=True)
+            ref_c, ref_pre = _reference(a, b, bias=bias, residual=residual, activation=activation)
+            eager_c, eager_pre = _reference(a, b, bias=bias, residual=residual, activation=activation, dtype=dtype)
             assert_close_to_ref(c, eager_c, ref_c, f"out (activation {activation})")
             assert_close_to_ref(pre, eager_pre, ref_pre, "preact")
         # fp32 partials without bias: accumulated in fp32 and never rounded to the operands' dtype.
-        c, _, _ = _run(a, b, device=device, out_dtype=torch.float32)
-        ref_c, _, _ = _reference(a, b)
-        eager_c, _, _ = _reference(a, b, dtype=torch.float32)
+        c, _ = _run(a, b, device=device, out_dtype=torch.float32)
+        ref_c, _ = _reference(a, b)
+        eager_c, _ = _reference(a, b, dtype=torch.float32)
         assert_close_to_ref(c, eager_c, ref_c, "fp32 partial")
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("grad_activation", [IDENTITY, GELU, GELU_TANH])
-def test_backward_prologue_and_row_sums(device, config, dtype, grad_activation):
-    M, N, K = 45, 38, 29
+@pytest.mark.parametrize("grad_activation", [GELU, GELU_TANH])
+def test_backward_launches(device, config, dtype, grad_activation):
+    """The backward's three kinds of launch: the dGELU epilogue (dZ = (dY @ W2) * act'(z)), and dX = dZ @ W
+    and dW = dZ.T @ X as plain GEMMs over strided views."""
+    M, N, K, H = 45, 38, 29, 33
     dy = randn(M, N, dtype=dtype, device=device)
-    z = randn(M, N, dtype=dtype, device=device, scale=2.0)
-    w = randn(N, K, dtype=dtype, device=device)
+    w2 = randn(N, H, dtype=dtype, device=device, scale=N**-0.5)
+    z = randn(M, H, dtype=dtype, device=device, scale=2.0)
+    w = randn(H, K, dtype=dtype, device=device)
     x = randn(M, K, dtype=dtype, device=device)
     with pin_config(config):
-        # dX = (dY * act'(z)) @ W
-        dx, _, _ = _run(dy, w, device=device, z=z, grad_activation=grad_activation)
-        ref, _, _ = _reference(dy, w, z=z, grad_activation=grad_activation)
-        eager, _, _ = _reference(dy, w, z=z, grad_activation=grad_activation, dtype=dtype)
-        assert_close_to_ref(dx, eager, ref, "dX")
-        # dW = (dY * act'(z)).T @ X, with db the row sums of the transposed A
-        dw, _, db = _run(dy.t(), x, device=device, z=z.t(), grad_activation=grad_activation, rowsum=True)
-        ref, _, ref_db = _reference(dy.t(), x, z=z.t(), grad_activation=grad_activation)
-        eager, _, eager_db = _reference(dy.t(), x, z=z.t(), grad_activation=grad_activation, dtype=dtype)
-        assert_close_to_ref(dw, eager, ref, "dW")
-        assert_close_to_ref(db, eager_db.float(), ref_db, "db")
+        dz, _ = _run(dy, w2, device=device, z=z, grad_activation=grad_activation)
+        ref, _ = _reference(dy, w2, z=z, grad_activation=grad_activation)
+        eager, _ = _reference(dy, w2, z=z, grad_activation=grad_activation, dtype=dtype)
+        assert_close_to_ref(dz, eager, ref, "dZ from the dGELU epilogue")
+        dx, _ = _run(dz, w, device=device)
+        assert_close_to_ref(dx, _reference(dz, w, dtype=dtype)[0], _reference(dz, w)[0], "dX")
+        dw, _ = _run(dz.t(), x, device=device)
+        assert_close_to_ref(dw, _reference(dz.t(), x, dtype=dtype)[0], _reference(dz.t(), x)[0], "dW")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_row_sums_are_written_when_the_output_has_no_columns(device):
-    a = randn(20, 7, device=device)
-    b = randn(7, 0, device=device)
-    _, _, sums = _run(a, b, device=device, rowsum=True)
-    torch.testing.assert_close(sums.double(), a.double().sum(1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("grad_activation", [GELU, GELU_TANH])
+@pytest.mark.parametrize("M,N", [(1, 1), (45, 38), (70, 300), (33, 0)])
+def test_dgelu_pass_and_its_column_sums(device, dtype, grad_activation, M, N):
+    dy = randn(M, N, dtype=dtype, device=device)[:, ::1]
+    z = randn(N, M, dtype=dtype, device=device, scale=2.0).t()  # a strided view
+    approximate = "tanh" if grad_activation == GELU_TANH else "none"
+    dz, db = ops._dgelu(dy, z, grad_activation, need_db=True)
+    ref = torch.ops.aten.gelu_backward(dy.double(), z.double(), approximate=approximate)
+    eager = torch.ops.aten.gelu_backward(dy, z, approximate=approximate)
+    assert_close_to_ref(dz, eager, ref, "dZ")
+    assert db.dtype == torch.float32 and db.shape == (N,)
+    assert_close_to_ref(db, eager.sum(0, dtype=torch.float32), ref.sum(0), "db")
+    dz_only, none = ops._dgelu(dy, z, grad_activation, need_db=False)
+    assert none is None and torch.equal(dz_only, dz)
+
+
+TMA_SHAPES = [(37, 40, 72), (5, 64, 24), (70, 24, 136)]  # 16-byte rows in 16-bit dtypes, ragged tiles
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,K,N", TMA_SHAPES)
+def test_persistent_tma_kernel(device, dtype, M, K, N, monkeypatch):
+    """The Hopper kernel (TMA descriptors, persistent grid) on every launch layout, against the fp64
+    reference; the interpreter runs it on CPU tensors."""
+    launched = []
+    kernel = ops._matmul_tma_persistent_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ops, "_matmul_tma_persistent_kernel", Spy())
+    x = randn(M, K, dtype=dtype, device=device)
+    w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
+    bias = randn(N, dtype=dtype, device=device)
+    residual = randn(M, N, dtype=dtype, device=device)
+    dy = randn(M, N, dtype=dtype, device=device)
+    with ops.use_matmul_kernel("tma"), pin_config(MatmulConfig(32, 32, 16, group_m=2, epilogue_subtile=2)):
+        for activation in (IDENTITY, GELU, GELU_TANH):
+            c, pre = _run(x, w.t(), device=device, bias=bias, residual=residual, activation=activation,
+                          store_preact=True)
+            ref_c, ref_pre = _reference(x, w.t(), bias=bias, residual=residual, activation=activation)
+            eager_c, eager_pre = _reference(x, w.t(), bias=bias, residual=residual, activation=activation,
+                                            dtype=dtype)
+            assert_close_to_ref(c, eager_c, ref_c, f"forward, activation {activation}")
+            assert_close_to_ref(pre, eager_pre, ref_pre, "preact")
+        z = randn(M, K, dtype=dtype, device=device, scale=2.0)
+        dz, _ = _run(dy, w, device=device, z=z, grad_activation=GELU)  # B = w [N, K]: rows
+        ref, _ = _reference(dy, w, z=z, grad_activation=GELU)
+        assert_close_to_ref(dz, _reference(dy, w, z=z, grad_activation=GELU, dtype=dtype)[0], ref, "dGELU")
+        dw, _ = _run(dy.t(), x, device=device)  # A = dY.T: the descriptor covers dY
+        assert_close_to_ref(dw, _reference(dy.t(), x, dtype=dtype)[0], _reference(dy.t(), x)[0], "dW")
+    assert len(launched) == 5, "the TMA kernel must run every launch above"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -148,7 +198,7 @@ def test_empty_reduction_gives_the_epilogue_of_zero(device):
     a = randn(9, 0, device=device)
     b = randn(0, 11, device=device)
     bias = randn(11, device=device)
-    c, _, _ = _run(a, b, device=device, bias=bias, activation=GELU)
+    c, _ = _run(a, b, device=device, bias=bias, activation=GELU)
     torch.testing.assert_close(c, F.gelu(bias).expand(9, 11))
 
 
@@ -161,9 +211,9 @@ def test_int64_offsets_path(device, monkeypatch):
     a = randn(37, 50, device=device)
     b = randn(45, 50, device=device).t()
     bias = randn(45, device=device)
-    c, pre, _ = _run(a, b, device=device, bias=bias, activation=GELU, store_preact=True)
-    ref, ref_pre, _ = _reference(a, b, bias=bias, activation=GELU)
-    eager, eager_pre, _ = _reference(a, b, bias=bias, activation=GELU, dtype=torch.float32)
+    c, pre = _run(a, b, device=device, bias=bias, activation=GELU, store_preact=True)
+    ref, ref_pre = _reference(a, b, bias=bias, activation=GELU)
+    eager, eager_pre = _reference(a, b, bias=bias, activation=GELU, dtype=torch.float32)
     assert_close_to_ref(c, eager, ref)
     assert_close_to_ref(pre, eager_pre, ref_pre, "preact")
 
@@ -174,7 +224,7 @@ def test_int64_offsets_on_a_tensor_past_2_31_elements():
     M = 2**31 // K + 100
     a = torch.randn(M, K, dtype=torch.float16, device="cuda")
     b = (torch.randn(N, K, dtype=torch.float16, device="cuda") * K**-0.5).t()
-    c, _, _ = _run(a, b, device="cuda")
+    c, _ = _run(a, b, device="cuda")
     for rows in (slice(0, 256), slice(M - 256, M)):
         ref = a[rows].double() @ b.double()
         eager = a[rows] @ b
@@ -182,47 +232,103 @@ def test_int64_offsets_on_a_tensor_past_2_31_elements():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("config", GPU_CONFIGS + TMA_CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_autotune_config(config, dtype):
-    M, K, N = 300, 520, 270
+def test_every_autotune_config(kernel, config, dtype):
+    if kernel == "tma" and (config not in TMA_CONFIGS or torch.cuda.get_device_capability()[0] != 9):
+        pytest.skip("the TMA kernel runs its own configs, on Hopper")
+    M, K, N = 300, 520, 272
     a = randn(M, K, dtype=dtype, device="cuda")
     b = randn(N, K, dtype=dtype, device="cuda", scale=K**-0.5).t()
     bias = randn(N, dtype=dtype, device="cuda")
     dy = randn(M, N, dtype=dtype, device="cuda")
-    with pin_config(config):
-        c, pre, _ = _run(a, b, device="cuda", bias=bias, activation=GELU_TANH, store_preact=True)
-        dw, _, db = _run(dy.t(), a, device="cuda", z=pre.t(), grad_activation=GELU_TANH, rowsum=True)
-    ref, ref_pre, _ = _reference(a, b, bias=bias, activation=GELU_TANH)
-    eager, _, _ = _reference(a, b, bias=bias, activation=GELU_TANH, dtype=dtype)
-    assert_close_to_ref(c, eager, ref)
-    ref_dw, _, ref_db = _reference(dy.t(), a, z=pre.t(), grad_activation=GELU_TANH)
-    eager_dw, _, eager_db = _reference(dy.t(), a, z=pre.t(), grad_activation=GELU_TANH, dtype=dtype)
-    assert_close_to_ref(dw, eager_dw, ref_dw, "dW")
-    assert_close_to_ref(db, eager_db.float(), ref_db, "db")
+    z = randn(M, K, dtype=dtype, device="cuda", scale=2.0)
+    with ops.use_matmul_kernel(kernel), pin_config(config):
+        c, pre = _run(a, b, device="cuda", bias=bias, activation=GELU_TANH, store_preact=True)
+        dz, _ = _run(dy, b.t(), device="cuda", z=z, grad_activation=GELU_TANH)
+        dw, _ = _run(dy.t(), a, device="cuda")
+    ref, _ = _reference(a, b, bias=bias, activation=GELU_TANH)
+    assert_close_to_ref(c, _reference(a, b, bias=bias, activation=GELU_TANH, dtype=dtype)[0], ref)
+    ref_dz, _ = _reference(dy, b.t(), z=z, grad_activation=GELU_TANH)
+    assert_close_to_ref(dz, _reference(dy, b.t(), z=z, grad_activation=GELU_TANH, dtype=dtype)[0], ref_dz, "dZ")
+    assert_close_to_ref(dw, _reference(dy.t(), a, dtype=dtype)[0], _reference(dy.t(), a)[0], "dW")
 
 
-def test_kernel_compiles_for_hopper_and_ampere(tmp_path):
-    """The interpreter accepts code the compiler rejects; triton ships ptxas, so compile real launches'
-    specialisations for sm_90 and sm_80 here, without a GPU."""
+def _compile_report(tmp_path, name, *args):
     script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compile_report.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    runs = {
-        "every config": ["--modes", "column_fwd", "--dtypes", "bf16", "--targets", "sm90", "--all-configs"],
-        "backward": ["--modes", "dgrad", "wgrad", "--dtypes", "bf16", "--targets", "sm90"],
-        "ampere": ["--modes", "column_fwd", "wgrad", "--dtypes", "fp16", "fp32", "--targets", "sm80"],
+    report = tmp_path / f"{name}.jsonl"
+    result = subprocess.run([sys.executable, script, *args, "--json", str(report)], env=env, capture_output=True,
+                            text=True, timeout=1500)
+    return result, [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+
+
+def test_compile_gate_on_hopper(tmp_path):
+    """The gate CI relies on: every kernel, launch mode and Hopper config in bf16 and fp16, compiled for
+    sm_90a with the installed triton: no spills, no C75xx warning, wgmma A from shared memory, a mainloop
+    within 1.5x the plain Triton GEMM's, shared memory within the device's."""
+    result, rows = _compile_report(tmp_path, "gate", "--gate", "--jobs", str(max(2, os.cpu_count() or 1)))
+    assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    modes = set(compile_report.MODES)
+    assert {r["mode"] for r in rows if r["kernel"] == "matmul"} == modes
+    assert {r["mode"] for r in rows if r["kernel"] == "matmul_tma"} == modes - {"row_fwd_fp32"}
+    for r in rows:
+        assert not compile_report.gate_failures(r), r
+        if r["kernel"] == "dgelu":
+            continue
+        if r["config"]["block_m"] >= 64:  # a warpgroup's wgmma tile is 64 rows
+            assert r["wgmma"] and not r["wgmma_a_from_registers"], r
+        if r["kernel"] == "matmul_tma":
+            assert r["tma_loads"] and r["tma_stores"], f"the persistent kernel without TMA: {r}"
+
+
+def test_kernels_compile_for_ampere(tmp_path):
+    result, rows = _compile_report(tmp_path, "ampere", "--targets", "sm80", "--dtypes", "fp16", "fp32",
+                                   "--modes", "column_fwd", "wgrad", "dgrad_dgelu", "--jobs", "2")
+    assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    assert rows and all(r["shared_bytes"] <= r["shared_limit"] for r in rows)
+    assert all(r["mma_sync"] for r in rows if r["kernel"] == "matmul" and r["dtype"] == "fp16")
+    assert not any(r["kernel"] == "matmul_tma" for r in rows)
+
+
+def test_gate_catches_what_it_is_for():
+    """Each gate rule fails a row that breaks it; a clean row passes."""
+    clean = dict(kernel="matmul", target="sm90", dtype="bf16", shared_bytes=1000, shared_limit=2000,
+                 spill_store_bytes=0, warnings=[], warning_text=[], wgmma_a_from_registers=False,
+                 plain_wgmma_a_from_registers=False, mainloop_ratio=1.0, mainloop_instructions=120,
+                 plain_mainloop_instructions=120)
+    assert compile_report.gate_failures(clean) == []
+    broken = {
+        "spill": dict(spill_store_bytes=176),
+        "C7515": dict(warnings=["C7515"], warning_text=["wgmma serialized"]),
+        "registers": dict(wgmma_a_from_registers=True),
+        "1.5x": dict(mainloop_ratio=13.3, mainloop_instructions=1600),
+        "shared memory": dict(shared_bytes=3000),
+        "no mainloop": dict(mainloop_ratio=None),
     }
-    reports = []
-    for name, args in runs.items():
-        report = tmp_path / f"{name}.jsonl"
-        result = subprocess.run([sys.executable, script, *args, "--json", str(report)], env=env,
-                                capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr}"
-        reports += [json.loads(line) for line in report.read_text().splitlines()]
-    assert len(reports) == len(GPU_CONFIGS) + 2 + 4
-    for r in reports:
-        if r["dtype"] != "fp32":
-            assert r["wgmma"] or r["mma_sync"], f"no tensor-core instructions: {r}"
-        if r["target"] == "sm90" and r["block_m"] >= 64:  # a warpgroup's wgmma tile is 64 rows
-            assert r["wgmma"], f"Hopper tile without wgmma: {r}"
-        assert r["local_bytes"] == 0, f"register spills: {r}"
+    for name, change in broken.items():
+        assert compile_report.gate_failures({**clean, **change}), name
+    assert compile_report.gate_failures({**clean, "target": "sm80", "spill_store_bytes": 8}) == []
+
+
+def test_mainloop_finder_on_a_listing():
+    listing = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12], R24 ;
+        /*0030*/              @P0 BRA `(.L_x_2) ;
+        /*0040*/                   MUFU.EX2 R9, R9 ;
+        /*0050*/                   STG.E [R6.64], R9 ;
+.L_x_2:
+        /*0060*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0070*/              @!P1 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+"""
+    instructions, labels = compile_report.parse_sass(listing)
+    start, stop, body = compile_report.mainloop(instructions, labels)
+    assert (start, stop) == (1, 7)
+    # the conditional region with no matrix instruction (an epilogue in a flattened loop) is left out
+    assert [compile_report._opcode(t) for t in body] == ["LDGSTS.E.BYPASS.128", "HGMMA.64x128x16.F32.BF16",
+                                                         "BRA", "IADD3", "BRA"]

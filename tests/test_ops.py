@@ -280,3 +280,81 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
     torch.testing.assert_close(
         torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("owner,residual,fp32_out", [(True, True, False), (False, True, True), (True, False, True)])
+def test_mlp_shard_matches_eager(device, dtype, approximate, owner, residual, fp32_out):
+    """Both shards in one op, forward and every gradient: the backward's dGELU epilogue, dX, dW1, db1, dW2,
+    db2 and the residual's gradient against eager and fp64."""
+    lead, K, H, N = (3, 7), 24, 37, 19
+    x, w1, b1 = linear_inputs(lead, K, H, dtype, device, requires_grad=True)
+    _, w2, b2 = linear_inputs((1,), H, N, dtype, device, requires_grad=True)
+    out_dtype = torch.float32 if fp32_out else None
+    r = randn(*lead, N, dtype=out_dtype or dtype, device=device, requires_grad=True) if residual else None
+
+    def fused(x, w1, b1, w2, b2, r):
+        return tpkernels.mlp_shard(x, w1, b1, w2, b2, approximate=approximate, residual=r, owner=owner,
+                                   out_dtype=out_dtype)
+
+    def eager(x, w1, b1, w2, b2, r):
+        h = reference.linear_gelu(x, w1, b1, approximate=approximate)
+        if not owner:
+            b2, r = b2 * 0, None if r is None else r * 0  # not the owner: no bias, no residual, same graph
+        if x.dtype == torch.float64:
+            return reference.linear_partial(h, w2, b2, residual=r)
+        return reference.linear_partial(h, w2, b2, residual=r, out_dtype=out_dtype)
+
+    if owner:
+        _check_forward_backward(fused, eager, (x, w1, b1, w2, b2, r), ("x", "w1", "b1", "w2", "b2", "residual"))
+        return
+    out = fused(x, w1, b1, w2, b2, r)
+    assert_close_to_ref(out, eager(x, w1, b1, w2, b2, r), eager(*_fp64(x, w1, b1, w2, b2, r)))
+    grad_out = randn(*out.shape, dtype=out.dtype, device=device)
+    db2, dr = torch.autograd.grad(out, [b2, r], grad_out)  # replicated: the full gradient on every rank
+    torch.testing.assert_close(db2.double(), grad_out.double().flatten(0, -2).sum(0), rtol=1e-2, atol=2e-2)
+    assert torch.equal(dr, grad_out.to(r.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlp_shard_backward_launches_plain_gemms(device, monkeypatch):
+    """The MLP backward: one dGELU-epilogue GEMM for dZ, then plain GEMMs; no elementwise dGELU pass."""
+    if not ops._runs_triton(torch.empty(0, device=device)):
+        pytest.skip("CPU tensors run eager without TRITON_INTERPRET=1")
+    launches = []
+    launch = ops._launch
+    monkeypatch.setattr(ops, "_launch", lambda *a, **k: launches.append(k.get("grad_activation", 0)) or launch(*a, **k))
+    monkeypatch.setattr(ops, "_dgelu", lambda *a, **k: pytest.fail("the MLP backward must not run a dGELU pass"))
+    x, w1, b1 = linear_inputs((8,), 16, 12, torch.float32, device, requires_grad=True)
+    _, w2, b2 = linear_inputs((1,), 12, 10, torch.float32, device, requires_grad=True)
+    tpkernels.mlp_shard(x, w1, b1, w2, b2).sum().backward()
+    assert launches == [0, 0, 0, ops.GELU, 0, 0]  # fc1, fc2 forward; dW2, dZ, dX, dW1
+
+
+def test_mlp_shard_bad_input_is_refused_before_launch(monkeypatch):
+    monkeypatch.setattr(ops, "_launch", lambda *a, **k: pytest.fail("a kernel launched on bad input"))
+    x, w1, b1 = linear_inputs((8,), 16, 12, torch.float32, "cpu")
+    _, w2, b2 = linear_inputs((1,), 12, 10, torch.float32, "cpu")
+    cases = [
+        (ValueError, r"w2 has shape \(10, 11\) but w1 \(12, 16\) makes 12 hidden features",
+         lambda: tpkernels.mlp_shard(x, w1, b1, w2[:, :11], b2)),
+        (ValueError, r"bias has shape \(9,\)", lambda: tpkernels.mlp_shard(x, w1, b1, w2, b2[:9])),
+        (TypeError, r"weight.dtype is torch.float16", lambda: tpkernels.mlp_shard(x, w1, b1, w2.half(), b2)),
+        (ValueError, r"residual has shape \(8, 9\) but the output is \(8, 10\)",
+         lambda: tpkernels.mlp_shard(x, w1, b1, w2, b2, residual=randn(8, 9))),
+        (ValueError, r"approximate must be", lambda: tpkernels.mlp_shard(x, w1, b1, w2, b2, approximate="erf")),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mlp_shard_ops_pass_opcheck(device):
+    x, w1, b1 = linear_inputs((6,), 10, 9, torch.float32, device, requires_grad=True)
+    _, w2, b2 = linear_inputs((1,), 9, 7, torch.float32, device, requires_grad=True)
+    torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default, (x, w1, b1, w2, b2, None, 1, True, torch.float32, True))
+    inference = [t.detach() for t in (x, w1, b1, w2, b2)]  # nothing stored: no gradient to take
+    torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default, (*inference, None, 2, False, torch.float32, False))

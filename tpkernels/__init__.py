@@ -7,7 +7,7 @@
 from tpkernels import distributed
 from tpkernels.kernels import MatmulConfig
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
-from tpkernels.ops import linear_gelu, linear_partial, pin_config
+from tpkernels.ops import linear_gelu, linear_partial, mlp_shard, pin_config
 
 __version__ = "0.1.0"
 __all__ = [
@@ -18,5 +18,6 @@ __all__ = [
     "distributed",
     "linear_gelu",
     "linear_partial",
+    "mlp_shard",
     "pin_config",
 ]

@@ -12,7 +12,9 @@ Per-rank shapes, for W ranks and rank r; F_r is the r-th size of `torch.tensor_s
         forward   y = all-reduce_r(x_r @ W_r.T (+ b on rank 0))  one all-reduce (reduce_from)
         backward  dX_r = dY @ W_r, dW_r = dY.T @ x_r, db = sum(dY) on every rank; no collective
 
-    TensorParallelMLP  column with fused GELU, then row: one all-reduce forward, one backward.
+    TensorParallelMLP  column with fused GELU, then row: one all-reduce forward, one backward. Both
+        shards run as one op (`ops.mlp_shard`), whose backward puts gelu'(z) in the epilogue of the
+        GEMM that makes dH: dZ_r = (dY @ W2_r) * gelu'(z_r), then plain GEMMs.
 
 Initialisation: a module builds the dense `nn.Linear` and keeps its shard, so after the same
 `torch.manual_seed(s)` on every rank, the sharded model equals slicing a dense model built under that
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from tpkernels.distributed import copy_to, gather_from, get_rank, get_world_size, reduce_from, scatter_to, shard_range
-from tpkernels.ops import linear_gelu, linear_partial
+from tpkernels.ops import linear_gelu, linear_partial, mlp_shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
 
@@ -232,6 +234,7 @@ class TensorParallelMLP(nn.Module):
         if activation is None:
             raise ValueError(f"TensorParallelMLP: approximate must be 'none' or 'tanh', got {approximate!r}")
         out_features = in_features if out_features is None else out_features
+        self.approximate = approximate
         self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, activation=activation,
                                         process_group=process_group, device=device, dtype=dtype)
         self.fc2 = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype,
@@ -256,7 +259,14 @@ class TensorParallelMLP(nn.Module):
         return module
 
     def forward(self, x):
-        return self.fc2(self.fc1(x))
+        # One op for both shards, so that the backward fuses across them: dZ = (dY @ W2_r) * gelu'(z_r)
+        # in one GEMM's epilogue. The collectives are the layers' own: copy_to in, reduce_from out.
+        fc1, fc2 = self.fc1, self.fc2
+        fc1._check_full_width(x)
+        x = copy_to(x, fc1.process_group)
+        partial = mlp_shard(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.approximate,
+                            owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype)
+        return reduce_from(partial, fc2.process_group).to(x.dtype)
 
     def full_state_dict(self):
         """The dense MLP's state dict ("fc1.weight", ...), gathered from every rank (call it on every rank)."""

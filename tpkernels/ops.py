@@ -28,29 +28,39 @@ from typing import Optional
 import torch
 import triton
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tpkernels import reference
 from tpkernels.kernels import (
+    DGELU_BLOCK_M,
+    DGELU_BLOCK_N,
+    DGELU_NUM_WARPS,
     GELU,
     GELU_TANH,
-    GPU_CONFIGS,
     IDENTITY,
     INTERPRETED,
     INTERPRETER_CONFIG,
+    TMA_CONFIGS,
     MatmulConfig,
+    _dgelu_kernel,
     _matmul_kernel,
+    _matmul_tma_persistent_kernel,
+    matmul_configs,
+    prune,
 )
 
-__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "pin_config"]
+__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "mlp_shard", "pin_config", "use_matmul_kernel"]
 
 _APPROXIMATE = {"none": GELU, "tanh": GELU_TANH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT32_LIMIT = 2**31
 _pinned_config = None
+_MATMUL_KERNELS = ("auto", "pointer", "tma")
+_matmul_kernel_choice = "auto"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Launcher
+# Launchers
 
 
 @contextlib.contextmanager
@@ -70,19 +80,91 @@ def pin_config(config):
         _pinned_config = previous
 
 
+@contextlib.contextmanager
+def use_matmul_kernel(kernel):
+    """Run every matmul inside the block on one kernel: "auto" (the persistent TMA kernel on Hopper where
+    the operands allow it, the pointer kernel elsewhere), "pointer", or "tma" (wherever the operands
+    allow it, the interpreter included). For tests and benchmarks.
+
+    Args:
+        kernel: "auto", "pointer" or "tma".
+    """
+    global _matmul_kernel_choice
+    if kernel not in _MATMUL_KERNELS:
+        raise ValueError(f"use_matmul_kernel: kernel must be one of {', '.join(_MATMUL_KERNELS)}, got {kernel!r}")
+    previous, _matmul_kernel_choice = _matmul_kernel_choice, kernel
+    try:
+        yield
+    finally:
+        _matmul_kernel_choice = previous
+
+
 def _bucket(n):
     # Autotune keys on powers of two, so a new sequence length reuses the tuning of its bucket.
     return triton.next_power_of_2(max(n, 1))
 
 
+_AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACTIVATION", "GRAD_ACTIVATION", "HAS_RESIDUAL", "STORE_PREACT"]
+
+
+def _device_shared_memory(device_index):
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def _matmul_config(triton_config):
+    kw = triton_config.kwargs
+    return MatmulConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], triton_config.num_warps,
+                        triton_config.num_stages, kw["EPILOGUE_SUBTILE"])
+
+
+def _pruner(operand, store_operand=None):
+    """An early_config_prune that keeps the configs fitting the device's shared memory (`prune`)."""
+
+    def early_config_prune(configs, named_args, **kwargs):
+        a = named_args[operand]
+        a = getattr(a, "base", a)  # a TensorDescriptor holds its tensor as .base
+        store = getattr(named_args[store_operand], "base", None) if store_operand else None
+        grad_activation = kwargs.get("GRAD_ACTIVATION", named_args.get("GRAD_ACTIVATION", IDENTITY)) != IDENTITY
+        kept = prune([_matmul_config(c) for c in configs], a.element_size(), _device_shared_memory(a.device.index),
+                     store_element_size=0 if store is None else store.element_size(),
+                     grad_activation=grad_activation)
+        return [c for c in configs if _matmul_config(c) in kept]
+
+    return early_config_prune
+
+
 @functools.cache
-def _autotuned_kernel():
+def _autotuned_pointer_kernel(capability):
     return triton.autotune(
-        configs=[config.to_triton() for config in GPU_CONFIGS],
-        key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACTIVATION", "GRAD_ACTIVATION", "STORE_ROWSUM"],
+        configs=[c.to_triton() for c in matmul_configs(capability)],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _pruner("a_ptr")},
         # The output may be the residual itself (in-place add); tuning runs must not compound it.
         restore_value=["c_ptr"],
     )(_matmul_kernel)
+
+
+def _set_block_shapes(nargs):
+    # Descriptors are built before the autotuner picks a tile; each config sets their block shapes.
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_TRANS"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_TRANS"] else [bk, bn]
+    slices = min(4, nargs["EPILOGUE_SUBTILE"] * 2) if nargs["GRAD_ACTIVATION"] else nargs["EPILOGUE_SUBTILE"]
+    nargs["c_desc"].block_shape = [bm, bn // slices]
+
+
+@functools.cache
+def _autotuned_tma_kernel():
+    return triton.autotune(
+        configs=[c.to_triton(pre_hook=_set_block_shapes) for c in TMA_CONFIGS],
+        key=_AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": _pruner("a_desc", store_operand="c_desc")},
+    )(_matmul_tma_persistent_kernel)
+
+
+@functools.cache
+def _num_sms(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _last_offset(t):
@@ -93,49 +175,119 @@ def _strides(t):
     return (0, 0) if t is None else t.stride()
 
 
-def _launch(a, b, c, *, bias=None, residual=None, preact=None, z=None, rowsum=None,
-            activation=IDENTITY, grad_activation=IDENTITY):
-    """c = act(prologue(a) @ b + bias) + residual, for strided views a [M, K], b [K, N], c [M, N].
+def _tma_layout(t):
+    """How a TMA descriptor can cover the 2-D view t: "rows" (unit column stride), "cols" (unit row
+    stride: the descriptor covers t.T), or None (misaligned base or stride, or no unit stride)."""
+    size = t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    if t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0:
+        return "rows"
+    if t.stride(0) == 1 and (t.stride(1) * size) % 16 == 0:
+        return "cols"
+    return None
 
-    `preact` [M, N] receives a @ b + bias; `z` [M, K] turns the prologue into a * act'(z); `rowsum`
-    [M] (fp32) receives the row sums of the prologue's output.
+
+def _use_tma(a, b, c, residual):
+    if _matmul_kernel_choice == "pointer" or a.dtype not in (torch.float16, torch.bfloat16) or c.dtype != a.dtype:
+        return False
+    if _matmul_kernel_choice == "auto" and not (a.is_cuda and not INTERPRETED and
+                                                torch.cuda.get_device_capability(a.device)[0] == 9):
+        return False
+    if residual is not None and residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr():
+        return False  # in place (out=residual): the autotuner must restore c, which a descriptor hides
+    return _tma_layout(a) is not None and _tma_layout(b) is not None and _tma_layout(c) == "rows"
+
+
+def _launch(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation=IDENTITY,
+            grad_activation=IDENTITY):
+    """c = act(a @ b + bias) * act'(z) + residual, for strided views a [M, K], b [K, N], c [M, N].
+
+    `preact` [M, N] receives a @ b + bias; `z` [M, N] is the pre-activation whose derivative scales the
+    product (the dGELU epilogue). a and b share one dtype.
     """
     M, K = a.shape
     N = b.shape[1]
-    if M == 0:
+    if M == 0 or N == 0:
         return
+    assert a.dtype == b.dtype, f"_launch: operands {a.dtype} and {b.dtype}"
     operands = [t for t in (a, b, c, residual, preact, z) if t is not None]
-    emulate_bf16 = INTERPRETED and b.dtype == torch.bfloat16
     tf32 = a.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    args = (
-        a, b, c,
-        *(c if t is None else t for t in (bias, residual, preact, z, rowsum)),
-        M, N, K, _bucket(M), _bucket(N), _bucket(K),
-        *a.stride(), *b.stride(), *c.stride(), *_strides(residual), *_strides(preact), *_strides(z),
-    )
     meta = dict(
         ACTIVATION=activation,
+        GRAD_ACTIVATION=grad_activation,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         STORE_PREACT=preact is not None,
-        GRAD_ACTIVATION=grad_activation,
-        STORE_ROWSUM=rowsum is not None,
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 and not tf32 else "tf32",
         INT64_OFFSETS=any(_last_offset(t) >= _INT32_LIMIT for t in operands),
-        EMULATE_BF16=emulate_bf16,
+        EMULATE_BF16=INTERPRETED and b.dtype == torch.bfloat16,
     )
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * max(1, triton.cdiv(N, meta["BLOCK_N"])),)
-
+    epilogue = (*(c if t is None else t for t in (bias, residual, preact, z)),)
+    sizes = (M, N, K, _bucket(M), _bucket(N), _bucket(K))
     config = _pinned_config or (None if a.is_cuda and not INTERPRETED else INTERPRETER_CONFIG)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+        if _use_tma(a, b, c, residual):
+            _launch_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config)
+            return
+        args = (a, b, c, *epilogue, *sizes,
+                *a.stride(), *b.stride(), *c.stride(), *_strides(residual), *_strides(preact), *_strides(z))
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
         if config is None:
-            _autotuned_kernel()[grid](*args, **meta)
+            _autotuned_pointer_kernel(torch.cuda.get_device_capability(a.device))[grid](*args, **meta)
         else:
-            _matmul_kernel[grid](
-                *args, **meta, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
+            _matmul_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
+                                 num_stages=config.num_stages)
+
+
+def _launch_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
+    a_trans = _tma_layout(a) == "cols"
+    b_trans = _tma_layout(b) == "cols"
+    # Placeholder block shapes: the config (a pre_hook when autotuning) sets the real ones.
+    a_desc = TensorDescriptor.from_tensor(a.t() if a_trans else a, [1, 1])
+    b_desc = TensorDescriptor.from_tensor(b.t() if b_trans else b, [1, 1])
+    c_desc = TensorDescriptor.from_tensor(c, [1, 1])
+    num_sms = _num_sms(a.device.index) if a.is_cuda else 4
+    M, N = sizes[0], sizes[1]
+    args = (a_desc, b_desc, c_desc, *epilogue, *sizes, *_strides(residual), *_strides(preact), *_strides(z))
+    meta = dict(meta, A_TRANS=a_trans, B_TRANS=b_trans, NUM_SMS=num_sms)
+
+    def grid(meta):
+        return (min(num_sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+    if config is None:
+        _autotuned_tma_kernel()[grid](*args, **meta)
+        return
+    _set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
+    _matmul_tma_persistent_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
+
+
+def _dgelu(grad, z, activation, need_db):
+    """(dZ, db): dZ = grad * act'(z) in z's dtype, and db = its column sums (fp32 per row block, then
+    summed), from one elementwise pass; db is None unless `need_db`."""
+    M, N = grad.shape
+    dz = torch.empty((M, N), dtype=z.dtype, device=z.device)
+    row_blocks = triton.cdiv(M, DGELU_BLOCK_M)
+    colsum = torch.empty((row_blocks, N), dtype=torch.float32, device=z.device) if need_db else dz
+    if M and N:
+        operands = (grad, z, dz)
+        grid = (row_blocks, triton.cdiv(N, DGELU_BLOCK_N))
+        with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
+            _dgelu_kernel[grid](
+                grad, z, dz, colsum, M, N, *grad.stride(), *z.stride(), *dz.stride(),
+                GRAD_ACTIVATION=activation, STORE_COLSUM=need_db,
+                INT64_OFFSETS=any(_last_offset(t) >= _INT32_LIMIT for t in operands),
+                EMULATE_BF16=INTERPRETED and z.dtype == torch.bfloat16,
+                BLOCK_M=DGELU_BLOCK_M, BLOCK_N=DGELU_BLOCK_N, num_warps=DGELU_NUM_WARPS,
             )
+    if not need_db:
+        return dz, None
+    db = colsum.sum(0) if M else torch.zeros(N, dtype=torch.float32, device=z.device)
+    return dz, db
 
 
 def _runs_triton(t):
@@ -209,25 +361,26 @@ def _fused_linear_backward(
     need_dw: bool,
     need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dX, dW, db) of `fused_linear`, each empty when not needed."""
+    """(dX, dW, db) of `fused_linear`, each empty when not needed: dZ = dY * act'(z) and db in one
+    elementwise pass (or db as a reduction of dY), then dX = dZ @ W and dW = dZ.T @ X as plain GEMMs."""
     if not _runs_triton(x):
         grads = reference.fused_linear_backward(grad, x, weight, preact, activation, need_dx, need_dw, need_db)
         return tuple(x.new_empty(0) if g is None else g for g in grads)
     # Outputs of a custom op may not alias each other: one empty tensor each.
     dx, dw, db = (x.new_empty(0) for _ in range(3))
-    z = None if activation == IDENTITY else preact
+    # fp32 partials come back as an fp32 gradient: db sums it as it is, the GEMMs run in x's dtype.
+    if activation != IDENTITY:
+        dz, db32 = _dgelu(grad, preact, activation, need_db)
+    else:
+        dz, db32 = grad.to(x.dtype), (grad.sum(0, dtype=torch.float32) if need_db else None)
+    if need_db:
+        db = db32.to(x.dtype)
     if need_dx:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _launch(grad, weight, dx, z=z, grad_activation=activation)
+        _launch(dz, weight, dx)
     if need_dw:
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        rowsum = torch.empty(weight.shape[0], dtype=torch.float32, device=x.device) if need_db else None
-        _launch(grad.t(), x, dw, z=None if z is None else z.t(), rowsum=rowsum, grad_activation=activation)
-        if need_db:
-            db = rowsum.to(x.dtype)
-    elif need_db:
-        # A frozen weight with a trainable bias: no wgrad launch to ride along with.
-        db = reference.fused_linear_backward(grad, x, weight, preact, activation, False, False, True)[2]
+        _launch(dz.t(), x, dw)
     return dx, dw, db
 
 
@@ -273,6 +426,107 @@ def _backward(ctx, grad_out, grad_preact):
 
 
 _fused_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("tpkernels::mlp_shard", mutates_args=())
+def _mlp_shard(
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    residual: Optional[Tensor],
+    activation: int,
+    owner: bool,
+    out_dtype: torch.dtype,
+    store_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(partial, h, z): z = x @ w1.T + b1, h = act(z), partial = h @ w2.T (+ b2 + residual where `owner`).
+
+    h and z are what the backward needs (empty unless `store_for_backward`), as eager autograd keeps them.
+    """
+    if not _runs_triton(x):
+        return reference.mlp_shard(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward)
+    h = torch.empty((x.shape[0], w1.shape[0]), dtype=x.dtype, device=x.device)
+    z = torch.empty_like(h) if store_for_backward else x.new_empty(0)
+    _launch(x, w1.t(), h, bias=None if b1 is None else b1.contiguous(), preact=z if store_for_backward else None,
+            activation=activation)
+    out = torch.empty((x.shape[0], w2.shape[0]), dtype=out_dtype, device=x.device)
+    _launch(h, w2.t(), out, bias=b2.contiguous() if owner and b2 is not None else None,
+            residual=residual if owner else None)
+    return out, (h if store_for_backward else x.new_empty(0)), z
+
+
+@_mlp_shard.register_fake
+def _(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward):
+    hidden = (x.shape[0], w1.shape[0]) if store_for_backward else (0,)
+    return x.new_empty((x.shape[0], w2.shape[0]), dtype=out_dtype), x.new_empty(hidden), x.new_empty(hidden)
+
+
+@torch.library.custom_op("tpkernels::mlp_shard_backward", mutates_args=())
+def _mlp_shard_backward(
+    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, z: Tensor, activation: int, needs: list[bool]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dX, dW1, db1, dW2, db2) of `mlp_shard`, each empty when `needs` says it is not wanted.
+
+    dZ = (dY @ W2) * act'(z) is one GEMM with the dGELU epilogue, so dH never goes to memory; then
+    dX = dZ @ W1, dW1 = dZ.T @ X and dW2 = dY.T @ H are plain GEMMs, and db1, db2 reductions of dZ, dY.
+    """
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
+    if not _runs_triton(x):
+        grads = reference.mlp_shard_backward(grad, x, w1, w2, h, z, activation, needs)
+        return tuple(x.new_empty(0) if g is None else g for g in grads)
+    dx, dw1, db1, dw2, db2 = (x.new_empty(0) for _ in range(5))
+    if need_db2:
+        db2 = grad.sum(0, dtype=torch.float32).to(x.dtype)
+    grad = grad.to(x.dtype)  # an fp32 gradient of fp32 partials: the GEMMs run in x's dtype
+    if need_dw2:
+        dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
+        _launch(grad.t(), h, dw2)
+    if need_dx or need_dw1 or need_db1:
+        dz = torch.empty_like(z, memory_format=torch.contiguous_format)
+        _launch(grad, w2, dz, z=z, grad_activation=activation)
+        if need_db1:
+            db1 = dz.sum(0, dtype=torch.float32).to(x.dtype)
+        if need_dx:
+            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            _launch(dz, w1, dx)
+        if need_dw1:
+            dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
+            _launch(dz.t(), x, dw1)
+    return dx, dw1, db1, dw2, db2
+
+
+@_mlp_shard_backward.register_fake
+def _(grad, x, w1, w2, h, z, activation, needs):
+    shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward = inputs
+    _, h, z = output
+    ctx.save_for_backward(x, w1, w2, h, z)
+    ctx.activation = activation
+    ctx.stored = store_for_backward
+    ctx.residual_dtype = None if residual is None else residual.dtype
+
+
+def _mlp_backward(ctx, grad_out, grad_h, grad_z):
+    # As in fused_linear: b2 and the residual get sum(dY) and dY on every rank, owner or not.
+    x, w1, w2, h, z = ctx.saved_tensors
+    need_dx, need_dw1, need_db1, need_dw2, need_db2, need_dresidual = ctx.needs_input_grad[:6]
+    if not ctx.stored:
+        raise RuntimeError("tpkernels::mlp_shard ran with store_for_backward=False, so it cannot be "
+                           "differentiated; call tpkernels.mlp_shard, which stores h and z when a gradient is needed")
+    needs = [need_dx, need_dw1, need_db1, need_dw2, need_db2]
+    grads = torch.ops.tpkernels.mlp_shard_backward(grad_out, x, w1, w2, h, z, ctx.activation, needs)
+    dx, dw1, db1, dw2, db2 = (g if need else None for g, need in zip(grads, needs))
+    dresidual = grad_out.to(ctx.residual_dtype) if need_dresidual else None
+    return dx, dw1, db1, dw2, db2, dresidual, None, None, None, None
+
+
+_mlp_shard.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,3 +671,48 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
         _rows(x), weight, bias, None if residual is None else _rows(residual), owner, out_rows
     )
     return out
+
+
+def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=True, out_dtype=None):
+    """One rank's share of `fc2(gelu(fc1(x)))`: the column stage, then the row stage's partial sum.
+
+    Per-rank shapes: x [..., K], w1 = weight_shard_n [H_r, K], b1 [H_r], w2 = weight_shard_k [N, H_r],
+    b2 [N] -> partial [..., N]. Summing the partials of all ranks (one all-reduce) gives the MLP.
+    Forward is two fused launches (`linear_gelu`, `linear_partial`). Backward fuses across the two
+    layers: dZ = (dY @ W2) * gelu'(z) in one GEMM's epilogue, then plain GEMMs for dX, dW1 and dW2.
+
+    Args:
+        x, w1, b1, w2, b2: as above, one dtype (float16, bfloat16 or float32); b1 and b2 may be None.
+        approximate: "none" (exact GELU) or "tanh".
+        residual, owner, out_dtype: as in `linear_partial`: b2 and residual only where `owner`.
+
+    Returns:
+        [..., N] partial sum, differentiable in every tensor argument.
+    """
+    name = "mlp_shard"
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"{name}: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_linear(name, x, w1, b1)
+    _check_tensor(name, "w2", w2)
+    if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"{name}: w2 has shape {tuple(w2.shape)} but w1 {tuple(w1.shape)} makes "
+                         f"{w1.shape[0]} hidden features; w2 must be [out_features, {w1.shape[0]}]")
+    _check_linear(name, x.new_empty((0, w1.shape[0])), w2, b2)  # w2 and b2 against the hidden width
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
+    out_shape = (*x.shape[:-1], w2.shape[0])
+    if residual is not None:
+        _check_tensor(name, "residual", residual)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the output is {out_shape}")
+        if residual.dtype not in (x.dtype, out_dtype):
+            raise TypeError(f"{name}: residual.dtype is {residual.dtype}; expected {x.dtype} or {out_dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
+    out, _, _ = torch.ops.tpkernels.mlp_shard(
+        _rows(x), w1, b1, w2, b2, None if residual is None else _rows(residual), _APPROXIMATE[approximate],
+        bool(owner), out_dtype, _needs_grad(x, w1, b1, w2, b2, residual),
+    )
+    return out.view(out_shape)
+

@@ -54,6 +54,26 @@ def fused_linear_backward(grad, x, weight, preact, act, need_dx, need_dw, need_d
     return dx, dw, db
 
 
+def mlp_shard(x, w1, b1, w2, b2, residual, act, owner, out_dtype, store_for_backward):
+    """Eager (partial, h, z) of `ops.mlp_shard`: z = x @ w1.T + b1, h = act(z), partial = h @ w2.T (+ b2 +
+    residual where `owner`); h and z empty unless `store_for_backward`."""
+    h, z = fused_linear(x, w1, b1, None, act, True, x.dtype, True)
+    out, _ = fused_linear(h, w2, b2, residual, 0, owner, out_dtype, False)
+    if not store_for_backward:
+        h, z = h.new_empty(0), z.new_empty(0)
+    return out, h, z
+
+
+def mlp_shard_backward(grad, x, w1, w2, h, z, act, needs):
+    """Eager (dX, dW1, db1, dW2, db2) of `mlp_shard`; None where `needs` says not wanted."""
+    need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
+    db2 = grad.sum(0, dtype=torch.float32).to(x.dtype) if need_db2 else None
+    grad = grad.to(x.dtype)
+    dw2 = grad.t() @ h if need_dw2 else None
+    dx, dw1, db1 = fused_linear_backward(grad @ w2, x, w1, z, act, need_dx, need_dw1, need_db1)
+    return dx, dw1, db1, dw2, db2
+
+
 class MLP(torch.nn.Module):
     """The dense model that `TensorParallelMLP` shards: fc2(gelu(fc1(x))), built fc1 first, then fc2."""
 

@@ -1,4 +1,9 @@
-"""Tile configurations: the GPU autotune list, and the one fixed config the interpreter runs."""
+"""Tile configurations: the GPU autotune lists, their shared-memory pruning, and the interpreter's config.
+
+Every list here is compiled for sm_90a and sm_80 by `benchmarks/compile_report.py`, whose gate (run in
+CI) fails if a Hopper config of a 16-bit kernel spills, serializes its wgmma, or grows its mainloop past
+1.5x a plain Triton GEMM's. The choices below are the ones that passed it under triton 3.6 and 3.9.
+"""
 from dataclasses import dataclass
 
 import triton
@@ -12,35 +17,94 @@ class MatmulConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    epilogue_subtile: int = 1  # the epilogue runs on this many slices of the tile along N: 1, 2 or 4
 
     def kwargs(self):
-        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k, "GROUP_M": self.group_m}
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                "GROUP_M": self.group_m, "EPILOGUE_SUBTILE": self.epilogue_subtile}
 
-    def to_triton(self):
-        return triton.Config(self.kwargs(), num_warps=self.num_warps, num_stages=self.num_stages)
+    def to_triton(self, pre_hook=None):
+        return triton.Config(self.kwargs(), num_warps=self.num_warps, num_stages=self.num_stages,
+                             pre_hook=pre_hook)
+
+    def epilogue_slices(self, grad_activation):
+        """How many slices the epilogue stores (the width of a TMA store of C is block_n / slices): the
+        dGELU epilogue runs in twice the config's, at most 4 (see `matmul._epilogue`)."""
+        return min(4, self.epilogue_subtile * 2) if grad_activation else self.epilogue_subtile
+
+    def shared_bytes(self, element_size, store_element_size=0, slices=1):
+        """Shared memory the kernel needs: num_stages buffers of an A and a B tile, and for a TMA store
+        the staging buffer of one epilogue slice of C (`store_element_size` bytes an element). The
+        compile report checks this estimate against what the compiler allocates."""
+        pipeline = self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
+        return pipeline + self.block_m * (self.block_n // slices) * store_element_size
 
 
-GPU_CONFIGS = (
-    # Hopper first: large tiles, deep pipelines, 8 warps for the 128 x 256 tile.
-    MatmulConfig(128, 256, 64, num_warps=8, num_stages=3),
-    MatmulConfig(256, 128, 64, num_warps=8, num_stages=3),
-    MatmulConfig(128, 128, 64, num_warps=8, num_stages=4),
-    MatmulConfig(128, 128, 64, num_warps=4, num_stages=4),
-    MatmulConfig(64, 256, 64, num_warps=4, num_stages=4),
+HOPPER_CONFIGS = (
+    # 128-row tiles for two warpgroups of 64-row wgmma; the epilogue in slices of at most 64 fp32
+    # values per thread (triton 3.6 serializes wgmma (C7515) or spills above that).
+    MatmulConfig(128, 256, 64, num_warps=8, num_stages=3, epilogue_subtile=4),
+    MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2),
+    MatmulConfig(128, 128, 64, num_warps=4, num_stages=4, epilogue_subtile=2),
+    MatmulConfig(64, 256, 64, num_warps=4, num_stages=4, epilogue_subtile=2),
     MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),
     MatmulConfig(64, 128, 64, num_warps=4, num_stages=4),
+)
+SMALL_M_CONFIGS = (
     # Decode-sized M: few rows, long K tiles.
-    MatmulConfig(16, 64, 128, num_warps=4, num_stages=4),
+    MatmulConfig(16, 64, 128, num_warps=4, num_stages=3),
     MatmulConfig(16, 128, 128, num_warps=4, num_stages=3),
     MatmulConfig(32, 64, 128, num_warps=4, num_stages=4),
     MatmulConfig(64, 64, 64, num_warps=4, num_stages=4),
-    # Ampere: shallower K tiles fit its smaller shared memory.
+)
+AMPERE_CONFIGS = (
+    # Shallower K tiles fit Ampere's smaller shared memory.
     MatmulConfig(128, 128, 32, num_warps=4, num_stages=4),
     MatmulConfig(128, 64, 32, num_warps=4, num_stages=4),
     MatmulConfig(64, 128, 32, num_warps=4, num_stages=4),
     MatmulConfig(64, 64, 32, num_warps=4, num_stages=5),
 )
+GPU_CONFIGS = HOPPER_CONFIGS + SMALL_M_CONFIGS + AMPERE_CONFIGS
+
+
+def matmul_configs(capability):
+    """The pointer kernel's autotune candidates on a device of this compute capability."""
+    return (HOPPER_CONFIGS if capability[0] >= 9 else AMPERE_CONFIGS) + SMALL_M_CONFIGS
+
+# The persistent TMA kernel (Hopper only, 16-bit operands and output): 128-row tiles, one program per SM.
+TMA_CONFIGS = (
+    MatmulConfig(128, 256, 64, num_warps=8, num_stages=3, epilogue_subtile=4),
+    MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2),
+    MatmulConfig(128, 128, 64, num_warps=4, num_stages=4, epilogue_subtile=2),
+    MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),
+)
+
+# The elementwise dGELU pass (dZ = dY * gelu'(z), with per-row-block column sums for db). BLOCK_M is
+# fixed, not tuned: it sets the number of partial column sums the launcher allocates.
+DGELU_BLOCK_M = 32
+DGELU_BLOCK_N = 128
+DGELU_NUM_WARPS = 4
+
+# Shared memory a block may opt into, by compute capability: 227 KB on H100 / H200, 163 KB on A100;
+# consumer Ampere and Ada have 99 KB. On a device the launcher asks the driver instead.
+SHARED_MEMORY_LIMIT = {(9, 0): 232448, (8, 0): 166912, (8, 7): 166912}
+SHARED_MEMORY_LIMIT_FALLBACK = 101376
+
+
+def shared_memory_limit(capability):
+    return SHARED_MEMORY_LIMIT.get(tuple(capability), SHARED_MEMORY_LIMIT_FALLBACK)
+
+
+def prune(configs, element_size, limit, store_element_size=0, grad_activation=False):
+    """The configs whose shared memory fits `limit` bytes (operands of `element_size` bytes; a TMA store
+    of C elements of `store_element_size`); the smallest when none does, so that a launch has a config."""
+    def need(c):
+        return c.shared_bytes(element_size, store_element_size, c.epilogue_slices(grad_activation))
+
+    kept = [c for c in configs if need(c) <= limit]
+    return kept or [min(configs, key=need)]
+
 
 # The interpreter runs one program at a time in numpy, so a small fixed tile that still exercises the
-# edge masks of test-sized shapes.
-INTERPRETER_CONFIG = MatmulConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1)
+# edge masks of test-sized shapes, and the split epilogue.
+INTERPRETER_CONFIG = MatmulConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1, epilogue_subtile=2)

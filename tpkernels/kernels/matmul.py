@@ -1,19 +1,25 @@
-"""One tiled matmul with a constexpr prologue and epilogue, and GELU as `tl` functions.
+"""The tiled matmul family: a plain GEMM mainloop with constexpr epilogues, and GELU as `tl` functions.
 
-    C[M, N] = epilogue(prologue(A)[M, K] @ B[K, N])
+    C[M, N] = epilogue(A[M, K] @ B[K, N])
 
-    prologue(A) = A                          GRAD_ACTIVATION == IDENTITY
-                = A * act'(Z)                otherwise (Z has A's shape: the saved pre-activation)
-    epilogue(P) = act(P + bias) + residual   each term optional; P + bias may also be stored
+    epilogue(P) = act(P + bias) * act'(Z) + residual      each term optional
+                  P + bias may also be stored (the pre-activation z of the forward)
 
-Every operand is a strided view, so the same kernel serves all the launches of a linear layer:
+The mainloop is the tutorial GEMM's and nothing else: two tile loads and one `tl.dot` per K-tile, so A
+stays in shared memory and feeds wgmma directly. Everything else happens once per tile, on the fp32
+accumulator, cast once at the store. The epilogue runs on EPILOGUE_SUBTILE slices of the tile along N,
+so that its temporaries (GELU, the stored pre-activation, residual) never hold the whole tile live.
 
-    forward        A = x [M, K]        B = w.T [K, N]     C = y [M, N]
-    dX             A = dY [M, N]       B = w [N, K]       C = dX [M, K]    (prologue: dY * act'(z))
-    dW (and db)    A = dY.T [N, M]     B = x [M, K]       C = dW [N, K]    (db = row sums of A)
+Every operand is a strided view, so the same kernel serves every launch of a linear layer:
 
-The accumulator is fp32; bias, activation and residual are applied to it and it is cast once, at the
-store. Row sums (`STORE_ROWSUM`) are taken over the prologue's fp32 output, so db costs no extra pass.
+    forward        A = x [M, K]            B = w.T [K, N]      C = y [M, N]    (bias, act, z, residual)
+    dX             A = dZ [M, N]           B = w [N, K]        C = dX [M, K]
+    dW             A = dZ.T [N, M]         B = x [M, K]        C = dW [N, K]
+    dH of the MLP  A = dY [M, N2]          B = w2 [N2, H]      C = dZ [M, H]   (epilogue * gelu'(z))
+
+`_dgelu_kernel` is the one elementwise pass for a standalone layer's backward: dZ = dY * act'(z), with
+the column sums of dZ (db) reduced per row block in the same pass. No K loop contains a reduction or a
+prologue. `_matmul_tma_persistent_kernel` (matmul_tma.py) is the Hopper variant of `_matmul_kernel`.
 """
 import triton
 import triton.language as tl
@@ -103,85 +109,207 @@ def _cast_for_store(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _matmul_kernel(
-    # pointers
-    a_ptr, b_ptr, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr, rowsum_ptr,
-    # sizes (the buckets only key the autotuner)
-    M, N, K, M_BUCKET, N_BUCKET, K_BUCKET,
-    # strides
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zk,
-    # epilogue and prologue
-    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    STORE_PREACT: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, STORE_ROWSUM: tl.constexpr,
-    # numerics
-    INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    # tiling
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    # At least one column of programs, so that row sums are written even when N == 0.
-    num_pid_n = tl.maximum(tl.cdiv(N, BLOCK_N), 1)
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    if EMULATE_BF16:
+        # The interpreter's bf16 dot multiplies raw bits (triton#11584); bf16 -> fp32 is exact.
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tile_id_to_pids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     # Grouped order: GROUP_M row blocks share their B tiles in L2.
     num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
+    group_id = tile_id // num_pid_in_group
     first_pid_m = group_id * GROUP_M
     group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
-    if INT64_OFFSETS:
-        pid_m = pid_m.to(tl.int64)
-        pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
+
+@triton.jit
+def _epilogue_slice(
+    acc, start_m, start_n, M, N,
+    c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr,
+):
+    """act(acc + bias) * act'(z) + residual on one [BLOCK_M, SLICE_N] slice of fp32 accumulator, stored
+    at (start_m, start_n) through a pointer or, with C_IS_DESCRIPTOR, a TMA descriptor."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, SLICE_N)
     mask_n = offs_n < N
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row_acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
-        offs_k = k_start + tl.arange(0, BLOCK_K)
-        if INT64_OFFSETS:
-            offs_k = offs_k.to(tl.int64)
-        mask_k = offs_k < K
-        mask_a = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak, mask=mask_a, other=0.0)
-        b = tl.load(
-            b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if GRAD_ACTIVATION != 0:
-            z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_k[None, :] * stride_zk, mask=mask_a, other=0.0)
-            a = a.to(tl.float32) * _activation_grad(z.to(tl.float32), GRAD_ACTIVATION)
-        if STORE_ROWSUM:
-            row_acc += tl.sum(a.to(tl.float32), axis=1)
-        if EMULATE_BF16:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-        else:
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
-
-    if STORE_ROWSUM:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + offs_m, row_acc, mask=mask_m)
-
-    mask_c = mask_m[:, None] & mask_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     if STORE_PREACT:
         preact = _cast_for_store(acc, preact_ptr.dtype.element_ty, EMULATE_BF16)
-        tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, preact, mask=mask_c)
+        tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, preact, mask=mask)
     acc = _activation(acc, ACTIVATION)
+    if GRAD_ACTIVATION != 0:
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
+        acc = acc * _activation_grad(z.to(tl.float32), GRAD_ACTIVATION)
     if HAS_RESIDUAL:
-        residual = tl.load(
-            residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_c, other=0.0
-        )
+        residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                           mask=mask, other=0.0)
         acc += residual.to(tl.float32)
-    c = _cast_for_store(acc, c_ptr.dtype.element_ty, EMULATE_BF16)
-    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask_c)
+    if C_IS_DESCRIPTOR:
+        c_ptr.store([start_m, start_n], _cast_for_store(acc, c_ptr.dtype, EMULATE_BF16))
+    else:
+        c = _cast_for_store(acc, c_ptr.dtype.element_ty, EMULATE_BF16)
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask)
+
+
+@triton.jit
+def _split_n(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The left and right halves of a [BLOCK_M, BLOCK_N] tile."""
+    return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue_halves(
+    acc, start_m, start_n, M, N,
+    c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    left, right = _split_n(acc, BLOCK_M, BLOCK_N)
+    _epilogue_slice(left, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+                    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+                    ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                    C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+    _epilogue_slice(right, start_m, start_n + BLOCK_N // 2, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr,
+                    z_ptr, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+                    ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                    C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _epilogue(
+    acc, start_m, start_n, M, N,
+    c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+):
+    """The whole epilogue of one tile, in EPILOGUE_SUBTILE slices along N (1, 2 or 4). The dGELU
+    epilogue keeps z, erf and exp live besides the accumulator, so it runs in twice as many, at most 4
+    (`MatmulConfig.epilogue_slices`)."""
+    SLICES: tl.constexpr = min(EPILOGUE_SUBTILE * 2, 4) if GRAD_ACTIVATION != 0 else EPILOGUE_SUBTILE
+    if SLICES == 1:
+        _epilogue_slice(acc, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+                        stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+                        ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                        C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N)
+    elif SLICES == 2:
+        _epilogue_halves(acc, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+                         stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+                         ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                         C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N)
+    else:
+        tl.static_assert(SLICES == 4, "EPILOGUE_SUBTILE must be 1, 2 or 4")
+        left, right = _split_n(acc, BLOCK_M, BLOCK_N)
+        _epilogue_halves(left, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+                         stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+                         ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                         C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+        _epilogue_halves(right, start_m, start_n + BLOCK_N // 2, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr,
+                         z_ptr, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm,
+                         stride_zn, ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                         C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    # sizes (the buckets only key the autotuner)
+    M, N, K, M_BUCKET, N_BUCKET, K_BUCKET,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+    # epilogue
+    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr,
+    # numerics
+    INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    # tiling
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+):
+    pid_m, pid_n = _tile_id_to_pids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    if INT64_OFFSETS:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Clamped rather than masked: edge rows and columns read valid memory and are never stored, so the
+    # loads need only the K mask, as in the tutorial GEMM. The hints restore the contiguity the clamp
+    # hides, so that an operand whose unit stride is along M or N (dZ.T, w) still loads in 16-byte
+    # vectors by cp.async: an aligned vector either lies inside the row or starts past its end and is
+    # clamped whole to the row's start.
+    offs_am = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64_OFFSETS:
+        offs_k = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_remaining in range(K, 0, -BLOCK_K):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+              stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+              ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+              False, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE)
+
+
+@triton.jit
+def _dgelu_kernel(
+    # pointers
+    dy_ptr, z_ptr, dz_ptr, colsum_ptr,
+    # sizes
+    M, N,
+    # strides
+    stride_dym, stride_dyn, stride_zm, stride_zn, stride_dzm, stride_dzn,
+    # constexprs
+    GRAD_ACTIVATION: tl.constexpr, STORE_COLSUM: tl.constexpr, INT64_OFFSETS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dZ = dY * act'(z), and colsum[pid_m, n] = sum of this row block's dZ[:, n] in fp32 (for db)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if INT64_OFFSETS:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+    z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
+    dz = dy.to(tl.float32) * _activation_grad(z.to(tl.float32), GRAD_ACTIVATION)
+    dz = tl.where(mask, dz, 0.0)
+    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn,
+             _cast_for_store(dz, dz_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+    if STORE_COLSUM:
+        tl.store(colsum_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=mask_n)
 
 
 # Set when TRITON_INTERPRET=1 was in the environment as triton decorated the kernel: CPU tensors can

@@ -1,0 +1,71 @@
+"""The Hopper variant of `_matmul_kernel`: persistent, TMA descriptors for the operands and for C.
+
+    C[M, N] = epilogue(A[M, K] @ B[K, N]), the same epilogues as `matmul._matmul_kernel`
+
+One program per SM walks the output tiles in grouped order. Its loop over (tile, K-tile) pairs is
+flattened (`tl.range(..., flatten=True)`), so the software pipeline keeps loading the next tile's
+operands while the epilogue of the current one runs. A and B arrive by TMA (`a_desc.load`), each in the
+layout it has in memory: A_TRANS means the descriptor covers A.T ([K, M] row-major, as dZ is for dW =
+dZ.T @ X), B_TRANS means it covers B.T ([N, K] row-major, as an nn.Linear weight is for the forward).
+C leaves by TMA stores of EPILOGUE_SUBTILE slices; bias, residual, the stored pre-activation and z stay
+pointer accesses, as they are read or written once per tile.
+
+Descriptors need 16-byte aligned bases and row strides and a unit inner stride; the launcher checks and
+runs `_matmul_kernel` otherwise.
+"""
+import triton
+import triton.language as tl
+
+from tpkernels.kernels.matmul import _dot, _epilogue, _tile_id_to_pids
+
+
+@triton.jit
+def _matmul_tma_persistent_kernel(
+    # descriptors and pointers
+    a_desc, b_desc, c_desc, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    # sizes (the buckets only key the autotuner)
+    M, N, K, M_BUCKET, N_BUCKET, K_BUCKET,
+    # strides of the pointer operands
+    stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+    # epilogue
+    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr,
+    # numerics
+    INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    # layouts and tiling
+    A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILE: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    # The epilogue's own tile counter: sharing the loop's makes the flattened pipeline's life harder.
+    tile_id_c = tl.program_id(0) - NUM_SMS
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_id_to_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_am = pid_m * BLOCK_M
+        offs_bn = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            offs_k = ki * BLOCK_K
+            if A_TRANS:
+                a = a_desc.load([offs_k, offs_am]).T
+            else:
+                a = a_desc.load([offs_am, offs_k])
+            if B_TRANS:
+                b = b_desc.load([offs_bn, offs_k]).T
+            else:
+                b = b_desc.load([offs_k, offs_bn])
+            acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
+
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _tile_id_to_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        if INT64_OFFSETS:  # descriptor coordinates are 32-bit; the epilogue's pointer offsets may not be
+            pid_m = pid_m.to(tl.int64)
+            pid_n = pid_n.to(tl.int64)
+        _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_desc, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+                  0, 0, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+                  ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
+                  True, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE)
