@@ -8,6 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tpkernels", "tpkernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "triton>=3.2"],
+    # numpy: triton's interpreter (TRITON_INTERPRET=1, the CPU path) imports it, and so does the kernels'
+    # module, which checks whether it was decorated under the interpreter.
+    install_requires=["torch>=2.6", "triton>=3.4", "numpy"],
     extras_require={"test": ["pytest"]},
 )

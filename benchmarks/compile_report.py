@@ -429,6 +429,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles")
     parser.add_argument("--json", help="write the rows to this file as JSON lines")
     parser.add_argument("--markdown", help="write the table to this file")
+    parser.add_argument("--quiet", action="store_true", help="print only failures and the summary, not the table")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("compile_report.py compiles for GPUs: run it without TRITON_INTERPRET=1")
@@ -454,11 +455,14 @@ def main(argv=None):
                 continue
             rows.append(result)
             failures = gate_failures(result)
+            if args.quiet and not failures:
+                continue
             print(f"[{number}/{len(todo)}] {what}: {result['registers']} regs, spill {result['spill_store_bytes']}, "
                   f"mainloop {result['mainloop_instructions']} vs {result.get('plain_mainloop_instructions')}"
                   f"{' FAIL ' + '; '.join(failures) if failures else ''}", flush=True)
     markdown = table(rows)
-    print(markdown)
+    if not args.quiet:
+        print(markdown)
     if args.json:
         with open(args.json, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
