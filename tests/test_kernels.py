@@ -332,3 +332,31 @@ def test_mainloop_finder_on_a_listing():
     # the conditional region with no matrix instruction (an epilogue in a flattened loop) is left out
     assert [compile_report._opcode(t) for t in body] == ["LDGSTS.E.BYPASS.128", "HGMMA.64x128x16.F32.BF16",
                                                          "BRA", "IADD3", "BRA"]
+
+
+def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
+    """The autotuner never launches a config whose pipeline exceeds the device's shared memory."""
+    monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 166912)  # an A100
+    configs = [c.to_triton() for c in GPU_CONFIGS]
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        kept = ops._pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=dtype)})
+        assert kept, dtype
+        assert all(ops._matmul_config(c).shared_bytes(size) <= 166912 for c in kept)
+        assert (len(kept) < len(configs)) == (dtype == torch.float32)  # fp32 loses its deep pipelines
+    # TMA: the staging buffer of C counts too, sliced as the dGELU epilogue slices it
+    monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 232448)
+
+    class Desc:
+        def __init__(self, dtype):
+            self.base = torch.empty(1, dtype=dtype)
+
+    tma = [c.to_triton() for c in TMA_CONFIGS]
+    for grad in (IDENTITY, GELU):
+        kept = ops._pruner("a_desc", store_operand="c_desc")(
+            tma, {"a_desc": Desc(torch.bfloat16), "c_desc": Desc(torch.bfloat16)}, GRAD_ACTIVATION=grad)
+        for c in map(ops._matmul_config, kept):
+            assert c.shared_bytes(2, 2, c.epilogue_slices(grad != IDENTITY)) <= 232448
+    # when nothing fits, the smallest config is kept, so that a launch has something to run
+    monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 1024)
+    (smallest,) = ops._pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=torch.float32)})
+    assert ops._matmul_config(smallest).shared_bytes(4) == min(c.shared_bytes(4) for c in GPU_CONFIGS)

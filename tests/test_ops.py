@@ -358,3 +358,27 @@ def test_mlp_shard_ops_pass_opcheck(device):
     torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default, (x, w1, b1, w2, b2, None, 1, True, torch.float32, True))
     inference = [t.detach() for t in (x, w1, b1, w2, b2)]  # nothing stored: no gradient to take
     torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default, (*inference, None, 2, False, torch.float32, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
+    """The persistent TMA kernel behind the autograd op, forward and backward (every layout it takes)."""
+    launched = []
+    use_tma = ops._use_tma
+    monkeypatch.setattr(ops, "_use_tma", lambda *a: launched.append(use_tma(*a)) or launched[-1])
+    x, w1, b1 = linear_inputs((2, 9), 24, 40, dtype, device, requires_grad=True)
+    _, w2, b2 = linear_inputs((1,), 40, 16, dtype, device, requires_grad=True)
+
+    def fused(x, w1, b1, w2, b2):
+        with ops.use_matmul_kernel("tma"):
+            return tpkernels.mlp_shard(x, w1, b1, w2, b2, approximate="tanh")
+
+    def eager(x, w1, b1, w2, b2):
+        return reference.linear_partial(reference.linear_gelu(x, w1, b1, approximate="tanh"), w2, b2)
+
+    with ops.use_matmul_kernel("tma"):
+        _check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
+    if ops._runs_triton(x):
+        assert launched == [True] * 6, launched  # fc1, fc2; dW2, dZ, dX, dW1
+

@@ -163,6 +163,11 @@ def _autotuned_tma_kernel():
 
 
 @functools.cache
+def _is_hopper(device_index):
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+@functools.cache
 def _num_sms(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -191,8 +196,7 @@ def _tma_layout(t):
 def _use_tma(a, b, c, residual):
     if _matmul_kernel_choice == "pointer" or a.dtype not in (torch.float16, torch.bfloat16) or c.dtype != a.dtype:
         return False
-    if _matmul_kernel_choice == "auto" and not (a.is_cuda and not INTERPRETED and
-                                                torch.cuda.get_device_capability(a.device)[0] == 9):
+    if _matmul_kernel_choice == "auto" and not (a.is_cuda and not INTERPRETED and _is_hopper(a.device.index)):
         return False
     if residual is not None and residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr():
         return False  # in place (out=residual): the autotuner must restore c, which a descriptor hides
