@@ -399,10 +399,8 @@ def measure_ceilings(device):
 
 def suite(ops_wanted, shapes, smoke):
     """The (op, M, K, N) points to run, headline points first."""
-    if smoke:
-        return [(op, *shape) for op in ops_wanted for shape in SMOKE_SHAPES]
-    if shapes:
-        return [(op, *shape) for op in ops_wanted for shape in shapes]
+    if shapes or smoke:
+        return [(op, *shape) for op in ops_wanted for shape in (shapes or SMOKE_SHAPES)]
     points = [p for p in HEADLINE if p[0] in ops_wanted]
     for op in ops_wanted:
         kn = ROW_KN if op == "row_fwd" else COLUMN_KN

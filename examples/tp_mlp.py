@@ -53,6 +53,8 @@ def main():
             opt.step()
             if model is tp:
                 tp_loss = loss.item()
+                if step == 0:  # the first step tuned every kernel: from now on all ranks run rank 0's tiles
+                    tpkernels.sync_autotuning()
         if rank == 0:
             print(f"step {step}: loss {tp_loss:.6f} (tensor-parallel over {world} ranks), {loss.item():.6f} (dense)",
                   flush=True)

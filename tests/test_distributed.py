@@ -5,8 +5,9 @@ import os
 import pytest
 import torch
 
-from spawn import check_scenario, run_scenarios
+from spawn import check_scenario, run_ranks, run_scenarios
 from tpkernels import distributed as tpd
+from tpkernels import ops
 
 WORLD_SIZES = [1, 2, 3, 4]
 FEATURES = 11  # divides by none of the world sizes above but 1
@@ -102,3 +103,28 @@ def test_collectives_are_bypassed_without_a_process_group():
             assert fn(x) is x
     assert counts.count() == 0
     assert tpd.get_world_size() == 1 and tpd.get_rank() == 0
+
+
+def autotune_sync(rank, world):
+    tuner = ops._autotuned_pointer_kernel((9, 0))
+    tuner.cache.clear()
+    # each rank "tuned" differently; rank 0 also has a shape the others never saw
+    tuner.cache[("k1",)] = tuner.configs[rank]
+    tuner.cache[("k2",)] = tuner.configs[(rank + 3) % len(tuner.configs)]
+    if rank == 0:
+        tuner.cache[("k3",)] = tuner.configs[5]
+    taken = ops.sync_autotuning()
+    picked = {key: ops._config_identity(config) for key, config in tuner.cache.items()}
+    return taken, picked
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sync_autotuning_gives_every_rank_rank_0s_configs(world_size):
+    results = run_ranks(autotune_sync, world_size)
+    configs = ops._autotuned_pointer_kernel((9, 0)).configs
+    expected = {("k1",): ops._config_identity(configs[0]), ("k2",): ops._config_identity(configs[3]),
+                ("k3",): ops._config_identity(configs[5])}
+    for rank, (taken, picked) in enumerate(results):
+        assert taken == 3, rank
+        assert picked == expected, rank
+    assert ops.sync_autotuning() == 0  # no process group: nothing to do

@@ -7,7 +7,7 @@
 from tpkernels import distributed
 from tpkernels.kernels import MatmulConfig
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
-from tpkernels.ops import linear_gelu, linear_partial, mlp_shard, pin_config
+from tpkernels.ops import linear_gelu, linear_partial, mlp_shard, pin_config, sync_autotuning
 
 __version__ = "0.1.0"
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "linear_partial",
     "mlp_shard",
     "pin_config",
+    "sync_autotuning",
 ]

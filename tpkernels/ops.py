@@ -22,7 +22,9 @@ interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the 
 """
 import contextlib
 import functools
+import inspect
 import math
+import os
 from typing import Optional
 
 import torch
@@ -49,7 +51,8 @@ from tpkernels.kernels import (
     prune,
 )
 
-__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "mlp_shard", "pin_config", "use_matmul_kernel"]
+__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "mlp_shard", "pin_config", "sync_autotuning",
+           "use_matmul_kernel"]
 
 _APPROXIMATE = {"none": GELU, "tanh": GELU_TANH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -101,7 +104,7 @@ def use_matmul_kernel(kernel):
 
 def _bucket(n):
     # Autotune keys on powers of two, so a new sequence length reuses the tuning of its bucket.
-    return triton.next_power_of_2(max(n, 1))
+    return 1 << (max(n, 1) - 1).bit_length()
 
 
 _AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACTIVATION", "GRAD_ACTIVATION", "HAS_RESIDUAL", "STORE_PREACT"]
@@ -133,15 +136,29 @@ def _pruner(operand, store_operand=None):
     return early_config_prune
 
 
+# Every autotuner this process made, by name, for `sync_autotuning`.
+_AUTOTUNERS = {}
+
+
+def _autotune(name, kernel, **options):
+    # Tuned configs persist across runs in triton's cache, keyed by the kernel, triton's version, the
+    # device and the autotune key (TPKERNELS_AUTOTUNE_CACHE=0 turns that off).
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        options["cache_results"] = os.environ.get("TPKERNELS_AUTOTUNE_CACHE", "1") != "0"
+    tuner = triton.autotune(key=_AUTOTUNE_KEY, **options)(kernel)
+    _AUTOTUNERS[name] = tuner
+    return tuner
+
+
 @functools.cache
 def _autotuned_pointer_kernel(capability):
-    return triton.autotune(
+    return _autotune(
+        f"matmul-sm{capability[0]}{capability[1]}", _matmul_kernel,
         configs=[c.to_triton() for c in matmul_configs(capability)],
-        key=_AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _pruner("a_ptr")},
         # The output may be the residual itself (in-place add); tuning runs must not compound it.
         restore_value=["c_ptr"],
-    )(_matmul_kernel)
+    )
 
 
 def _set_block_shapes(nargs):
@@ -155,11 +172,57 @@ def _set_block_shapes(nargs):
 
 @functools.cache
 def _autotuned_tma_kernel():
-    return triton.autotune(
+    return _autotune(
+        "matmul-tma", _matmul_tma_persistent_kernel,
         configs=[c.to_triton(pre_hook=_set_block_shapes) for c in TMA_CONFIGS],
-        key=_AUTOTUNE_KEY,
         prune_configs_by={"early_config_prune": _pruner("a_desc", store_operand="c_desc")},
-    )(_matmul_tma_persistent_kernel)
+    )
+
+
+def _config_identity(config):
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def sync_autotuning(process_group=None):
+    """Make every rank of the group use rank 0's autotuned configs (a collective: call it on every rank).
+
+    The autotuner times configs on each rank, and ranks may pick differently; a different tile sums in a
+    different order, so replicated results (the row bias's gradient, say) would differ in their last
+    bits. Call this after a warm-up step, which tunes every shape the model uses: each rank then takes
+    rank 0's config for every shape rank 0 has tuned. Tuned configs also persist across runs in
+    triton's cache (`TPKERNELS_AUTOTUNE_CACHE=0` turns that off).
+
+    Args:
+        process_group: the tensor-parallel group; None is the default group.
+
+    Returns:
+        The number of (kernel, shape) entries taken from rank 0.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return 0
+    group = dist.group.WORLD if process_group is None else process_group
+    if dist.get_world_size(group) == 1:
+        return 0
+    entries = [[(name, key, _config_identity(config)) for name, tuner in sorted(_AUTOTUNERS.items())
+                for key, config in tuner.cache.items()]]
+    dist.broadcast_object_list(entries, src=dist.get_global_rank(group, 0), group=group)
+    taken = 0
+    for name, key, identity in entries[0]:
+        tuner = _AUTOTUNERS.get(name)
+        if tuner is None:  # rank 0 ran a kernel this rank has not: make its autotuner now
+            if name == "matmul-tma":
+                tuner = _autotuned_tma_kernel()
+            else:
+                tuner = _autotuned_pointer_kernel((int(name[-2]), int(name[-1])))
+        config = next((c for c in tuner.configs if _config_identity(c) == identity), None)
+        if config is None:
+            raise RuntimeError(f"sync_autotuning: rank 0's config {identity} for {name} is not among this rank's; "
+                               f"every rank must run the same tpkernels and triton")
+        tuner.cache[key] = config
+        taken += 1
+    return taken
 
 
 @functools.cache
@@ -174,6 +237,13 @@ def _num_sms(device_index):
 
 def _last_offset(t):
     return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
+def _needs_int64(tensors):
+    # Offsets need 64 bits once an operand spans 2**31 elements. Spans are bounded by storage sizes,
+    # which are cheap to read, so the exact offset is computed only for the rare huge operand.
+    return any(t.untyped_storage().nbytes() >= _INT32_LIMIT * t.element_size() and _last_offset(t) >= _INT32_LIMIT
+               for t in tensors)
 
 
 def _strides(t):
@@ -224,7 +294,7 @@ def _launch(a, b, c, *, bias=None, residual=None, preact=None, z=None, activatio
         HAS_RESIDUAL=residual is not None,
         STORE_PREACT=preact is not None,
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 and not tf32 else "tf32",
-        INT64_OFFSETS=any(_last_offset(t) >= _INT32_LIMIT for t in operands),
+        INT64_OFFSETS=_needs_int64(operands),
         EMULATE_BF16=INTERPRETED and b.dtype == torch.bfloat16,
     )
     epilogue = (*(c if t is None else t for t in (bias, residual, preact, z)),)
@@ -284,7 +354,7 @@ def _dgelu(grad, z, activation, need_db):
             _dgelu_kernel[grid](
                 grad, z, dz, colsum, M, N, *grad.stride(), *z.stride(), *dz.stride(),
                 GRAD_ACTIVATION=activation, STORE_COLSUM=need_db,
-                INT64_OFFSETS=any(_last_offset(t) >= _INT32_LIMIT for t in operands),
+                INT64_OFFSETS=_needs_int64(operands),
                 EMULATE_BF16=INTERPRETED and z.dtype == torch.bfloat16,
                 BLOCK_M=DGELU_BLOCK_M, BLOCK_N=DGELU_BLOCK_N, num_warps=DGELU_NUM_WARPS,
             )

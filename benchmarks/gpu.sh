@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One command for a GPU visit or a GPU runner: install, the GPU tests, the benchmark suite (headline
+# points first), the rest of the test suite and, if ncu is there, a profile of the headline column
+# forward. Each step has its own time budget, so the whole run fits a 10-minute slot; everything
+# lands in OUTDIR (a log per step, results.jsonl, table.md, plot.png, and <device>-<date>.jsonl ready
+# to commit under benchmarks/results/).
+#
+#   bash benchmarks/gpu.sh OUTDIR
+#   BENCH_S=500 TESTS_S=0 NCU_S=0 bash benchmarks/gpu.sh OUTDIR     # other budgets; 0 skips a step
+set -uo pipefail
+out="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+cd "$(dirname "$0")/.."
+# Defaults fit a 10-minute slot: the GPU tests first, then the headline benchmarks, then the rest of the
+# suite (gloo ranks, the compile gate) and a profile. GATE_S runs the compile gate under the device's
+# triton on its own (CI already runs it for 3.6 and 3.9).
+INSTALL_S="${INSTALL_S:-90}" GPU_TESTS_S="${GPU_TESTS_S:-150}" BENCH_S="${BENCH_S:-240}" TESTS_S="${TESTS_S:-90}"
+NCU_S="${NCU_S:-45}" GATE_S="${GATE_S:-0}"
+status=0
+
+step() {  # step NAME BUDGET_S COMMAND...: run with a budget, log to OUTDIR/NAME.log, note the outcome
+    local name="$1" budget="$2"
+    shift 2
+    if [ "$budget" = "0" ]; then echo "== $name: skipped (budget 0)"; return 0; fi
+    echo "== $name (budget ${budget}s): $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$budget" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 15 "$out/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start))s$([ $rc = 124 ] && echo ' (budget spent)')"
+    [ $rc = 0 ] || status=1
+    return $rc
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv || true
+  python -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)"
+  git rev-parse --short HEAD; } > "$out/environment.log" 2>&1
+cat "$out/environment.log"
+
+step install "$INSTALL_S" python -m pip install --no-deps --no-build-isolation -e . || exit 1
+step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider
+step bench "$BENCH_S" python benchmarks/run.py --out "$out" --max-seconds "$((BENCH_S - 60 > 30 ? BENCH_S - 60 : 30))"
+if [ -f "$out/results.jsonl" ]; then
+    device="$(python -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['device'])" "$out/results.jsonl")"
+    name="$(echo "$device" | tr -c 'A-Za-z0-9._\n-' '-')-$(date -u +%Y-%m-%d)"
+    cp "$out/results.jsonl" "$out/$name.jsonl"
+    echo "results: $out/$name.jsonl (commit it under benchmarks/results/ with table.md and plot.png)"
+fi
+step tests "$TESTS_S" python -m pytest tests -m "not gpu" -q -p no:cacheprovider
+step compile_gate "$GATE_S" python benchmarks/compile_report.py --gate --quiet --json "$out/compile_gate.jsonl"
+if command -v ncu > /dev/null; then
+    step ncu "$NCU_S" ncu --target-processes all --kernel-name regex:_matmul --launch-skip 20 --launch-count 1 \
+        --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \
+        python benchmarks/run.py --ops column_fwd --providers tpkernels --shapes 8192,4096,8192 --out "$out/ncu-run"
+fi
+echo "gpu.sh: $([ $status = 0 ] && echo 'every step passed' || echo 'a step failed: see its log') -> $out"
+exit $status
