@@ -44,8 +44,12 @@ step bench "$BENCH_S" python benchmarks/run.py --out "$out" --max-seconds "$((BE
 if [ -f "$out/results.jsonl" ]; then
     device="$(python -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['device'])" "$out/results.jsonl")"
     name="$(echo "$device" | tr -c 'A-Za-z0-9._\n-' '-')-$(date -u +%Y-%m-%d)"
-    cp "$out/results.jsonl" "$out/$name.jsonl"
-    echo "results: $out/$name.jsonl (commit it under benchmarks/results/ with table.md and plot.png)"
+    if [[ "$device" == cpu* ]]; then
+        echo "results: CPU rows (no GPU here): $out/results.jsonl is a smoke run, not a result to commit"
+    else
+        cp "$out/results.jsonl" "$out/$name.jsonl"
+        echo "results: $out/$name.jsonl (commit it under benchmarks/results/ with table.md and plot.png)"
+    fi
 fi
 step tests "$TESTS_S" python -m pytest tests -m "not gpu" -q -p no:cacheprovider
 step compile_gate "$GATE_S" python benchmarks/compile_report.py --gate --quiet --json "$out/compile_gate.jsonl"

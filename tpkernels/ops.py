@@ -226,8 +226,12 @@ def sync_autotuning(process_group=None):
 
 
 @functools.cache
+def _capability(device_index):
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _is_hopper(device_index):
-    return torch.cuda.get_device_capability(device_index)[0] == 9
+    return _capability(device_index)[0] == 9
 
 
 @functools.cache
@@ -311,7 +315,7 @@ def _launch(a, b, c, *, bias=None, residual=None, preact=None, z=None, activatio
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
         if config is None:
-            _autotuned_pointer_kernel(torch.cuda.get_device_capability(a.device))[grid](*args, **meta)
+            _autotuned_pointer_kernel(_capability(a.device.index))[grid](*args, **meta)
         else:
             _matmul_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
                                  num_stages=config.num_stages)
