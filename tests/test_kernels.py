@@ -360,3 +360,18 @@ def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
     monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 1024)
     (smallest,) = ops._pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=torch.float32)})
     assert ops._matmul_config(smallest).shared_bytes(4) == min(c.shared_bytes(4) for c in GPU_CONFIGS)
+
+
+def test_autotuned_configs_persist_across_runs(monkeypatch):
+    """Both autotuners ask triton to keep their results on disk, unless TPKERNELS_AUTOTUNE_CACHE=0."""
+    seen = []
+    real = triton.autotune
+    monkeypatch.setattr(ops.triton, "autotune", lambda **kw: seen.append(kw.get("cache_results")) or real(**kw))
+    for setting, expected in ((None, True), ("0", False)):
+        if setting is None:
+            monkeypatch.delenv("TPKERNELS_AUTOTUNE_CACHE", raising=False)
+        else:
+            monkeypatch.setenv("TPKERNELS_AUTOTUNE_CACHE", setting)
+        ops._autotune("test-pointer", ops._matmul_kernel, configs=[INTERPRETER_CONFIG.to_triton()])
+        assert seen[-1] is expected
+    ops._AUTOTUNERS.pop("test-pointer")

@@ -138,12 +138,13 @@ def _pruner(operand, store_operand=None):
 
 # Every autotuner this process made, by name, for `sync_autotuning`.
 _AUTOTUNERS = {}
+_AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 
 def _autotune(name, kernel, **options):
     # Tuned configs persist across runs in triton's cache, keyed by the kernel, triton's version, the
     # device and the autotune key (TPKERNELS_AUTOTUNE_CACHE=0 turns that off).
-    if "cache_results" in inspect.signature(triton.autotune).parameters:
+    if _AUTOTUNE_CAN_CACHE:
         options["cache_results"] = os.environ.get("TPKERNELS_AUTOTUNE_CACHE", "1") != "0"
     tuner = triton.autotune(key=_AUTOTUNE_KEY, **options)(kernel)
     _AUTOTUNERS[name] = tuner
