@@ -1,15 +1,80 @@
+"""tpkernels: Triton kernels, and an optional native extension (`tpkernels._C`, built with ninja).
+
+The extension: TPKERNELS_BUILD_EXT=auto (the default) builds the CPU part wherever a C++ compiler is,
+and the CUDA part (cuBLASLt epilogues) where nvcc and a CUDA build of torch are; a failed optional
+build prints why in one line and the package installs without it. 1 makes a failed build an error;
+0 skips it. Building imports torch, so install with the torch you run, without build isolation:
+
+    pip install torch ninja setuptools wheel && pip install --no-build-isolation -e .
+"""
+import os
+import sys
+
 from setuptools import find_packages, setup
 
+MODE = os.environ.get("TPKERNELS_BUILD_EXT", "auto").strip().lower()
+if MODE not in ("auto", "0", "1"):
+    sys.exit(f"TPKERNELS_BUILD_EXT={MODE!r}: use auto, 0 or 1")
+
+
+def extensions():
+    """([extension], {"build_ext": BuildExtension}), or nothing when the build is off or impossible."""
+    if MODE == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:  # build isolation without torch, say
+        if MODE == "1":
+            raise
+        print(f"tpkernels: native extension skipped: torch is not importable at build time ({error}); "
+              f"install with --no-build-isolation", file=sys.stderr)
+        return [], {}
+    sources = ["csrc/tpkernels.cpp"]
+    cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if cuda:
+        sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/cublaslt_epilogue.cu"]
+    kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    extension = kind(
+        "tpkernels._C", sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]} if cuda else ["-O3", "-std=c++17"],
+        libraries=["cublasLt"] if cuda else [],
+        define_macros=[("TPKERNELS_CUDA", "1")] if cuda else [],
+    )
+    return [extension], {"build_ext": _tolerant(cpp_extension.BuildExtension)}
+
+
+def _tolerant(build_ext):
+    """BuildExtension that, in auto mode, reports a failed build in one line and goes on without it."""
+
+    class Build(build_ext):
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # a compiler error, a missing ninja or header
+                if MODE == "1":
+                    raise
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                print(f"tpkernels: native extension not built ({first}); the Triton and eager paths still work. "
+                      f"TPKERNELS_BUILD_EXT=1 shows the whole error", file=sys.stderr)
+
+    return Build.with_options(use_ninja=True) if hasattr(Build, "with_options") else Build
+
+
+ext_modules, cmdclass = extensions()
 setup(
     name="tpkernels",
     version="0.1.0",
     description="Fused Triton kernels and torch.nn modules for tensor-parallel transformer MLPs",
-    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tpkernels", "tpkernels.*"]),
+    package_data={"tpkernels": ["backend_table.json"]},
     python_requires=">=3.10",
     # numpy: triton's interpreter (TRITON_INTERPRET=1, the CPU path) imports it, and so does the kernels'
     # module, which checks whether it was decorated under the interpreter.
     install_requires=["torch>=2.6", "triton>=3.4", "numpy"],
     extras_require={"test": ["pytest"], "bench": ["matplotlib", "tqdm"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -15,7 +15,8 @@ Ops (per-rank shapes; M tokens, K input features, N output features of the shard
                 in-process, more under torchrun (gloo on CPU, NCCL on GPUs); rank 0 writes
 GELU is the tanh form everywhere, so that cuBLASLt's epilogue (tanh only) compares like with like.
 
-Providers: tpkernels; eager (F.linear + F.gelu, autograd); torch_mm (the GEMMs alone: the floor);
+Providers: tpkernels (backend="auto"); tpkernels_cublaslt and tpkernels_cpu (the native extension's
+cuBLASLt and C++ backends, where built); eager (F.linear + F.gelu, autograd); torch_mm (the GEMMs alone: the floor);
 compile (torch.compile(mode="max-autotune-no-cudagraphs") of eager; the default mode on the CPU); cublaslt
 (torch._addmm_activation(..., use_gelu=True), CUDA only); wrong (eager with an error planted, only when
 asked for: the correctness gate must refuse it).
@@ -55,7 +56,7 @@ import tpkernels  # noqa: E402
 from tpkernels import ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
-PROVIDERS = ("tpkernels", "eager", "torch_mm", "compile", "cublaslt")
+PROVIDERS = ("tpkernels", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile", "cublaslt")
 TEST_PROVIDERS = ("wrong",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -120,6 +121,7 @@ class ColumnForward(Op):
 
         return {
             "tpkernels": lambda: tpkernels.linear_gelu(x, w, b, approximate="tanh"),
+            **_native(lambda backend: (lambda: tpkernels.linear_gelu(x, w, b, approximate="tanh", backend=backend)), x),
             "eager": eager,
             "wrong": lambda: eager() * 1.1,
             "torch_mm": lambda: x @ w.t(),
@@ -147,6 +149,8 @@ class RowForward(ColumnForward):
 
         return {
             "tpkernels": lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32),
+            **_native(lambda backend: (lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32,
+                                                                        backend=backend)), x),
             "eager": eager,
             "wrong": lambda: eager() + 0.5,
             "torch_mm": lambda: x @ w.t(),
@@ -190,6 +194,8 @@ class ColumnBackward(ColumnForward):
 
         return {
             "tpkernels": fused,
+            **_native(lambda backend: (lambda: torch.ops.tpkernels.epilogue_linear_backward(
+                dy, x, w, z, ops.GELU_TANH, True, True, True)), x),
             "eager": eager,
             "wrong": lambda: tuple(t * 1.1 for t in eager()),
             "torch_mm": lambda: (dy @ w, dy.t() @ x),
@@ -242,8 +248,12 @@ class MLPShard(Op):
             return h @ w2.t(), dh @ w1, dh.t() @ x, dy.t() @ h
 
         compiled = _compiled(_eager_mlp)
+        def native(backend):
+            return lambda: self._step(lambda *p: tpkernels.mlp_shard(*p, approximate="tanh", backend=backend), params)
+
         return {
             "tpkernels": lambda: self._step(_fused_mlp, params),
+            **_native(native, self.x),
             "eager": lambda: self._step(_eager_mlp, params),
             "wrong": lambda: tuple(t * 1.1 for t in self._step(_eager_mlp, params)),
             "torch_mm": gemms,
@@ -301,6 +311,14 @@ class TPMLP(MLPShard):
 
 OP_CLASSES = {"column_fwd": ColumnForward, "row_fwd": RowForward, "column_bwd": ColumnBackward,
               "mlp_shard": MLPShard, "tp_mlp": TPMLP}
+
+
+def _native(make, x):
+    """The native extension's providers that can run on x's device: {name: callable}."""
+    backend = "cublaslt" if x.is_cuda else "cpu"
+    if not ops._extension_has(x.device.type):
+        return {}
+    return {f"tpkernels_{backend}": make(backend)}
 
 
 def _compiled(fn):

@@ -10,7 +10,7 @@ import pytest
 RUN = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "run.py")
 FIELDS = {"op", "provider", "M", "K", "N", "dtype", "ms", "ms_min", "ms_max", "tflops", "gbps", "pct_of_floor",
           "host_us", "device", "torch", "triton", "git_sha", "date", "command", "status", "cpu", "floor_ms"}
-CPU_PROVIDERS = {"tpkernels", "eager", "torch_mm", "compile"}
+CPU_PROVIDERS = {"tpkernels", "tpkernels_cpu", "eager", "torch_mm", "compile"}
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,17 @@ def test_smoke_rows_cover_every_op_and_provider_with_the_schema(smoke):
     for r in rows:
         assert FIELDS <= set(r), FIELDS - set(r)
         assert r["cpu"] is True and r["device"].startswith("cpu"), "CPU rows must say so"
-    ops = {"column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp"}
-    assert {r["op"] for r in rows} == ops
+    ops_ = {"column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp"}
+    assert {r["op"] for r in rows} == ops_
     timed = {(r["op"], r["provider"]) for r in rows if r["status"] == "ok"}
-    for op in ops:
+    for op in ops_:
         assert (op, "tpkernels") in timed and (op, "eager") in timed, op
     assert ("column_fwd", "compile") in timed and ("column_fwd", "torch_mm") in timed
     assert all(r["status"] == "n/a" for r in rows if r["provider"] == "cublaslt"), "cuBLASLt is CUDA only"
+    from tpkernels import ops
+
+    if ops._extension_has("cpu"):  # the native C++ backend, timed beside the Triton one
+        assert {op for op, provider in timed if provider == "tpkernels_cpu"} == ops_ - {"tp_mlp"}
     for r in rows:
         if r["status"] == "ok":
             assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["tflops"] > 0 and r["pct_of_floor"] > 0

@@ -236,14 +236,17 @@ def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
     assert len(launches) == 4
 
 
-def test_cpu_without_the_interpreter_runs_eager():
+def test_cpu_without_the_interpreter_runs_the_extension_or_eager():
     code = (
         "import torch, tpkernels, tpkernels.ops as ops\n"
         "from tpkernels import reference\n"
         "assert not ops.INTERPRETED\n"
         "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
-        "assert torch.equal(tpkernels.linear_gelu(x, w, b), reference.linear_gelu(x, w, b))\n"
-        "assert torch.equal(tpkernels.linear_partial(x, w, b), torch.nn.functional.linear(x, w, b))\n"
+        "expected = 'cpu' if ops._extension_has('cpu') else 'eager'\n"
+        "assert ops._auto_backend('cpu', x.dtype, 5, 3, 7, 1) == expected\n"
+        "torch.testing.assert_close(tpkernels.linear_gelu(x, w, b), reference.linear_gelu(x, w, b))\n"
+        "assert torch.equal(tpkernels.linear_gelu(x, w, b, backend='eager'), reference.linear_gelu(x, w, b))\n"
+        "assert torch.equal(tpkernels.linear_partial(x, w, b, backend='eager'), torch.nn.functional.linear(x, w, b))\n"
         "print('eager')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -381,4 +384,97 @@ def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
         _check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
     if ops._runs_triton(x):
         assert launched == [True] * 6, launched  # fc1, fc2; dW2, dZ, dX, dW1
+
+
+needs_extension = pytest.mark.skipif(not ops._extension_has("cpu"), reason="the native extension is not built")
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,K,N", SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_native_cpu_backend_matches_eager(dtype, lead, K, N, approximate):
+    """The C++ extension's CPU kernels (GEMM, then one vectorized parallel epilogue pass) forward and
+    backward, through the public functions, against eager and fp64."""
+    x, w, b = linear_inputs(lead, K, N, dtype, "cpu", requires_grad=True)
+
+    def fused(x, w, b):
+        return tpkernels.linear_gelu(x, w, b, approximate=approximate, backend="cpu")
+
+    def eager(x, w, b):
+        return reference.linear_gelu(x, w, b, approximate=approximate)
+
+    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
+    r = randn(*lead, N, dtype=torch.float32, requires_grad=True)
+
+    def fused_partial(x, w, b, r):
+        return tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32, backend="cpu")
+
+    def eager_partial(x, w, b, r):
+        if x.dtype == torch.float64:
+            return reference.linear_partial(x, w, b, residual=r)
+        return reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
+
+    _check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
+
+
+@needs_extension
+def test_native_cpu_backend_ops_pass_opcheck_and_compile():
+    x, w, b = linear_inputs((6,), 10, 9, torch.float32, "cpu", requires_grad=True)
+    r = randn(6, 9, requires_grad=True)
+    torch.library.opcheck(torch.ops.tpkernels.epilogue_linear.default, (x, w, b, r, 2, True, torch.float32, True))
+    torch.library.opcheck(torch.ops.tpkernels.epilogue_linear.default, (x, w, b, None, 0, False, torch.float32, False))
+
+    def f(x, w, b):
+        return tpkernels.linear_gelu(x, w, b, approximate="tanh", backend="cpu") * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
+
+
+def test_backend_choice_and_refusals(monkeypatch):
+    x, w, b = linear_inputs((4,), 8, 6, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, cublaslt, cpu, eager, got 'fast'"):
+        tpkernels.linear_gelu(x, w, b, backend="fast")
+    with pytest.raises(ValueError, match="backend='cublaslt' needs CUDA tensors"):
+        tpkernels.linear_gelu(x, w, b, approximate="tanh", backend="cublaslt")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        tpkernels.TensorParallelMLP(8, 16, backend="cuBLAS")
+    # auto on CUDA follows the committed table; cuBLASLt only where the extension has CUDA kernels
+    monkeypatch.setattr(ops, "_extension_has", lambda device_type: True)
+    assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "cublaslt"
+    assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU) == "triton"  # exact GELU
+    assert ops._auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "triton"
+    assert ops._auto_backend("cuda", torch.float32, 8192, 4096, 4096, ops.IDENTITY) == "triton"
+    monkeypatch.setattr(ops, "_extension_has", lambda device_type: False)
+    assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "triton"
+    report = tpkernels.backends()
+    assert set(report) == {"extension", "triton", "table", "auto"} and "cpu" in report["auto"]
+
+
+def test_the_package_works_without_its_extension():
+    """As after a failed or skipped build: the import still works, and CPU tensors run Triton or eager."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['tpkernels._C'] = None  # an import of it now fails, as when it was not built\n"
+        "import tpkernels, tpkernels.ops as ops\n"
+        "assert ops._C is None and not ops._extension_has('cpu')\n"
+        "assert 'not built' in tpkernels.backends()['extension']\n"
+        "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
+        "torch.testing.assert_close(tpkernels.linear_gelu(x, w, b), tpkernels.reference.linear_gelu(x, w, b))\n"
+        "try:\n"
+        "    tpkernels.linear_gelu(x, w, b, backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    assert 'native extension' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('backend=cpu ran without the extension')\n"
+        "print('ok')\n"
+    )
+    for interpret in ("0", "1"):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        if interpret == "1":
+            env["TRITON_INTERPRET"] = "1"
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 

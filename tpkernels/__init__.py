@@ -7,13 +7,14 @@
 from tpkernels import distributed
 from tpkernels.kernels import MatmulConfig
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
-from tpkernels.ops import linear_gelu, linear_partial, mlp_shard, pin_config, sync_autotuning
+from tpkernels.ops import backends, linear_gelu, linear_partial, mlp_shard, pin_config, sync_autotuning
 
 __version__ = "0.1.0"
 __all__ = [
     "ColumnParallelLinear",
     "MatmulConfig",
     "RowParallelLinear",
+    "backends",
     "TensorParallelMLP",
     "distributed",
     "linear_gelu",

@@ -26,11 +26,17 @@ import torch
 from torch import nn
 
 from tpkernels.distributed import copy_to, gather_from, get_rank, get_world_size, reduce_from, scatter_to, shard_range
-from tpkernels.ops import linear_gelu, linear_partial, mlp_shard
+from tpkernels.ops import BACKENDS, linear_gelu, linear_partial, mlp_shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
+
+
+def _check_backend(name, backend):
+    # Checked at construction, on every rank alike; whether the backend can run an input is checked per call.
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
 class _ParallelLinear(nn.Module):
@@ -133,31 +139,34 @@ class ColumnParallelLinear(_ParallelLinear):
         gather_output: all-gather the shards into [..., out_features] (one collective forward).
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
+        backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
     """
 
     shard_dim = 0
 
     def __init__(self, in_features, out_features, bias=True, *, activation=None, gather_output=False,
-                 process_group=None, device=None, dtype=None):
+                 process_group=None, device=None, dtype=None, backend="auto"):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ColumnParallelLinear: unknown activation {activation!r}; use None, 'gelu' or 'gelu_tanh'")
+        _check_backend("ColumnParallelLinear", backend)
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
         self.activation = activation
         self.gather_output = gather_output
+        self.backend = backend
 
     @classmethod
-    def from_linear(cls, linear, *, activation=None, gather_output=False, process_group=None):
+    def from_linear(cls, linear, *, activation=None, gather_output=False, process_group=None, backend="auto"):
         """Shard an existing nn.Linear (identical on every rank) by output features."""
         return cls._from_linear(linear, activation=activation, gather_output=gather_output,
-                                process_group=process_group)
+                                process_group=process_group, backend=backend)
 
     def forward(self, x):
         self._check_full_width(x)
         x = copy_to(x, self.process_group)
         if self.activation is None:
-            h = linear_partial(x, self.weight, self.bias)  # owner=True: a plain linear
+            h = linear_partial(x, self.weight, self.bias, backend=self.backend)  # owner=True: a plain linear
         else:
-            h = linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation])
+            h = linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation], backend=self.backend)
         if self.gather_output:
             h = gather_from(h, self.out_features, self.process_group)
         return h
@@ -179,21 +188,24 @@ class RowParallelLinear(_ParallelLinear):
             round once after the sum.
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
+        backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
     """
 
     shard_dim = 1
 
     def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, reduce_dtype=None,
-                 process_group=None, device=None, dtype=None):
+                 process_group=None, device=None, dtype=None, backend="auto"):
+        _check_backend("RowParallelLinear", backend)
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
         self.input_is_parallel = input_is_parallel
         self.reduce_dtype = reduce_dtype
+        self.backend = backend
 
     @classmethod
-    def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, process_group=None):
+    def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, process_group=None, backend="auto"):
         """Shard an existing nn.Linear (identical on every rank) by input features."""
         return cls._from_linear(linear, input_is_parallel=input_is_parallel, reduce_dtype=reduce_dtype,
-                                process_group=process_group)
+                                process_group=process_group, backend=backend)
 
     def forward(self, x):
         in_r = self.shard_stop - self.shard_start
@@ -206,7 +218,8 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             self._check_full_width(x)
             x = scatter_to(x, self.process_group)
-        partial = linear_partial(x, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype)
+        partial = linear_partial(x, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
+                                 backend=self.backend)
         return reduce_from(partial, self.process_group).to(x.dtype)
 
     def extra_repr(self):
@@ -224,24 +237,25 @@ class TensorParallelMLP(nn.Module):
         bias: both layers get a bias.
         approximate: "none" (exact GELU) or "tanh".
         reduce_dtype: None or torch.float32, see RowParallelLinear.
-        process_group, device, dtype: as the layers.
+        process_group, device, dtype, backend: as the layers.
     """
 
     def __init__(self, in_features, hidden_features, out_features=None, bias=True, *, approximate="none",
-                 reduce_dtype=None, process_group=None, device=None, dtype=None):
+                 reduce_dtype=None, process_group=None, device=None, dtype=None, backend="auto"):
         super().__init__()
         activation = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
         if activation is None:
             raise ValueError(f"TensorParallelMLP: approximate must be 'none' or 'tanh', got {approximate!r}")
         out_features = in_features if out_features is None else out_features
         self.approximate = approximate
+        self.backend = backend
         self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, activation=activation,
-                                        process_group=process_group, device=device, dtype=dtype)
+                                        process_group=process_group, device=device, dtype=dtype, backend=backend)
         self.fc2 = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype,
-                                     process_group=process_group, device=device, dtype=dtype)
+                                     process_group=process_group, device=device, dtype=dtype, backend=backend)
 
     @classmethod
-    def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, process_group=None):
+    def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, process_group=None, backend="auto"):
         """Shard a dense MLP's two nn.Linear layers (identical on every rank)."""
         for name, linear in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(linear, nn.Linear):
@@ -253,7 +267,7 @@ class TensorParallelMLP(nn.Module):
             raise ValueError("TensorParallelMLP.from_dense: fc1 and fc2 must both have a bias or both lack one")
         module = cls(fc1.in_features, fc1.out_features, fc2.out_features, fc1.bias is not None,
                      approximate=approximate, reduce_dtype=reduce_dtype, process_group=process_group,
-                     device="meta", dtype=fc1.weight.dtype)
+                     device="meta", dtype=fc1.weight.dtype, backend=backend)
         module.load_full_state_dict({f"{name}.{k}": v for name, layer in (("fc1", fc1), ("fc2", fc2))
                                      for k, v in layer.state_dict().items()})
         return module
@@ -265,7 +279,7 @@ class TensorParallelMLP(nn.Module):
         fc1._check_full_width(x)
         x = copy_to(x, fc1.process_group)
         partial = mlp_shard(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.approximate,
-                            owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype)
+                            owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype, backend=self.backend)
         return reduce_from(partial, fc2.process_group).to(x.dtype)
 
     def full_state_dict(self):

@@ -23,6 +23,7 @@ interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the 
 import contextlib
 import functools
 import inspect
+import json
 import math
 import os
 from typing import Optional
@@ -51,8 +52,16 @@ from tpkernels.kernels import (
     prune,
 )
 
-__all__ = ["MatmulConfig", "linear_gelu", "linear_partial", "mlp_shard", "pin_config", "sync_autotuning",
-           "use_matmul_kernel"]
+__all__ = ["BACKENDS", "MatmulConfig", "backends", "linear_gelu", "linear_partial", "mlp_shard", "pin_config",
+           "sync_autotuning", "use_matmul_kernel"]
+
+try:  # the native extension registers tpkernels::epilogue_linear(_backward) for CPU (and CUDA if built)
+    from tpkernels import _C  # noqa: F401
+
+    _EXTENSION_ERROR = None
+except ImportError as _error:
+    _C = None
+    _EXTENSION_ERROR = f"{type(_error).__name__}: {_error}"
 
 _APPROXIMATE = {"none": GELU, "tanh": GELU_TANH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -404,7 +413,7 @@ def _fused_linear(
 
 
 @_fused_linear.register_fake
-def _(x, weight, bias, residual, activation, owner, out_dtype, store_preact):
+def _fused_linear_fake(x, weight, bias, residual, activation, owner, out_dtype, store_preact):
     out = x.new_empty((x.shape[0], weight.shape[0]), dtype=out_dtype)
     return out, (torch.empty_like(out, dtype=x.dtype) if store_preact else x.new_empty(0))
 
@@ -454,17 +463,23 @@ def _fused_linear_backward(
         dz, db32 = grad.to(x.dtype), (grad.sum(0, dtype=torch.float32) if need_db else None)
     if need_db:
         db = db32.to(x.dtype)
+    dx, dw = _dgrad_wgrad(dz, x, weight, need_dx, need_dw, dx, dw)
+    return dx, dw, db
+
+
+def _dgrad_wgrad(dz, x, weight, need_dx, need_dw, dx, dw):
+    """dX = dZ @ W and dW = dZ.T @ X as plain GEMMs, where needed (else dx and dw as given)."""
     if need_dx:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         _launch(dz, weight, dx)
     if need_dw:
         dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
         _launch(dz.t(), x, dw)
-    return dx, dw, db
+    return dx, dw
 
 
 @_fused_linear_backward.register_fake
-def _(grad, x, weight, preact, activation, need_dx, need_dw, need_db):
+def _fused_linear_backward_fake(grad, x, weight, preact, activation, need_dx, need_dw, need_db):
     return (
         torch.empty_like(x) if need_dx else x.new_empty(0),
         torch.empty_like(weight) if need_dw else x.new_empty(0),
@@ -481,19 +496,18 @@ def _setup_context(ctx, inputs, output):
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _backward(ctx, grad_out, grad_preact):
+def _backward(ctx, grad_out, grad_preact, backward_op=None):
     # bias and residual get their gradient on every rank, owner or not: they are replicated across
     # the ranks of the sum, dY is the same on each, and replicas must stay identical after a step.
     x, weight, preact = ctx.saved_tensors
     need_dx, need_dw, need_db, need_dresidual = ctx.needs_input_grad[:4]
     if ctx.activation != IDENTITY and preact is None:
         raise RuntimeError(
-            "tpkernels::fused_linear ran with store_preact=False, so its activation cannot be "
+            "tpkernels: a fused linear ran with store_preact=False, so its activation cannot be "
             "differentiated; call tpkernels.linear_gelu, which stores it when a gradient is needed"
         )
-    dx, dw, db = torch.ops.tpkernels.fused_linear_backward(
-        grad_out, x, weight, preact, ctx.activation, need_dx, need_dw, need_db
-    )
+    backward_op = backward_op or torch.ops.tpkernels.fused_linear_backward
+    dx, dw, db = backward_op(grad_out, x, weight, preact, ctx.activation, need_dx, need_dw, need_db)
     dresidual = grad_out.to(ctx.residual_dtype) if need_dresidual else None
     return (
         dx if need_dx else None,
@@ -505,6 +519,18 @@ def _backward(ctx, grad_out, grad_preact):
 
 
 _fused_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+if _C is not None:
+    # The native ops have the Triton ops' contract: the same fakes, the same autograd.
+    torch.library.register_fake("tpkernels::epilogue_linear")(_fused_linear_fake)
+    torch.library.register_fake("tpkernels::epilogue_linear_backward")(_fused_linear_backward_fake)
+    torch.library.register_autograd(
+        "tpkernels::epilogue_linear",
+        lambda ctx, grad_out, grad_preact: _backward(ctx, grad_out, grad_preact,
+                                                     torch.ops.tpkernels.epilogue_linear_backward),
+        setup_context=_setup_context,
+    )
 
 
 @torch.library.custom_op("tpkernels::mlp_shard", mutates_args=())
@@ -567,12 +593,7 @@ def _mlp_shard_backward(
         _launch(grad, w2, dz, z=z, grad_activation=activation)
         if need_db1:
             db1 = dz.sum(0, dtype=torch.float32).to(x.dtype)
-        if need_dx:
-            dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-            _launch(dz, w1, dx)
-        if need_dw1:
-            dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
-            _launch(dz.t(), x, dw1)
+        dx, dw1 = _dgrad_wgrad(dz, x, w1, need_dx, need_dw1, dx, dw1)
     return dx, dw1, db1, dw2, db2
 
 
@@ -606,6 +627,117 @@ def _mlp_backward(ctx, grad_out, grad_h, grad_z):
 
 
 _mlp_shard.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Backends
+
+BACKENDS = ("auto", "triton", "cublaslt", "cpu", "eager")
+_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
+
+
+with open(_TABLE_PATH) as _table_file:
+    _BACKEND_TABLE = json.load(_table_file)
+# Read once: torch.compile traces the backend choice, and a dispatcher query would break its graph.
+_EXTENSION_KERNELS = {
+    device: _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("tpkernels::epilogue_linear", key)
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+}
+
+
+def _backend_table():
+    return _BACKEND_TABLE
+
+
+def _extension_has(device_type):
+    """Whether the native extension has kernels for this device type ("cpu" or "cuda")."""
+    return _EXTENSION_KERNELS.get(device_type, False)
+
+
+def _auto_backend(device_type, dtype, M, N, K, activation):
+    """What backend="auto" runs: the committed table's first matching rule on CUDA, else the CPU order.
+    A pure function of the shape, the dtype and the build, so every rank of a group chooses alike."""
+    if device_type == "cpu":
+        if INTERPRETED:
+            return "triton"  # how the CPU tests reach the Triton code
+        return "cpu" if _extension_has("cpu") else "eager"
+    if device_type != "cuda":
+        return "eager"
+    for rule in _backend_table()["rules"]:
+        if (str(dtype).replace("torch.", "") in rule.get("dtypes", [str(dtype).replace("torch.", "")])
+                and activation in rule.get("activations", [activation])
+                and rule.get("min_m", 0) <= M and M <= rule.get("max_m", M)):
+            backend = rule["backend"]
+            if backend == "cublaslt" and not _extension_has("cuda"):
+                continue
+            return backend
+    return "triton"
+
+
+def _resolve_backend(name, backend, x, N, K, activation):
+    """The backend a call runs on, after checking that the one asked for can run it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    M = math.prod(x.shape[:-1])
+    if backend == "auto":
+        return _auto_backend(x.device.type, x.dtype, M, N, K, activation)
+    if backend == "cpu" and not (x.device.type == "cpu" and _extension_has("cpu")):
+        raise ValueError(f"{name}: backend='cpu' needs CPU tensors (x is on {x.device}) and the native extension "
+                         f"({_extension_status()}); see tpkernels.backends()")
+    if backend == "cublaslt":
+        if not (x.is_cuda and _extension_has("cuda")):
+            raise ValueError(f"{name}: backend='cublaslt' needs CUDA tensors (x is on {x.device}) and the "
+                             f"extension's CUDA part ({_extension_status()}); see tpkernels.backends()")
+        if activation == GELU:
+            raise ValueError(f"{name}: backend='cublaslt' has only the tanh GELU; pass approximate='tanh' or "
+                             f"another backend (exact GELU runs on triton)")
+    if backend == "triton" and not _runs_triton(x):
+        raise ValueError(f"{name}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                         f"before triton is imported; x is on {x.device}")
+    return backend
+
+
+def _extension_status():
+    if _C is None:
+        return f"not built or not importable: {_EXTENSION_ERROR}"
+    parts = [kind for kind in ("cpu", "cuda") if _extension_has(kind)]
+    return "built for " + " and ".join(parts)
+
+
+def backends():
+    """What was built and what each op runs by default.
+
+    Returns:
+        {"extension": status, "triton": status, "table": the auto table's source, "auto": {device:
+        {op: backend}}} for a bf16 call with M=4096 (CUDA) and an fp32 call (CPU).
+    """
+    devices = {"cpu": torch.float32}
+    if torch.cuda.is_available():
+        devices["cuda"] = torch.bfloat16
+    auto = {}
+    for device, dtype in devices.items():
+        auto[device] = {
+            "linear_gelu (exact)": _auto_backend(device, dtype, 4096, 4096, 4096, GELU),
+            "linear_gelu (tanh)": _auto_backend(device, dtype, 4096, 4096, 4096, GELU_TANH),
+            "linear_partial": _auto_backend(device, dtype, 4096, 4096, 4096, IDENTITY),
+        }
+    return {
+        "extension": _extension_status(),
+        "triton": f"{triton.__version__}" + (" (interpreter: TRITON_INTERPRET=1)" if INTERPRETED else ""),
+        "table": _backend_table()["source"],
+        "auto": auto,
+    }
+
+
+def _linear(name, x, weight, bias, residual, activation, owner, out_dtype, backend):
+    """The one dispatch point of linear_gelu and linear_partial (2-D x): returns act(x @ W.T + b) + r."""
+    N, K = weight.shape
+    chosen = _resolve_backend(name, backend, x, N, K, activation)
+    store = _needs_grad(x, weight, bias, residual)
+    if chosen == "eager":
+        return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
+    op = torch.ops.tpkernels.fused_linear if chosen == "triton" else torch.ops.tpkernels.epilogue_linear
+    return op(x, weight, bias, residual, activation, owner, out_dtype, store)[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -657,7 +789,7 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def linear_gelu(x, weight, bias=None, approximate="none"):
+def linear_gelu(x, weight, bias=None, approximate="none", *, backend="auto"):
     """`F.gelu(F.linear(x, weight, bias), approximate=approximate)` in one launch: the column stage.
 
     Args:
@@ -665,6 +797,8 @@ def linear_gelu(x, weight, bias=None, approximate="none"):
         weight: [out_features, in_features] (a column shard [N_r, K] in tensor parallelism).
         bias: [out_features] or None.
         approximate: "none" for exact (erf) GELU, "tanh" for torch's tanh approximation.
+        backend: "auto" (see `tpkernels.backends()`), "triton", "cublaslt" (tanh GELU, CUDA, the
+            native extension), "cpu" (the native extension's CPU kernels) or "eager".
 
     Returns:
         [..., out_features] in x's dtype. Differentiable in x, weight and bias.
@@ -672,13 +806,11 @@ def linear_gelu(x, weight, bias=None, approximate="none"):
     if approximate not in _APPROXIMATE:
         raise ValueError(f"linear_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_linear("linear_gelu", x, weight, bias)
-    out, _ = torch.ops.tpkernels.fused_linear(
-        _rows(x), weight, bias, None, _APPROXIMATE[approximate], True, x.dtype, _needs_grad(x, weight, bias)
-    )
+    out = _linear("linear_gelu", _rows(x), weight, bias, None, _APPROXIMATE[approximate], True, x.dtype, backend)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype=None, out=None):
+def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype=None, out=None, backend="auto"):
     """One rank's partial sum `x @ weight.T`, with bias and residual added once: the row stage.
 
     The epilogue applies only linear operations, so summing the partials of all ranks (one
@@ -696,7 +828,8 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
             all-reduce.
         out: optional [..., out_features] buffer to write into (e.g. the all-reduce buffer). It may
             be `residual` itself; it must not overlap x or weight. Like torch's `out=` arguments, it
-            does not support autograd.
+            does not support autograd. Runs on the Triton kernel (or eager on a CPU without the interpreter).
+        backend: as in `linear_gelu`.
 
     Returns:
         [..., out_features] partial sum (`out` when given).
@@ -723,9 +856,8 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
             raise ValueError(f"{name}: x is on {x.device} but {arg} is on {t.device}; move them to one device")
     owner = bool(owner)
     if out is None:
-        result, _ = torch.ops.tpkernels.fused_linear(
-            _rows(x), weight, bias, None if residual is None else _rows(residual), IDENTITY, owner, out_dtype, False
-        )
+        result = _linear(name, _rows(x), weight, bias, None if residual is None else _rows(residual), IDENTITY,
+                         owner, out_dtype, backend)
         return result.view(out_shape)
 
     if _needs_grad(x, weight, bias, residual):
@@ -752,7 +884,7 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
     return out
 
 
-def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=True, out_dtype=None):
+def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=True, out_dtype=None, backend="auto"):
     """One rank's share of `fc2(gelu(fc1(x)))`: the column stage, then the row stage's partial sum.
 
     Per-rank shapes: x [..., K], w1 = weight_shard_n [H_r, K], b1 [H_r], w2 = weight_shard_k [N, H_r],
@@ -764,6 +896,8 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
         x, w1, b1, w2, b2: as above, one dtype (float16, bfloat16 or float32); b1 and b2 may be None.
         approximate: "none" (exact GELU) or "tanh".
         residual, owner, out_dtype: as in `linear_partial`: b2 and residual only where `owner`.
+        backend: as in `linear_gelu`. On "triton" both stages are one op with the fused backward above;
+            on another backend, `linear_gelu` then `linear_partial` on that backend.
 
     Returns:
         [..., N] partial sum, differentiable in every tensor argument.
@@ -789,6 +923,11 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
             raise TypeError(f"{name}: residual.dtype is {residual.dtype}; expected {x.dtype} or {out_dtype}")
         if residual.device != x.device:
             raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
+    chosen = _resolve_backend(name, backend, x, w1.shape[0], w1.shape[1], _APPROXIMATE[approximate])
+    if chosen != "triton":
+        h = linear_gelu(x, w1, b1, approximate, backend=chosen)
+        return linear_partial(h, w2, b2, residual=residual, owner=owner, out_dtype=out_dtype,
+                              backend=chosen if backend != "auto" else "auto")
     out, _, _ = torch.ops.tpkernels.mlp_shard(
         _rows(x), w1, b1, w2, b2, None if residual is None else _rows(residual), _APPROXIMATE[approximate],
         bool(owner), out_dtype, _needs_grad(x, w1, b1, w2, b2, residual),
