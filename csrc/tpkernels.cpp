@@ -5,6 +5,8 @@
 //       out = act(x @ weight.T + bias) + residual, bias and residual only where `owner`
 //   epilogue_linear_backward(grad [M, N], x, weight, preact?, activation, need_dx, need_dw, need_db)
 //       -> (dX [M, K], dW [N, K], db [N]), each empty when not needed
+//   epilogue_dgelu_linear(grad [M, N2], weight [N2, H], preact [M, H], activation, need_db)
+//       -> (dZ = (grad @ weight) * act'(preact) [M, H], db = its column sums [H] or empty)
 //
 // The same contract as the Triton ops `tpkernels::fused_linear(_backward)`; Python registers their fake
 // implementations and autograd. activation: 0 identity, 1 exact GELU, 2 tanh GELU.
@@ -184,6 +186,31 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_linear_backward_cpu(const Tensor& gr
   return {dx, dw, db};
 }
 
+// dZ = (dY @ W) * act'(z) and db = its column sums: the MLP backward's dH GEMM with the dGELU epilogue.
+std::tuple<Tensor, Tensor> epilogue_dgelu_linear_cpu(const Tensor& grad, const Tensor& weight, const Tensor& preact,
+                                                     int64_t activation, bool need_db) {
+  TORCH_CHECK(grad.dim() == 2 && weight.dim() == 2 && grad.size(1) == weight.size(0),
+              "tpkernels::epilogue_dgelu_linear: grad ", grad.sizes(), " and weight ", weight.sizes(), " do not chain");
+  TORCH_CHECK(activation != 0, "tpkernels::epilogue_dgelu_linear: needs a GELU (activation 1 or 2)");
+  const int64_t M = grad.size(0), H = weight.size(1);
+  TORCH_CHECK(preact.dim() == 2 && preact.size(0) == M && preact.size(1) == H,
+              "tpkernels::epilogue_dgelu_linear: preact is ", preact.sizes(), ", expected [", M, ", ", H, "]");
+  Tensor acc = gemm_fp32(grad.to(weight.scalar_type()), weight).contiguous();
+  Tensor z32 = preact.to(at::kFloat).contiguous();
+  float* a = acc.data_ptr<float>();
+  const float* z = z32.data_ptr<float>();
+  const int64_t vec_end = H - H % Vec::size();
+  for_rows(M, H, [&](int64_t i) {
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec::size()) {
+      (Vec::loadu(a + i * H + j) * act_grad(Vec::loadu(z + i * H + j), activation)).store(a + i * H + j);
+    }
+    for (; j < H; ++j) a[i * H + j] *= act_grad(z[i * H + j], activation);
+  });
+  Tensor db = need_db ? acc.sum(0).to(preact.scalar_type()) : at::empty({0}, preact.options());
+  return {acc.to(preact.scalar_type()), db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tpkernels, m) {
@@ -193,11 +220,13 @@ TORCH_LIBRARY(tpkernels, m) {
   m.def(
       "epilogue_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor? preact, int activation, bool need_dx, "
       "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
+  m.def("epilogue_dgelu_linear(Tensor grad, Tensor weight, Tensor preact, int activation, bool need_db) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tpkernels, CPU, m) {
   m.impl("epilogue_linear", &epilogue_linear_cpu);
   m.impl("epilogue_linear_backward", &epilogue_linear_backward_cpu);
+  m.impl("epilogue_dgelu_linear", &epilogue_dgelu_linear_cpu);
 }
 
 }  // namespace tpkernels

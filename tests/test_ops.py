@@ -358,9 +358,14 @@ def test_mlp_shard_bad_input_is_refused_before_launch(monkeypatch):
 def test_mlp_shard_ops_pass_opcheck(device):
     x, w1, b1 = linear_inputs((6,), 10, 9, torch.float32, device, requires_grad=True)
     _, w2, b2 = linear_inputs((1,), 9, 7, torch.float32, device, requires_grad=True)
-    torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default, (x, w1, b1, w2, b2, None, 1, True, torch.float32, True))
+    torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default,
+                          (x, w1, b1, w2, b2, None, 1, True, torch.float32, True, False))
     inference = [t.detach() for t in (x, w1, b1, w2, b2)]  # nothing stored: no gradient to take
-    torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default, (*inference, None, 2, False, torch.float32, False))
+    torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default,
+                          (*inference, None, 2, False, torch.float32, False, False))
+    if ops._extension_has(device):
+        torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default,
+                              (x, w1, b1, w2, b2, None, 2, True, torch.float32, True, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -419,11 +424,30 @@ def test_native_cpu_backend_matches_eager(dtype, lead, K, N, approximate):
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_native_mlp_shard_matches_eager(dtype, approximate):
+    """mlp_shard on the extension: its backward's dGELU-epilogue GEMM (epilogue_dgelu_linear) included."""
+    x, w1, b1 = linear_inputs((3, 7), 24, 37, dtype, "cpu", requires_grad=True)
+    _, w2, b2 = linear_inputs((1,), 37, 19, dtype, "cpu", requires_grad=True)
+
+    def fused(x, w1, b1, w2, b2):
+        return tpkernels.mlp_shard(x, w1, b1, w2, b2, approximate=approximate, backend="cpu")
+
+    def eager(x, w1, b1, w2, b2):
+        return reference.linear_partial(reference.linear_gelu(x, w1, b1, approximate=approximate), w2, b2)
+
+    _check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
+
+
+@needs_extension
 def test_native_cpu_backend_ops_pass_opcheck_and_compile():
     x, w, b = linear_inputs((6,), 10, 9, torch.float32, "cpu", requires_grad=True)
     r = randn(6, 9, requires_grad=True)
     torch.library.opcheck(torch.ops.tpkernels.epilogue_linear.default, (x, w, b, r, 2, True, torch.float32, True))
     torch.library.opcheck(torch.ops.tpkernels.epilogue_linear.default, (x, w, b, None, 0, False, torch.float32, False))
+    torch.library.opcheck(torch.ops.tpkernels.epilogue_dgelu_linear.default,
+                          (randn(6, 4), randn(4, 9), randn(6, 9), 1, True))
 
     def f(x, w, b):
         return tpkernels.linear_gelu(x, w, b, approximate="tanh", backend="cpu") * 2

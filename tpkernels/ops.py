@@ -22,6 +22,7 @@ interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the 
 """
 import contextlib
 import functools
+import importlib.util
 import inspect
 import json
 import math
@@ -61,7 +62,11 @@ try:  # the native extension registers tpkernels::epilogue_linear(_backward) for
     _EXTENSION_ERROR = None
 except ImportError as _error:
     _C = None
-    _EXTENSION_ERROR = f"{type(_error).__name__}: {_error}"
+    if importlib.util.find_spec("tpkernels._C") is None:
+        _EXTENSION_ERROR = ("no tpkernels._C in the install: build it with `pip install --no-build-isolation -e .` "
+                            "(`-v` shows why a build failed; TPKERNELS_BUILD_EXT=1 makes it an error)")
+    else:
+        _EXTENSION_ERROR = f"{type(_error).__name__}: {_error}"
 
 _APPROXIMATE = {"none": GELU, "tanh": GELU_TANH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -525,6 +530,10 @@ if _C is not None:
     # The native ops have the Triton ops' contract: the same fakes, the same autograd.
     torch.library.register_fake("tpkernels::epilogue_linear")(_fused_linear_fake)
     torch.library.register_fake("tpkernels::epilogue_linear_backward")(_fused_linear_backward_fake)
+
+    @torch.library.register_fake("tpkernels::epilogue_dgelu_linear")
+    def _(grad, weight, preact, activation, need_db):
+        return torch.empty_like(preact), preact.new_empty(preact.shape[1] if need_db else 0)
     torch.library.register_autograd(
         "tpkernels::epilogue_linear",
         lambda ctx, grad_out, grad_preact: _backward(ctx, grad_out, grad_preact,
@@ -545,11 +554,17 @@ def _mlp_shard(
     owner: bool,
     out_dtype: torch.dtype,
     store_for_backward: bool,
+    native: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(partial, h, z): z = x @ w1.T + b1, h = act(z), partial = h @ w2.T (+ b2 + residual where `owner`).
 
     h and z are what the backward needs (empty unless `store_for_backward`), as eager autograd keeps them.
+    `native` runs the native extension's kernels (cuBLASLt or C++) instead of Triton's.
     """
+    if native:
+        h, z = torch.ops.tpkernels.epilogue_linear(x, w1, b1, None, activation, True, x.dtype, store_for_backward)
+        out, _ = torch.ops.tpkernels.epilogue_linear(h, w2, b2, residual, IDENTITY, owner, out_dtype, False)
+        return out, (h if store_for_backward else x.new_empty(0)), z
     if not _runs_triton(x):
         return reference.mlp_shard(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward)
     h = torch.empty((x.shape[0], w1.shape[0]), dtype=x.dtype, device=x.device)
@@ -563,21 +578,31 @@ def _mlp_shard(
 
 
 @_mlp_shard.register_fake
-def _(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward):
+def _(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward, native):
     hidden = (x.shape[0], w1.shape[0]) if store_for_backward else (0,)
     return x.new_empty((x.shape[0], w2.shape[0]), dtype=out_dtype), x.new_empty(hidden), x.new_empty(hidden)
 
 
 @torch.library.custom_op("tpkernels::mlp_shard_backward", mutates_args=())
 def _mlp_shard_backward(
-    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, z: Tensor, activation: int, needs: list[bool]
+    grad: Tensor, x: Tensor, w1: Tensor, w2: Tensor, h: Tensor, z: Tensor, activation: int, needs: list[bool],
+    native: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dX, dW1, db1, dW2, db2) of `mlp_shard`, each empty when `needs` says it is not wanted.
 
     dZ = (dY @ W2) * act'(z) is one GEMM with the dGELU epilogue, so dH never goes to memory; then
     dX = dZ @ W1, dW1 = dZ.T @ X and dW2 = dY.T @ H are plain GEMMs, and db1, db2 reductions of dZ, dY.
+    `native`: the same with the extension's ops (on CUDA, cuBLASLt's DGELU_BGRAD gives dZ and db1).
     """
     need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
+    if native:
+        empty = x.new_empty(0)
+        _, dw2, db2 = torch.ops.tpkernels.epilogue_linear_backward(grad, h, w2, None, IDENTITY, False, need_dw2, need_db2)
+        dx, dw1, db1 = empty, empty.clone(), empty.clone()
+        if need_dx or need_dw1 or need_db1:
+            dz, db1 = torch.ops.tpkernels.epilogue_dgelu_linear(grad, w2, z, activation, need_db1)
+            dx, dw1, _ = torch.ops.tpkernels.epilogue_linear_backward(dz, x, w1, None, IDENTITY, need_dx, need_dw1, False)
+        return dx, dw1, db1, dw2, db2
     if not _runs_triton(x):
         grads = reference.mlp_shard_backward(grad, x, w1, w2, h, z, activation, needs)
         return tuple(x.new_empty(0) if g is None else g for g in grads)
@@ -598,17 +623,18 @@ def _mlp_shard_backward(
 
 
 @_mlp_shard_backward.register_fake
-def _(grad, x, w1, w2, h, z, activation, needs):
+def _(grad, x, w1, w2, h, z, activation, needs, native):
     shapes = (x.shape, w1.shape, (w1.shape[0],), w2.shape, (w2.shape[0],))
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
 def _mlp_setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward = inputs
+    x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward, native = inputs
     _, h, z = output
     ctx.save_for_backward(x, w1, w2, h, z)
     ctx.activation = activation
     ctx.stored = store_for_backward
+    ctx.native = native
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
@@ -620,10 +646,10 @@ def _mlp_backward(ctx, grad_out, grad_h, grad_z):
         raise RuntimeError("tpkernels::mlp_shard ran with store_for_backward=False, so it cannot be "
                            "differentiated; call tpkernels.mlp_shard, which stores h and z when a gradient is needed")
     needs = [need_dx, need_dw1, need_db1, need_dw2, need_db2]
-    grads = torch.ops.tpkernels.mlp_shard_backward(grad_out, x, w1, w2, h, z, ctx.activation, needs)
+    grads = torch.ops.tpkernels.mlp_shard_backward(grad_out, x, w1, w2, h, z, ctx.activation, needs, ctx.native)
     dx, dw1, db1, dw2, db2 = (g if need else None for g, need in zip(grads, needs))
     dresidual = grad_out.to(ctx.residual_dtype) if need_dresidual else None
-    return dx, dw1, db1, dw2, db2, dresidual, None, None, None, None
+    return dx, dw1, db1, dw2, db2, dresidual, None, None, None, None, None
 
 
 _mlp_shard.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
@@ -896,8 +922,8 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
         x, w1, b1, w2, b2: as above, one dtype (float16, bfloat16 or float32); b1 and b2 may be None.
         approximate: "none" (exact GELU) or "tanh".
         residual, owner, out_dtype: as in `linear_partial`: b2 and residual only where `owner`.
-        backend: as in `linear_gelu`. On "triton" both stages are one op with the fused backward above;
-            on another backend, `linear_gelu` then `linear_partial` on that backend.
+        backend: as in `linear_gelu`. Every backend but "eager" runs both stages as one op with the
+            backward above (on "cublaslt", dZ and db1 come from one DGELU_BGRAD matmul).
 
     Returns:
         [..., N] partial sum, differentiable in every tensor argument.
@@ -924,13 +950,12 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
         if residual.device != x.device:
             raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
     chosen = _resolve_backend(name, backend, x, w1.shape[0], w1.shape[1], _APPROXIMATE[approximate])
-    if chosen != "triton":
-        h = linear_gelu(x, w1, b1, approximate, backend=chosen)
-        return linear_partial(h, w2, b2, residual=residual, owner=owner, out_dtype=out_dtype,
-                              backend=chosen if backend != "auto" else "auto")
+    if chosen == "eager":
+        h = reference.linear_gelu(x, w1, b1, approximate)
+        return reference.linear_partial(h, w2, b2, residual=residual, owner=owner, out_dtype=out_dtype)
     out, _, _ = torch.ops.tpkernels.mlp_shard(
         _rows(x), w1, b1, w2, b2, None if residual is None else _rows(residual), _APPROXIMATE[approximate],
-        bool(owner), out_dtype, _needs_grad(x, w1, b1, w2, b2, residual),
+        bool(owner), out_dtype, _needs_grad(x, w1, b1, w2, b2, residual), chosen != "triton",
     )
     return out.view(out_shape)
 

@@ -117,11 +117,33 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_linear_backward_cuda(const Tensor& g
   return {dx, dw, db};
 }
 
+// dZ[M, H] = (dY[M, N2] @ W[N2, H]) * gelu_tanh'(z), db = column sums of dZ: one DGELU_BGRAD matmul,
+// column-major D[H, M] = op(W) op(dY), both N, with z as its aux ([H, M], ld H).
+std::tuple<Tensor, Tensor> epilogue_dgelu_linear_cuda(const Tensor& grad_in, const Tensor& weight_in,
+                                                      const Tensor& preact_in, int64_t activation, bool need_db) {
+  TORCH_CHECK(activation == 2, "tpkernels cuBLASLt backend: DGELU is the tanh GELU's; exact GELU runs on "
+              "backend='triton'");
+  const Tensor weight = weight_in.contiguous(), preact = preact_in.contiguous();
+  const Tensor grad = grad_in.to(weight.scalar_type()).contiguous();
+  const int64_t M = grad.size(0), N2 = grad.size(1), H = weight.size(1);
+  Tensor dz = at::empty({M, H}, preact.options());
+  Tensor db = at::empty({need_db ? H : 0}, preact.options());
+  if (M == 0 || H == 0 || N2 == 0) {
+    dz.zero_();
+    if (need_db) db.zero_();
+    return {dz, db};
+  }
+  matmul(TPK_EPILOGUE_DGELU_BGRAD, false, false, H, M, N2, weight, H, grad, N2, c10::nullopt, dz,
+         need_db ? db.data_ptr() : nullptr, preact.scalar_type(), preact.data_ptr(), H);
+  return {dz, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tpkernels, CUDA, m) {
   m.impl("epilogue_linear", &epilogue_linear_cuda);
   m.impl("epilogue_linear_backward", &epilogue_linear_backward_cuda);
+  m.impl("epilogue_dgelu_linear", &epilogue_dgelu_linear_cuda);
 }
 
 }  // namespace tpkernels
