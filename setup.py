@@ -30,35 +30,39 @@ def extensions():
         print(f"tpkernels: native extension skipped: torch is not importable at build time ({error}); "
               f"install with --no-build-isolation", file=sys.stderr)
         return [], {}
-    sources = ["csrc/tpkernels.cpp"]
     cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if cuda:
-        sources += ["csrc/cuda/ops_cuda.cpp", "csrc/cuda/cublaslt_epilogue.cu"]
-    kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
-    extension = kind(
-        "tpkernels._C", sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]} if cuda else ["-O3", "-std=c++17"],
-        libraries=["cublasLt"] if cuda else [],
-        define_macros=[("TPKERNELS_CUDA", "1")] if cuda else [],
-    )
-    return [extension], {"build_ext": _tolerant(cpp_extension.BuildExtension)}
+    return [_extension(cpp_extension, cuda)], {"build_ext": _tolerant(cpp_extension)}
 
 
-def _tolerant(build_ext):
-    """BuildExtension that, in auto mode, reports a failed build in one line and goes on without it."""
+def _extension(cpp_extension, cuda):
+    if not cuda:
+        return cpp_extension.CppExtension("tpkernels._C", ["csrc/tpkernels.cpp"], extra_compile_args=["-O3", "-std=c++17"])
+    return cpp_extension.CUDAExtension(
+        "tpkernels._C", ["csrc/tpkernels.cpp", "csrc/cuda/ops_cuda.cpp", "csrc/cuda/cublaslt_epilogue.cu"],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]}, libraries=["cublasLt"])
 
-    class Build(build_ext):
+
+def _tolerant(cpp_extension):
+    """BuildExtension that, in auto mode, reports a failed build in one line (`pip install -v` shows it)
+    and installs the package without the extension."""
+
+    class Build(cpp_extension.BuildExtension):
         def run(self):
             try:
                 super().run()
             except Exception as error:  # a compiler error, a missing ninja or header
                 if MODE == "1":
                     raise
-                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                print(f"tpkernels: native extension not built ({first}); the Triton and eager paths still work. "
-                      f"TPKERNELS_BUILD_EXT=1 shows the whole error", file=sys.stderr)
+                print(f"tpkernels: native extension not built ({_first_line(error)}); the Triton and eager paths "
+                      f"still work. TPKERNELS_BUILD_EXT=1 shows the whole error; =0 skips the build",
+                      file=sys.stderr)
 
-    return Build.with_options(use_ninja=True) if hasattr(Build, "with_options") else Build
+    return Build.with_options(use_ninja=True)
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 ext_modules, cmdclass = extensions()

@@ -502,3 +502,41 @@ def test_the_package_works_without_its_extension():
         result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cublaslt_backend_matches_eager(dtype):
+    """The extension's cuBLASLt epilogues: GELU_AUX_BIAS forward, BGRADB backward, residual through C,
+    fp32 partials through D's type, and the MLP's DGELU_BGRAD, against eager and fp64."""
+    if not ops._extension_has("cuda"):
+        pytest.skip("the extension's CUDA part is not built")
+    x, w, b = linear_inputs((3, 70), 96, 136, dtype, "cuda", requires_grad=True)
+
+    def fused(x, w, b):
+        return tpkernels.linear_gelu(x, w, b, approximate="tanh", backend="cublaslt")
+
+    def eager(x, w, b):
+        return reference.linear_gelu(x, w, b, approximate="tanh")
+
+    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
+    r = randn(3, 70, 136, dtype=torch.float32, device="cuda", requires_grad=True)
+
+    def fused_partial(x, w, b, r):
+        return tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32, backend="cublaslt")
+
+    def eager_partial(x, w, b, r):
+        if x.dtype == torch.float64:
+            return reference.linear_partial(x, w, b, residual=r)
+        return reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
+
+    _check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
+    _, w2, b2 = linear_inputs((1,), 136, 96, dtype, "cuda", requires_grad=True)
+
+    def fused_mlp(x, w, b, w2, b2):
+        return tpkernels.mlp_shard(x, w, b, w2, b2, approximate="tanh", backend="cublaslt")
+
+    def eager_mlp(x, w, b, w2, b2):
+        return reference.linear_partial(reference.linear_gelu(x, w, b, approximate="tanh"), w2, b2)
+
+    _check_forward_backward(fused_mlp, eager_mlp, (x, w, b, w2, b2), ("x", "w1", "b1", "w2", "b2"))
