@@ -15,8 +15,8 @@ Ops (per-rank shapes; M tokens, K input features, N output features of the shard
                 in-process, more under torchrun (gloo on CPU, NCCL on GPUs); rank 0 writes
 GELU is the tanh form everywhere, so that cuBLASLt's epilogue (tanh only) compares like with like.
 
-Providers: tpkernels (backend="auto"); tpkernels_cublaslt and tpkernels_cpu (the native extension's
-cuBLASLt and C++ backends, where built); eager (F.linear + F.gelu, autograd); torch_mm (the GEMMs alone: the floor);
+Providers: tpkernels (backend="auto"); tpkernels_triton (backend="triton", on CUDA); tpkernels_cublaslt
+and tpkernels_cpu (the native extension's cuBLASLt and C++ backends, where built); eager (F.linear + F.gelu, autograd); torch_mm (the GEMMs alone: the floor);
 compile (torch.compile(mode="max-autotune-no-cudagraphs") of eager; the default mode on the CPU); cublaslt
 (torch._addmm_activation(..., use_gelu=True), CUDA only); wrong (eager with an error planted, only when
 asked for: the correctness gate must refuse it).
@@ -56,7 +56,8 @@ import tpkernels  # noqa: E402
 from tpkernels import ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
-PROVIDERS = ("tpkernels", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile", "cublaslt")
+PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
+             "cublaslt")
 TEST_PROVIDERS = ("wrong",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -194,7 +195,7 @@ class ColumnBackward(ColumnForward):
 
         return {
             "tpkernels": fused,
-            **_native(lambda backend: (lambda: torch.ops.tpkernels.epilogue_linear_backward(
+            **_native(lambda backend: (fused if backend == "triton" else lambda: torch.ops.tpkernels.epilogue_linear_backward(
                 dy, x, w, z, ops.GELU_TANH, True, True, True)), x),
             "eager": eager,
             "wrong": lambda: tuple(t * 1.1 for t in eager()),
@@ -314,11 +315,12 @@ OP_CLASSES = {"column_fwd": ColumnForward, "row_fwd": RowForward, "column_bwd": 
 
 
 def _native(make, x):
-    """The native extension's providers that can run on x's device: {name: callable}."""
+    """The explicit-backend providers that can run on x's device: {name: callable}."""
+    providers = {"tpkernels_triton": make("triton")} if x.is_cuda else {}
     backend = "cublaslt" if x.is_cuda else "cpu"
-    if not ops._extension_has(x.device.type):
-        return {}
-    return {f"tpkernels_{backend}": make(backend)}
+    if ops._extension_has(x.device.type):
+        providers[f"tpkernels_{backend}"] = make(backend)
+    return providers
 
 
 def _compiled(fn):
@@ -516,6 +518,32 @@ def targets(rows):
     return "\n".join(lines)
 
 
+def backend_table(rows, env):
+    """The `tpkernels/backend_table.json` these GPU rows argue for: per dtype, activation (column_fwd:
+    tanh GELU, row_fwd: none) and measured M, cuBLASLt where it beat Triton on most (K, N) points; each
+    rule covers M from its point up to the next measured M."""
+    timed = {(r["op"], r["M"], r["K"], r["N"], r["dtype"], r["provider"]): r["ms"] for r in rows
+             if r["ms"] and not r["cpu"]}
+    votes = {}
+    for (op, M, K, N, dtype, provider), ms in timed.items():
+        activation = {"column_fwd": ops.GELU_TANH, "row_fwd": ops.IDENTITY}.get(op)
+        other = timed.get((op, M, K, N, dtype, "tpkernels_triton"))
+        if provider == "tpkernels_cublaslt" and activation is not None and other:
+            votes.setdefault((dtype, activation), {}).setdefault(M, []).append(ms < other)
+    rules = []
+    for (dtype, activation), by_m in sorted(votes.items()):
+        ms = sorted(by_m)
+        for i, M in enumerate(ms):
+            if sum(by_m[M]) * 2 > len(by_m[M]):
+                rule = {"dtypes": [dtype], "activations": [activation], "min_m": M, "backend": "cublaslt"}
+                if i + 1 < len(ms):
+                    rule["max_m"] = ms[i + 1] - 1
+                rules.append(rule)
+    rules.append({"backend": "triton"})
+    return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}, `{env['command']}`",
+            "rules": rules}
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -640,6 +668,10 @@ def main(argv=None):
                 f"`{env['command']}`\n\npeak {peak / 1e12:.4g} TFLOP/s (torch.mm), copy {bandwidth / 1e9:.4g} GB/s\n\n"
                 f"{table}\n\n## Targets\n\n{summary}\n")
     plotted = plot(rows, os.path.join(out, "plot.png"))
+    if not all(r["cpu"] for r in rows) and any(r["provider"] == "tpkernels_cublaslt" and r["ms"] for r in rows):
+        with open(os.path.join(out, "backend_table.json"), "w") as f:
+            json.dump(backend_table(rows, env), f, indent=2)
+        print(f"backend table from these rows: {out}/backend_table.json (commit it as tpkernels/backend_table.json)")
     print(table)
     print(summary)
     wrong = [r for r in rows if r["status"].startswith(("wrong", "failed"))]

@@ -76,3 +76,22 @@ def test_bad_shapes_are_refused():
     result = subprocess.run([sys.executable, RUN, "--shapes", "64,64", "--ops", "column_fwd"], capture_output=True,
                             text=True, timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert result.returncode != 0 and "is not M,K,N" in (result.stdout + result.stderr)
+
+
+def test_backend_table_follows_the_faster_backend():
+    """The auto table the GPU rows write: cuBLASLt exactly where it beat Triton on most points."""
+    sys.path.insert(0, os.path.dirname(RUN))
+    import run
+
+    def row(op, M, K, provider, ms):
+        return dict(op=op, M=M, K=K, N=4096, dtype="bfloat16", provider=provider, ms=ms, cpu=False)
+
+    rows = [row("column_fwd", 64, 4096, "tpkernels_triton", 1.0), row("column_fwd", 64, 4096, "tpkernels_cublaslt", 1.2),
+            row("column_fwd", 4096, 4096, "tpkernels_triton", 1.0), row("column_fwd", 4096, 4096, "tpkernels_cublaslt", 0.9),
+            row("column_fwd", 4096, 8192, "tpkernels_triton", 1.0), row("column_fwd", 4096, 8192, "tpkernels_cublaslt", 0.8),
+            row("row_fwd", 4096, 4096, "tpkernels_triton", 1.0), row("row_fwd", 4096, 4096, "tpkernels_cublaslt", 1.1)]
+    env = dict(device="NVIDIA H100", date="today", git_sha="abc", command="run.py")
+    table = run.backend_table(rows, env)
+    assert table["rules"] == [{"dtypes": ["bfloat16"], "activations": [2], "min_m": 4096, "backend": "cublaslt"},
+                              {"backend": "triton"}]
+    assert "NVIDIA H100" in table["source"]
