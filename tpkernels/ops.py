@@ -1,4 +1,5 @@
-"""Fused linear layers: launchers, `torch.library` custom ops with fake implementations, autograd.
+"""Fused linear layers: launchers, `torch.library` custom ops with fake implementations, autograd, and
+the backend choice.
 
 Per-rank shapes (M is the product of x's leading dims):
 
@@ -6,19 +7,21 @@ Per-rank shapes (M is the product of x's leading dims):
                     h = gelu(x @ W.T + b)                                   (column stage, no collective)
     linear_partial  x_shard_k [..., K_r], weight_shard_k [N, K_r], bias [N] -> partial [..., N]
                     p = x @ W.T (+ b + residual on the owner rank only)     (row stage, then all-reduce)
+    mlp_shard       both: x [..., K], w1 [H_r, K], w2 [N, H_r]              -> partial [..., N]
 
 Gradients, with z = x @ W.T + b the pre-activation and act' its derivative (identity: 1):
 
-    dgrad   dX = (dY * act'(z)) @ W            one launch, act' fused into the A-tile load
-    wgrad   dW = (dY * act'(z)).T @ X          one launch; db = column sums of dY * act'(z), taken
-            db = sum_M (dY * act'(z))          from the same tiles, so db costs no pass of its own
+    dZ      dZ = dY * act'(z), db = sum_M dZ   one elementwise pass (db: per-row-block sums, then summed)
+    dgrad   dX = dZ @ W                        a plain GEMM
+    wgrad   dW = dZ.T @ X                      a plain GEMM
+    mlp     dZ1 = (dY @ W2) * act'(z1)         one GEMM with the dGELU epilogue: no separate pass
 
 The forward stores z (in x's dtype, as eager autograd does) only when a gradient is needed: re-reading
 M x N values in the backward is far cheaper than recomputing the 2 M N K flops of x @ W.T.
 
-Dispatch: CUDA tensors run the Triton kernel. CPU tensors run the same kernel under the Triton
-interpreter when TRITON_INTERPRET=1 was set before triton was imported, and the eager reference
-(`tpkernels.reference`) otherwise.
+Backends (`backend=`): "triton" (these kernels: CUDA tensors, or CPU tensors under the interpreter when
+TRITON_INTERPRET=1 was set before triton was imported), "cublaslt" and "cpu" (the native extension
+`tpkernels._C`, where built), "eager" (`tpkernels.reference`); "auto" picks by `_auto_backend`.
 """
 import contextlib
 import functools
