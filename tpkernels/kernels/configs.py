@@ -35,7 +35,8 @@ class MatmulConfig:
     def shared_bytes(self, element_size, store_element_size=0, slices=1):
         """Shared memory the kernel needs: num_stages buffers of an A and a B tile, and for a TMA store
         the staging buffer of one epilogue slice of C (`store_element_size` bytes an element). The
-        compile report checks this estimate against what the compiler allocates."""
+        compiler may add scratch; the compile report holds what it allocates to the device's limit for
+        every config this estimate keeps."""
         pipeline = self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
         return pipeline + self.block_m * (self.block_n // slices) * store_element_size
 
