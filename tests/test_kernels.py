@@ -375,3 +375,23 @@ def test_autotuned_configs_persist_across_runs(monkeypatch):
         ops._autotune("test-pointer", ops._matmul_kernel, configs=[INTERPRETER_CONFIG.to_triton()])
         assert seen[-1] is expected
     ops._AUTOTUNERS.pop("test-pointer")
+
+
+def test_64_bit_offset_variants_compile_for_hopper():
+    """Tensors past 2**31 elements switch both kernels to 64-bit offsets (the TMA kernel keeps 32-bit
+    descriptor coordinates): those variants must compile too, though no CPU test can reach them."""
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.join(os.path.dirname(__file__), os.pardir, 'benchmarks')!r})\n"
+        "import compile_report as cr\n"
+        "from tpkernels.kernels import TMA_CONFIGS, configs\n"
+        "cr.EPILOGUE_DEFAULTS['INT64_OFFSETS'] = True\n"
+        "for kernel, config in (('matmul_tma', TMA_CONFIGS[0]), ('matmul', configs.HOPPER_CONFIGS[0])):\n"
+        "    for mode in ('column_fwd', 'dgrad_dgelu', 'wgrad'):\n"
+        "        row = cr.compile_variant((kernel, mode, 'bf16', 'sm90', config))\n"
+        "        assert row['wgmma'], row\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -159,8 +159,8 @@ def _epilogue_slice(
         residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
                            mask=mask, other=0.0)
         acc += residual.to(tl.float32)
-    if C_IS_DESCRIPTOR:
-        c_ptr.store([start_m, start_n], _cast_for_store(acc, c_ptr.dtype, EMULATE_BF16))
+    if C_IS_DESCRIPTOR:  # descriptor coordinates are 32-bit, whatever width the pointer offsets use
+        c_ptr.store([start_m.to(tl.int32), start_n.to(tl.int32)], _cast_for_store(acc, c_ptr.dtype, EMULATE_BF16))
     else:
         c = _cast_for_store(acc, c_ptr.dtype.element_ty, EMULATE_BF16)
         tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask)
