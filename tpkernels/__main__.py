@@ -3,6 +3,8 @@
 Spawns the ranks: 2 CPU ranks on gloo by default, one rank per GPU on NCCL where there are two or
 more GPUs. Each reproduces the notebook's numbers, then runs three strategies for the whole MLP and
 rank 0 prints their collectives, bytes sent per rank, errors and times (`tpkernels.strategies`).
+
+`python -m tpkernels model ...` prints the performance model's table instead (`tpkernels.perfmodel`).
 """
 import argparse
 import os
@@ -53,6 +55,10 @@ def main(args):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["model"]:  # the performance model: no ranks to spawn
+        from tpkernels import perfmodel
+
+        sys.exit(perfmodel.main(sys.argv[2:]))
     arguments = parse_args()
     if arguments.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
         # triton reads the switch as it decorates the kernels, which importing tpkernels already did:

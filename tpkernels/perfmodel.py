@@ -1,0 +1,174 @@
+"""A performance model of one tensor-parallel MLP step, and when comm/compute overlap pays.
+
+Per rank, for W ranks, M tokens, model width K and hidden width H (each rank holds H / W):
+
+    forward    column GEMM  M x K x H/W    row GEMM  M x H/W x K    all-reduce of y   [M, K]
+    backward   four GEMMs of the same sizes                         all-reduce of dX  [M, K]
+
+GEMM time is a roofline: max(2 M N K / peak, bytes moved / bandwidth), or a measured time where the
+caller passes one. A collective is alpha-beta, in NCCL's bus-bandwidth terms (nccl-tests' convention):
+
+    all-reduce of S bytes           alpha + S * 2 (W - 1) / W / bus_bandwidth
+    all-gather, reduce-scatter      alpha + S * (W - 1) / W / bus_bandwidth   (S the gathered size)
+
+Overlap splits M into C chunks and pipelines each chunk's GEMM with the previous chunk's collective:
+with g and c a chunk's GEMM and collective times, the pair costs g + (C - 1) max(g, c) + c, against
+G + (alpha + S-term) without chunks. Chunks pay alpha and a launch each, and small chunks run their
+GEMMs further below peak (the roofline at M / C rows), so below some M overlap loses: `break_even_m`.
+
+The machines below are assumptions, not measurements, each overridable:
+- H100 SXM: 989 TFLOP/s dense bf16 and 3.35 TB/s HBM3 (NVIDIA's H100 datasheet). NVLink 4 carries
+  450 GB/s each way per GPU; large all-reduces on 8 GPUs reach a few hundred GB/s of NCCL bus
+  bandwidth, taken here as 360 GB/s, with 15 us latency.
+- Across nodes on InfiniBand NDR (400 Gb/s, 50 GB/s per GPU): 40 GB/s of bus bandwidth, 30 us latency.
+- 5 us of launch overhead per extra chunk.
+The first GPU run should replace them with measured figures (benchmarks/run.py measures peak and
+bandwidth in every run).
+"""
+import dataclasses
+import math
+
+__all__ = ["MACHINES", "Machine", "break_even_m", "predict", "table"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    name: str
+    peak_flops: float  # dense, in the step's dtype, FLOP/s
+    memory_bandwidth: float  # bytes/s
+    bus_bandwidth: float  # NCCL bus bandwidth of the tensor-parallel group, bytes/s
+    latency: float  # seconds per collective
+    launch_overhead: float = 5e-6  # seconds per extra chunk
+
+
+MACHINES = {
+    "h100-nvlink": Machine("H100 SXM, NVLink (one node)", 989e12, 3.35e12, 360e9, 15e-6),
+    "h100-ib": Machine("H100 SXM, InfiniBand NDR (across nodes)", 989e12, 3.35e12, 40e9, 30e-6),
+}
+
+
+def gemm_time(m, n, k, machine, element_size=2):
+    """Roofline time of an [m, k] @ [k, n] GEMM: each operand read once, the output written once."""
+    flops = 2 * m * n * k
+    moved = (m * k + k * n + m * n) * element_size
+    return max(flops / machine.peak_flops, moved / machine.memory_bandwidth)
+
+
+def all_reduce_time(nbytes, world, machine):
+    if world == 1:
+        return 0.0
+    return machine.latency + nbytes * 2 * (world - 1) / world / machine.bus_bandwidth
+
+
+def _pipelined(gemm, collective, chunks, m, machine):
+    """A GEMM whose output a collective reduces, in `chunks` pipelined pieces; gemm(rows) gives a GEMM
+    time, collective(rows) a collective time."""
+    if chunks <= 1:
+        return gemm(m) + collective(m)
+    rows = math.ceil(m / chunks)
+    g = gemm(rows) + machine.launch_overhead
+    c = collective(rows)
+    return g + (chunks - 1) * max(g, c) + c
+
+
+def predict(tokens, hidden, ffn, world, machine, element_size=2, chunks=None, gemm_times=None):
+    """Predicted seconds of one TP MLP step on each rank.
+
+    Args:
+        tokens, hidden, ffn: M, the model width K and the MLP's hidden width H (the whole, not a shard).
+        world: ranks in the tensor-parallel group.
+        machine: a `Machine`.
+        element_size: bytes per element of activations, weights and the reduced tensors.
+        chunks: overlap chunks (None: the world size, at least 2).
+        gemm_times: optional {"column": s, "row": s} measured forward GEMM times at this M (the backward's
+            four GEMMs are taken as twice the forward's two).
+
+    Returns:
+        dict with forward and step (forward + backward) times, each without and with overlap, and the
+        share of communication in the step without overlap.
+    """
+    shard = math.ceil(ffn / world)
+    chunks = chunks or max(2, world)
+    scale = 1.0
+    if gemm_times:
+        scale = (gemm_times["column"] + gemm_times["row"]) / (
+            gemm_time(tokens, shard, hidden, machine, element_size) + gemm_time(tokens, hidden, shard, machine, element_size))
+
+    def column(m):
+        return scale * gemm_time(m, shard, hidden, machine, element_size)
+
+    def row(m):
+        return scale * gemm_time(m, hidden, shard, machine, element_size)
+
+    def reduce(m):
+        return all_reduce_time(m * hidden * element_size, world, machine)
+
+    forward = column(tokens) + row(tokens) + reduce(tokens)
+    forward_overlap = column(tokens) + _pipelined(row, reduce, chunks if world > 1 else 1, tokens, machine)
+    # backward: dH and dW2 from the row layer, then dX (reduced) and dW1 from the column layer
+    backward = row(tokens) + column(tokens) + column(tokens) + row(tokens) + reduce(tokens)
+    backward_overlap = row(tokens) + column(tokens) + row(tokens) + _pipelined(
+        column, reduce, chunks if world > 1 else 1, tokens, machine)
+    communication = 2 * reduce(tokens)
+    return dict(world=world, tokens=tokens, chunks=chunks, forward=forward, forward_overlap=forward_overlap,
+                step=forward + backward, step_overlap=forward_overlap + backward_overlap,
+                communication_share=communication / (forward + backward))
+
+
+def break_even_m(hidden, ffn, world, machine, element_size=2, chunks=None, max_tokens=1 << 20):
+    """The smallest power-of-two M from which chunked overlap beats no overlap for the step (and stays
+    ahead up to max_tokens), or None when it never does (world size 1: nothing to overlap)."""
+    if world == 1:
+        return None
+    m, found = 1, None
+    while m <= max_tokens:
+        p = predict(m, hidden, ffn, world, machine, element_size, chunks)
+        if p["step_overlap"] < p["step"]:
+            found = m if found is None else found
+        else:
+            found = None
+        m *= 2
+    return found
+
+
+def table(tokens, hidden, ffn, worlds, machine, element_size=2, chunks=None):
+    """A markdown table of `predict` for each world size, with the break-even M."""
+    lines = [f"{machine.name}; M={tokens}, hidden={hidden}, ffn={ffn}, {element_size}-byte elements",
+             "",
+             "| W | forward ms | forward, overlap ms | step ms | step, overlap ms | comm share | overlap pays from M |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for world in worlds:
+        p = predict(tokens, hidden, ffn, world, machine, element_size, chunks)
+        even = break_even_m(hidden, ffn, world, machine, element_size, chunks)
+        lines.append(f"| {world} | {p['forward'] * 1e3:.3f} | {p['forward_overlap'] * 1e3:.3f} | {p['step'] * 1e3:.3f} | "
+                     f"{p['step_overlap'] * 1e3:.3f} | {p['communication_share']:.0%} | "
+                     f"{'never' if even is None else even} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tpkernels model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=8192, help="the model width K")
+    parser.add_argument("--ffn", type=int, default=28672, help="the MLP's hidden width H (all ranks together)")
+    parser.add_argument("--tokens", type=int, default=4096, help="M, tokens per rank")
+    parser.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--machine", choices=sorted(MACHINES), default="h100-nvlink")
+    parser.add_argument("--bus-bandwidth", type=float, help="GB/s, overriding the machine's")
+    parser.add_argument("--latency-us", type=float, help="overriding the machine's")
+    parser.add_argument("--chunks", type=int, help="overlap chunks (default: the world size)")
+    parser.add_argument("--element-size", type=int, default=2, help="bytes (2: bf16)")
+    args = parser.parse_args(argv)
+    for name in ("hidden", "ffn", "tokens", "element_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if any(w < 1 or w > args.ffn for w in args.world_size):
+        parser.error(f"--world-size {args.world_size}: each must be between 1 and --ffn {args.ffn}")
+    machine = MACHINES[args.machine]
+    if args.bus_bandwidth is not None:
+        machine = dataclasses.replace(machine, bus_bandwidth=args.bus_bandwidth * 1e9)
+    if args.latency_us is not None:
+        machine = dataclasses.replace(machine, latency=args.latency_us * 1e-6)
+    print(table(args.tokens, args.hidden, args.ffn, args.world_size, machine, args.element_size, args.chunks))
+    return 0
