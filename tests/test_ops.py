@@ -394,6 +394,29 @@ def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
 needs_extension = pytest.mark.skipif(not ops._extension_has("cpu"), reason="the native extension is not built")
 
 
+def _check_both_functions_on(backend, approximate, x, w, b, r):
+    """linear_gelu, and linear_partial with an fp32 residual and fp32 partials, on one backend: forward
+    and backward against eager and fp64."""
+
+    def fused(x, w, b):
+        return tpkernels.linear_gelu(x, w, b, approximate=approximate, backend=backend)
+
+    def eager(x, w, b):
+        return reference.linear_gelu(x, w, b, approximate=approximate)
+
+    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
+
+    def fused_partial(x, w, b, r):
+        return tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32, backend=backend)
+
+    def eager_partial(x, w, b, r):
+        if x.dtype == torch.float64:
+            return reference.linear_partial(x, w, b, residual=r)
+        return reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
+
+    _check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
+
+
 @needs_extension
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,K,N", SHAPES)
@@ -403,24 +426,7 @@ def test_native_cpu_backend_matches_eager(dtype, lead, K, N, approximate):
     backward, through the public functions, against eager and fp64."""
     x, w, b = linear_inputs(lead, K, N, dtype, "cpu", requires_grad=True)
 
-    def fused(x, w, b):
-        return tpkernels.linear_gelu(x, w, b, approximate=approximate, backend="cpu")
-
-    def eager(x, w, b):
-        return reference.linear_gelu(x, w, b, approximate=approximate)
-
-    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
-    r = randn(*lead, N, dtype=torch.float32, requires_grad=True)
-
-    def fused_partial(x, w, b, r):
-        return tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32, backend="cpu")
-
-    def eager_partial(x, w, b, r):
-        if x.dtype == torch.float64:
-            return reference.linear_partial(x, w, b, residual=r)
-        return reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
-
-    _check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
+    _check_both_functions_on("cpu", approximate, x, w, b, randn(*lead, N, dtype=torch.float32, requires_grad=True))
 
 
 @needs_extension
@@ -513,24 +519,8 @@ def test_cublaslt_backend_matches_eager(dtype):
         pytest.skip("the extension's CUDA part is not built")
     x, w, b = linear_inputs((3, 70), 96, 136, dtype, "cuda", requires_grad=True)
 
-    def fused(x, w, b):
-        return tpkernels.linear_gelu(x, w, b, approximate="tanh", backend="cublaslt")
-
-    def eager(x, w, b):
-        return reference.linear_gelu(x, w, b, approximate="tanh")
-
-    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
     r = randn(3, 70, 136, dtype=torch.float32, device="cuda", requires_grad=True)
-
-    def fused_partial(x, w, b, r):
-        return tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32, backend="cublaslt")
-
-    def eager_partial(x, w, b, r):
-        if x.dtype == torch.float64:
-            return reference.linear_partial(x, w, b, residual=r)
-        return reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
-
-    _check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
+    _check_both_functions_on("cublaslt", "tanh", x, w, b, r)
     _, w2, b2 = linear_inputs((1,), 136, 96, dtype, "cuda", requires_grad=True)
 
     def fused_mlp(x, w, b, w2, b2):
