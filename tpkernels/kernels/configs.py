@@ -52,7 +52,10 @@ HOPPER_CONFIGS = (
     MatmulConfig(64, 128, 64, num_warps=4, num_stages=4),
 )
 SMALL_M_CONFIGS = (
-    # Decode-sized M: few rows, long K tiles.
+    # Decode-sized M: few rows, long K tiles. The narrow, deep ones keep enough weight bytes in flight
+    # when N / BLOCK_N is too few programs to fill the SMs (a decode step of a narrow shard).
+    MatmulConfig(16, 32, 256, num_warps=4, num_stages=4),
+    MatmulConfig(16, 64, 256, num_warps=4, num_stages=4),
     MatmulConfig(16, 64, 128, num_warps=4, num_stages=3),
     MatmulConfig(16, 128, 128, num_warps=4, num_stages=3),
     MatmulConfig(32, 64, 128, num_warps=4, num_stages=4),
