@@ -286,6 +286,44 @@ def test_torch_compile_fullgraph_forward_and_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_inference_runs_the_op_directly_only_in_plain_eager(device, monkeypatch):
+    """Without autograd, linear_gelu, linear_partial and mlp_shard call their op's implementation
+    directly (no dispatcher: half of a call's host time); torch.compile, FakeTensor tracing and dispatch
+    modes still see the op, and the results are the op's."""
+    x, w1, b1 = linear_inputs((5,), 24, 40, torch.float32, device)
+    _, w2, b2 = linear_inputs((1,), 40, 24, torch.float32, device)
+    calls = []
+    for name in ("_fused_linear_impl", "_mlp_shard_impl"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+
+    def model(x):
+        h = tpkernels.linear_gelu(x, w1, b1, backend="triton")
+        return tpkernels.linear_partial(h, w2, b2, backend="triton"), tpkernels.mlp_shard(x, w1, b1, w2, b2,
+                                                                                            backend="triton")
+
+    with torch.no_grad():
+        direct = model(x)
+    assert calls == ["_fused_linear_impl", "_fused_linear_impl", "_mlp_shard_impl"]
+    torch.testing.assert_close(direct[0], direct[1])
+    expected = reference.linear_partial(reference.linear_gelu(x, w1, b1), w2, b2)
+    assert_close_to_ref(direct[0], expected, reference.linear_partial(
+        reference.linear_gelu(x.double(), w1.double(), b1.double()), w2.double(), b2.double()))
+
+    calls.clear()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = model(mode.from_tensor(x))  # the op's fake impl: no launch on a fake tensor
+    assert [tuple(t.shape) for t in fake] == [(5, 24), (5, 24)] and calls == []
+    assert ops._direct_call_ok(x) and not ops._direct_call_ok(mode.from_tensor(x))
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, direct)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("owner,residual,fp32_out", [(True, True, False), (False, True, True), (True, False, True)])
@@ -475,7 +513,9 @@ def test_backend_choice_and_refusals(monkeypatch):
     monkeypatch.setattr(ops, "_extension_has", lambda device_type: True)
     assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "cublaslt"
     assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU) == "triton"  # exact GELU
-    assert ops._auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "triton"
+    # the measured (H200) table: cuBLASLt at decode sizes, Triton's tanh column forward from M = 16384
+    assert ops._auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "cublaslt"
+    assert ops._auto_backend("cuda", torch.bfloat16, 16384, 4096, 4096, ops.GELU_TANH) == "triton"
     assert ops._auto_backend("cuda", torch.float32, 8192, 4096, 4096, ops.IDENTITY) == "triton"
     monkeypatch.setattr(ops, "_extension_has", lambda device_type: False)
     assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "triton"

@@ -8,6 +8,18 @@ rank's share of F features under `torch.tensor_split`):
     gather_from(h [..., F_r])  forward: all-gather -> [..., F]   backward: keep this rank's F_r slice
     scatter_to(x [..., F])     forward: keep this rank's F_r     backward: all-gather -> [..., F]
 
+and for sequence parallelism, along a sequence dim of L positions (rank r holds L_r of them, its
+`torch.tensor_split(full, W, dim)[r]`):
+
+    gather_sequence(x [.., L_r, ..])          forward: all-gather -> [.., L, ..]
+                                              backward: reduce-scatter of dX -> [.., L_r, ..]
+    reduce_scatter_sequence(p [.., L, ..])    forward: reduce-scatter of partials -> [.., L_r, ..]
+                                              backward: all-gather of dY -> [.., L, ..]
+
+One all-gather and one reduce-scatter move the bytes of one all-reduce; between them the activations
+are 1/W of their size. `sequence_sizes` checks that the ranks' shards fit together before any of them
+collectively moves data.
+
 All take an explicit `process_group` (None: the default group) and return their input untouched at
 world size 1 or when torch.distributed is not initialised. The collectives are torch's traceable
 functional collectives, so `torch.compile(fullgraph=True)` keeps them in the graph: NCCL for CUDA
@@ -28,10 +40,13 @@ __all__ = [
     "copy_to",
     "count_collectives",
     "gather_from",
+    "gather_sequence",
     "get_rank",
     "get_world_size",
     "reduce_from",
+    "reduce_scatter_sequence",
     "scatter_to",
+    "sequence_sizes",
     "shard_range",
     "shard_sizes",
 ]
@@ -39,6 +54,7 @@ __all__ = [
 DEBUG_ENV = "TPKERNELS_DEBUG_COLLECTIVES"
 # all_gather_single replaced all_gather_tensor in newer torch; both gather along dim 0.
 _all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+_reduce_scatter_dim0 = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
 _counters = []
 
 
@@ -84,9 +100,11 @@ def shard_range(features, world_size, rank):
 class CollectiveCounts:
     """What the collectives issued inside `count_collectives()` moved, as seen from this rank.
 
-    `records` holds one dict per collective: kind, payload_bytes (the tensor this rank contributes),
-    sent_bytes (what this rank sends under the ring algorithm: 2 (W-1)/W x payload for an all-reduce,
-    (W-1) x payload for an all-gather) and shape.
+    `records` holds one dict per collective: kind ("all_reduce", "all_gather", "reduce_scatter", or
+    "shape_exchange": sequence parallelism's check of the ranks' shard shapes), payload_bytes (the
+    tensor this rank contributes), sent_bytes (what this rank sends under the ring algorithm:
+    2 (W-1)/W x payload for an all-reduce, (W-1)/W x payload for a reduce-scatter, (W-1) x payload
+    for an all-gather) and shape.
     """
 
     def __init__(self):
@@ -116,7 +134,12 @@ def _before_collective(kind, t, group):
         return
     world = dist.get_world_size(group)
     payload = t.numel() * t.element_size()
-    sent = 2 * (world - 1) * payload // world if kind == "all_reduce" else (world - 1) * payload
+    if kind == "all_reduce":
+        sent = 2 * (world - 1) * payload // world
+    elif kind == "reduce_scatter":  # payload: the whole padded input; each rank keeps 1/W of the sum
+        sent = (world - 1) * payload // world
+    else:  # all_gather, shape_exchange: payload is this rank's contribution
+        sent = (world - 1) * payload
     for counts in _counters:
         counts.records.append(dict(kind=kind, payload_bytes=payload, sent_bytes=sent, shape=tuple(t.shape)))
     if os.environ.get(DEBUG_ENV) == "1":
@@ -165,6 +188,74 @@ def _split_last_dim(t, group):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     start, stop = shard_range(t.shape[-1], world, rank)
     return t[..., start:stop].contiguous()
+
+
+def _pad_dim0(t, rows):
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+def _all_gather_dim(t, sizes, dim, group):
+    """Concatenate every rank's t (sizes[r] long along dim, sizes allowed to differ) along dim."""
+    width = max(sizes)
+    padded = _pad_dim0(t.movedim(dim, 0), width).contiguous()
+    _before_collective("all_gather", padded, group)
+    gathered = funcol.wait_tensor(_all_gather_dim0(padded, 0, group))
+    pieces = [gathered[r * width:r * width + size] for r, size in enumerate(sizes)]
+    return torch.cat(pieces).movedim(0, dim)
+
+
+def _reduce_scatter_dim(t, sizes, dim, group):
+    """Sum t over the ranks and keep this rank's `tensor_split` slice along dim (sizes[rank] long)."""
+    width = max(sizes)
+    parts = torch.split(t.movedim(dim, 0), sizes)
+    padded = torch.cat([_pad_dim0(part, width) for part in parts]).contiguous()
+    _before_collective("reduce_scatter", padded, group)
+    mine = funcol.wait_tensor(_reduce_scatter_dim0(padded, "sum", 0, group))
+    return mine[:sizes[dist.get_rank(group)]].movedim(0, dim).contiguous()
+
+
+def _normalize_dim(name, dim, ndim):
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{name}: sequence_dim={dim} is out of range for a {ndim}-d input "
+                         f"(valid: {-ndim} to {ndim - 1})")
+    return dim % ndim
+
+
+def sequence_sizes(x, sequence_dim, process_group=None, name="sequence_sizes"):
+    """The lengths of every rank's sequence shard along `sequence_dim`, checked to fit together.
+
+    One small all-gather of every rank's shape (counted as "shape_exchange"). Every rank gets the same
+    shapes, so every rank raises the same ValueError, before any collective moves data, when the shards
+    are not `torch.tensor_split(full, world_size, sequence_dim)` of one tensor: a shard of the wrong
+    length, or other dims that differ.
+
+    Returns:
+        [L_0, ..., L_{W-1}]; sum(...) is the full length.
+    """
+    world = get_world_size(process_group)
+    dim = _normalize_dim(name, sequence_dim, x.dim())
+    if world == 1:
+        return [x.shape[dim]]
+    group = _group(process_group)
+    if x.dim() > _MAX_DIMS:
+        raise ValueError(f"{name}: at most {_MAX_DIMS} dims, got a {x.dim()}-d input")
+    mine = torch.tensor([x.dim(), *x.shape] + [0] * (_MAX_DIMS - x.dim()), dtype=torch.int64, device=x.device)
+    _before_collective("shape_exchange", mine, group)
+    shapes = funcol.wait_tensor(_all_gather_dim0(mine, 0, group)).view(world, -1).tolist()
+    shapes = [tuple(meta[1:1 + meta[0]]) for meta in shapes]
+    lengths = [shape[dim] if len(shape) > dim else -1 for shape in shapes]
+    expected = shard_sizes(max(sum(lengths), 0), world)
+    others = {shape[:dim] + shape[dim + 1:] for shape in shapes}
+    if len(others) > 1 or lengths != expected:
+        described = "; ".join(f"rank {r}: {shape}" for r, shape in enumerate(shapes))
+        raise ValueError(
+            f"{name}: with sequence_parallel=True rank r must hold torch.tensor_split(x, {world}, "
+            f"dim={sequence_dim})[r] of one tensor, so the shards along dim {dim} must be {expected} "
+            f"long (for {sum(lengths)} positions) and every other dim equal; got {described}"
+        )
+    return lengths
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -247,3 +338,132 @@ def scatter_to(x, process_group=None):
     if get_world_size(process_group) == 1:
         return x
     return _ScatterTo.apply(x, _group(process_group))
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sizes, dim, group):
+        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
+        return _all_gather_dim(x, sizes, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_dim(grad, ctx.sizes, ctx.dim, ctx.group), None, None, None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, partial, sizes, dim, group):
+        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
+        return _reduce_scatter_dim(partial, sizes, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim(grad, ctx.sizes, ctx.dim, ctx.group), None, None, None
+
+
+def gather_sequence(x, sizes, sequence_dim=-2, process_group=None):
+    """All-gather sequence shards into the full sequence; backward reduce-scatters the gradient.
+
+    Args:
+        x: this rank's shard, `torch.tensor_split(full, world_size, sequence_dim)[rank]`.
+        sizes: every rank's shard length (`sequence_sizes`).
+        sequence_dim: the sequence dim of x.
+    """
+    if get_world_size(process_group) == 1:
+        return x
+    dim = _normalize_dim("gather_sequence", sequence_dim, x.dim())
+    return _GatherSequence.apply(x, list(sizes), dim, _group(process_group))
+
+
+def reduce_scatter_sequence(partial, sequence_dim=-2, process_group=None):
+    """Sum the ranks' partials and keep this rank's `tensor_split` slice of the sequence; backward
+    all-gathers the gradient. Returns [.., L_r, ..]."""
+    world = get_world_size(process_group)
+    if world == 1:
+        return partial
+    dim = _normalize_dim("reduce_scatter_sequence", sequence_dim, partial.dim())
+    return _ReduceScatterSequence.apply(partial, shard_sizes(partial.shape[dim], world), dim, _group(process_group))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunked collectives for comm/compute overlap. Each returns its result un-waited (torch's
+# AsyncCollectiveTensor): the collective runs while the caller computes the next chunk, and the first
+# use of the result waits for it. The bytes of the chunks add up to the unchunked collective's.
+
+
+class _AllReduceAsync(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, partial, group):
+        _before_collective("all_reduce", partial, group)
+        return funcol.all_reduce(partial.contiguous(), "sum", group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherChunkAsync(torch.autograd.Function):
+    """[w, ...] on each rank -> [W * w, ...]: rank r's chunk at rows r*w:(r+1)*w. Backward reduce-scatters."""
+
+    @staticmethod
+    def forward(ctx, chunk, group):
+        ctx.group = group
+        chunk = chunk.contiguous()
+        _before_collective("all_gather", chunk, group)
+        return _all_gather_dim0(chunk, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        _before_collective("reduce_scatter", grad, ctx.group)
+        return funcol.wait_tensor(_reduce_scatter_dim0(grad, "sum", 0, ctx.group)), None
+
+
+class _ReduceScatterChunkAsync(torch.autograd.Function):
+    """[W * w, ...] partials -> [w, ...]: the sum of every rank's rows r*w:(r+1)*w for r = this rank."""
+
+    @staticmethod
+    def forward(ctx, partial, group):
+        ctx.group = group
+        partial = partial.contiguous()
+        _before_collective("reduce_scatter", partial, group)
+        return _reduce_scatter_dim0(partial, "sum", 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        _before_collective("all_gather", grad, ctx.group)
+        return funcol.wait_tensor(_all_gather_dim0(grad, 0, ctx.group)), None
+
+
+def all_reduce_async(partial, process_group=None):
+    """reduce_from's forward, un-waited (identity backward): for chunked, overlapped row stages."""
+    if get_world_size(process_group) == 1:
+        return partial
+    return _AllReduceAsync.apply(partial, _group(process_group))
+
+
+def sequence_chunks(sizes, chunks):
+    """Each rank's shard split by `torch.tensor_split` into `chunks` pieces: [[L_{r,c} for r] for c],
+    and the chunks' padded widths max_r L_{r,c} (their sum is max_r L_r: chunking adds no bytes)."""
+    per_rank = [shard_sizes(length, chunks) for length in sizes]
+    lengths = [[per_rank[r][c] for r in range(len(sizes))] for c in range(chunks)]
+    return lengths, [max(column) for column in lengths]
+
+
+def gather_sequence_chunk(chunk, width, process_group=None):
+    """All-gather one chunk of this rank's sequence shard (dim 0), padded to `width` rows: returns
+    [W * width, ...] un-waited; its backward reduce-scatters the gradient."""
+    padded = _pad_dim0(chunk, width)
+    if get_world_size(process_group) == 1:
+        return padded
+    return _GatherChunkAsync.apply(padded, _group(process_group))
+
+
+def reduce_scatter_sequence_chunk(partial, process_group=None):
+    """Reduce-scatter [W * width, ...] partials (rank r's rows at r*width) into this rank's [width, ...],
+    un-waited; its backward all-gathers the gradient."""
+    if get_world_size(process_group) == 1:
+        return partial
+    return _ReduceScatterChunkAsync.apply(partial, _group(process_group))

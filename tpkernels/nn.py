@@ -25,12 +25,107 @@ call it on every rank), and `load_full_state_dict()` loads a dense one into the 
 import torch
 from torch import nn
 
-from tpkernels.distributed import copy_to, gather_from, get_rank, get_world_size, reduce_from, scatter_to, shard_range
+import functools
+
+from tpkernels import perfmodel
+from tpkernels.distributed import (_pad_dim0, all_reduce_async, copy_to, gather_from, gather_sequence,
+                                   gather_sequence_chunk, get_rank, get_world_size, reduce_from,
+                                   reduce_scatter_sequence, reduce_scatter_sequence_chunk, scatter_to,
+                                   sequence_chunks, sequence_sizes, shard_range, shard_sizes)
 from tpkernels.ops import BACKENDS, linear_gelu, linear_partial, mlp_shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
+
+
+# Chunks of the overlapped path: each chunk's collective runs while the next chunk's GEMMs do.
+OVERLAP_CHUNKS = 4
+# The machine `overlap="auto"` asks the performance model about (tpkernels.perfmodel.MACHINES).
+OVERLAP_MACHINE = "h100-nvlink"
+
+
+def _check_parallel_options(name, sequence_parallel, sequence_dim, overlap):
+    # Checked at construction, alike on every rank.
+    if not isinstance(sequence_parallel, bool):
+        raise TypeError(f"{name}: sequence_parallel must be True or False, got {sequence_parallel!r}")
+    if not isinstance(sequence_dim, int) or isinstance(sequence_dim, bool):
+        raise TypeError(f"{name}: sequence_dim must be an int, got {sequence_dim!r}")
+    if not (overlap is False or overlap is True or overlap == "auto"):
+        raise ValueError(f"{name}: overlap must be False, True or 'auto', got {overlap!r}")
+
+
+def _sequence_dim(name, sequence_dim, x):
+    """sequence_dim as a non-negative dim of x, which must not be the feature (last) dim."""
+    ndim = x.dim()
+    if not -ndim <= sequence_dim < ndim or sequence_dim % ndim == ndim - 1:
+        raise ValueError(f"{name}: sequence_dim={sequence_dim} is out of range for a {ndim}-d input of shape "
+                         f"{tuple(x.shape)}: it must name one of its first {ndim - 1} dims (the last holds features)")
+    return sequence_dim % ndim
+
+
+@functools.cache
+def _break_even(hidden, ffn, world, element_size):
+    return perfmodel.break_even_m(hidden, ffn, world, perfmodel.MACHINES[OVERLAP_MACHINE], element_size)
+
+
+def _overlapping(overlap, x, tokens, hidden, ffn, world):
+    """Whether this call takes the chunked path. True forces it (also at world size 1, to measure its
+    cost); "auto" takes it on CUDA tensors from the performance model's break-even M on."""
+    if overlap != "auto":
+        return bool(overlap)
+    if world == 1 or not x.is_cuda:
+        return False
+    even = _break_even(hidden, ffn, world, x.element_size())
+    return even is not None and tokens >= even
+
+
+def _gather_chunks(x, sizes, dim, group, rank):
+    """Issue the all-gathers of this rank's sequence shard in OVERLAP_CHUNKS chunks (dim moved to 0),
+    un-waited: [(chunk index, [W * width, ...])], with the chunks' lengths and widths."""
+    lengths, widths = sequence_chunks(sizes, OVERLAP_CHUNKS)
+    own = torch.split(x.movedim(dim, 0), [lengths[c][rank] for c in range(OVERLAP_CHUNKS)])
+    gathered = [(c, gather_sequence_chunk(own[c], widths[c], group)) for c in range(OVERLAP_CHUNKS) if widths[c]]
+    return gathered, lengths, widths
+
+
+def _column_sequence_overlap(x, sizes, dim, group, rank, fn):
+    """fn(all-gather(x)) in chunks: each chunk's GEMM runs while the next chunks are still arriving."""
+    gathered, lengths, widths = _gather_chunks(x, sizes, dim, group, rank)
+    outs = {c: fn(g) for c, g in gathered}
+    pieces = [outs[c][r * widths[c]:r * widths[c] + lengths[c][r]]
+              for r in range(len(sizes)) for c in range(OVERLAP_CHUNKS) if widths[c]]
+    return torch.cat(pieces).movedim(0, dim)
+
+
+def _row_sequence_overlap(x, dim, group, world, rank, fn):
+    """reduce-scatter(fn(x)) along the sequence in chunks: a chunk's reduce-scatter runs while the next
+    chunk's GEMM does."""
+    sizes = shard_sizes(x.shape[dim], world)
+    lengths, widths = sequence_chunks(sizes, OVERLAP_CHUNKS)
+    regions = torch.split(x.movedim(dim, 0), sizes)
+    pieces = [torch.split(region, [lengths[c][r] for c in range(OVERLAP_CHUNKS)]) for r, region in enumerate(regions)]
+    reduced = []
+    for c, width in enumerate(widths):
+        if width:
+            chunk = torch.cat([_pad_dim0(pieces[r][c], width) for r in range(world)])
+            reduced.append((c, reduce_scatter_sequence_chunk(fn(chunk), group)))
+    return torch.cat([part[:lengths[c][rank]] for c, part in reduced]).movedim(0, dim)
+
+
+def _rows_overlap(x, group, fn):
+    """all-reduce(fn(x)) in chunks of rows: a chunk's all-reduce runs while the next chunk's GEMM does."""
+    flat = x.reshape(-1, x.shape[-1])
+    parts = [all_reduce_async(fn(part), group) for part in torch.tensor_split(flat, OVERLAP_CHUNKS) if part.shape[0]]
+    out = torch.cat(parts) if parts else fn(flat)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _parallel_repr(module):
+    if not module.sequence_parallel and module.overlap is False:
+        return ""
+    return (f", sequence_parallel={module.sequence_parallel}, sequence_dim={module.sequence_dim}, "
+            f"overlap={module.overlap!r}")
 
 
 def _check_backend(name, backend):
@@ -137,6 +232,12 @@ class ColumnParallelLinear(_ParallelLinear):
             `torch.tensor_split(range(out_features), world_size)[r]` of the weight and bias.
         activation: None, "gelu" (exact, erf) or "gelu_tanh", applied per shard in the kernel.
         gather_output: all-gather the shards into [..., out_features] (one collective forward).
+        sequence_parallel: the input is this rank's shard of the sequence along `sequence_dim`,
+            `torch.tensor_split(x, world_size, sequence_dim)[rank]` (lengths may differ by one); the
+            layer all-gathers it (backward: reduce-scatters its gradient) and outputs the full sequence.
+        sequence_dim: the sequence dim of the input: -2 is tokens for [T, H] and the sequence for [B, S, H].
+        overlap: False, True or "auto": with sequence_parallel, gather the input in chunks and run each
+            chunk's GEMM as it arrives; "auto" does so on CUDA where `tpkernels.perfmodel` predicts a gain.
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
@@ -145,34 +246,50 @@ class ColumnParallelLinear(_ParallelLinear):
     shard_dim = 0
 
     def __init__(self, in_features, out_features, bias=True, *, activation=None, gather_output=False,
-                 process_group=None, device=None, dtype=None, backend="auto"):
+                 sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, device=None,
+                 dtype=None, backend="auto"):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ColumnParallelLinear: unknown activation {activation!r}; use None, 'gelu' or 'gelu_tanh'")
         _check_backend("ColumnParallelLinear", backend)
+        _check_parallel_options("ColumnParallelLinear", sequence_parallel, sequence_dim, overlap)
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
         self.activation = activation
         self.gather_output = gather_output
+        self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
         self.backend = backend
 
     @classmethod
-    def from_linear(cls, linear, *, activation=None, gather_output=False, process_group=None, backend="auto"):
+    def from_linear(cls, linear, *, activation=None, gather_output=False, sequence_parallel=False, sequence_dim=-2,
+                    overlap=False, process_group=None, backend="auto"):
         """Shard an existing nn.Linear (identical on every rank) by output features."""
         return cls._from_linear(linear, activation=activation, gather_output=gather_output,
+                                sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap,
                                 process_group=process_group, backend=backend)
+
+    def _shard_forward(self, x):
+        if self.activation is None:
+            return linear_partial(x, self.weight, self.bias, backend=self.backend)  # owner=True: a plain linear
+        return linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation], backend=self.backend)
 
     def forward(self, x):
         self._check_full_width(x)
-        x = copy_to(x, self.process_group)
-        if self.activation is None:
-            h = linear_partial(x, self.weight, self.bias, backend=self.backend)  # owner=True: a plain linear
+        if self.sequence_parallel:
+            dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
+            sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
+            if _overlapping(self.overlap, x, sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1),
+                            self.in_features, self.out_features, self.world_size):
+                h = _column_sequence_overlap(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
+            else:
+                h = self._shard_forward(gather_sequence(x, sizes, dim, self.process_group))
         else:
-            h = linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation], backend=self.backend)
+            h = self._shard_forward(copy_to(x, self.process_group))
         if self.gather_output:
             h = gather_from(h, self.out_features, self.process_group)
         return h
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, activation={self.activation}, gather_output={self.gather_output}"
+        return (f"{super().extra_repr()}, activation={self.activation}, gather_output={self.gather_output}"
+                + _parallel_repr(self))
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -186,6 +303,13 @@ class RowParallelLinear(_ParallelLinear):
             ColumnParallelLinear); False splits a full-width input [..., in_features] here.
         reduce_dtype: None (the input's dtype) or torch.float32, to all-reduce fp32 partials and
             round once after the sum.
+        sequence_parallel: reduce-scatter the partial sums along `sequence_dim` instead of all-reducing
+            them: the output is this rank's `torch.tensor_split(y, world_size, sequence_dim)[rank]`
+            (backward: all-gather of its gradient). The bias is still added once.
+        sequence_dim: the sequence dim of the input and output (-2 by default).
+        overlap: False, True or "auto": run the GEMM in chunks, each chunk's all-reduce (or
+            reduce-scatter) overlapping the next chunk's GEMM; "auto" does so on CUDA where
+            `tpkernels.perfmodel` predicts a gain.
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
@@ -194,17 +318,22 @@ class RowParallelLinear(_ParallelLinear):
     shard_dim = 1
 
     def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, reduce_dtype=None,
-                 process_group=None, device=None, dtype=None, backend="auto"):
+                 sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, device=None,
+                 dtype=None, backend="auto"):
         _check_backend("RowParallelLinear", backend)
+        _check_parallel_options("RowParallelLinear", sequence_parallel, sequence_dim, overlap)
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
         self.input_is_parallel = input_is_parallel
         self.reduce_dtype = reduce_dtype
+        self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
         self.backend = backend
 
     @classmethod
-    def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, process_group=None, backend="auto"):
+    def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, sequence_parallel=False,
+                    sequence_dim=-2, overlap=False, process_group=None, backend="auto"):
         """Shard an existing nn.Linear (identical on every rank) by input features."""
         return cls._from_linear(linear, input_is_parallel=input_is_parallel, reduce_dtype=reduce_dtype,
+                                sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap,
                                 process_group=process_group, backend=backend)
 
     def forward(self, x):
@@ -217,13 +346,25 @@ class RowParallelLinear(_ParallelLinear):
             )
         if not self.input_is_parallel:
             self._check_full_width(x)
+        dim = _sequence_dim("RowParallelLinear", self.sequence_dim, x) if self.sequence_parallel else None
+        if not self.input_is_parallel:
             x = scatter_to(x, self.process_group)
-        partial = linear_partial(x, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
-                                 backend=self.backend)
-        return reduce_from(partial, self.process_group).to(x.dtype)
+
+        def partial(rows):
+            return linear_partial(rows, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
+                                  backend=self.backend)
+
+        group = self.process_group
+        if _overlapping(self.overlap, x, x[..., 0].numel(), self.out_features, self.in_features, self.world_size):
+            if self.sequence_parallel:
+                return _row_sequence_overlap(x, dim, group, self.world_size, self.rank, partial).to(x.dtype)
+            return _rows_overlap(x, group, partial).to(x.dtype)
+        if self.sequence_parallel:
+            return reduce_scatter_sequence(partial(x), dim, group).to(x.dtype)
+        return reduce_from(partial(x), group).to(x.dtype)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, input_is_parallel={self.input_is_parallel}"
+        return f"{super().extra_repr()}, input_is_parallel={self.input_is_parallel}" + _parallel_repr(self)
 
 
 class TensorParallelMLP(nn.Module):
@@ -237,25 +378,37 @@ class TensorParallelMLP(nn.Module):
         bias: both layers get a bias.
         approximate: "none" (exact GELU) or "tanh".
         reduce_dtype: None or torch.float32, see RowParallelLinear.
+        sequence_parallel: input and output are this rank's `torch.tensor_split` shard of the sequence
+            along `sequence_dim`: one all-gather in, one reduce-scatter out (the bytes of one
+            all-reduce), and the activations between blocks are 1/W of their size.
+        sequence_dim: the sequence dim of input and output (-2 by default).
+        overlap: False, True or "auto": run both shards in chunks of the sequence (or of the rows), each
+            chunk's collectives overlapping another chunk's GEMMs; "auto" does so on CUDA from the
+            break-even M of `tpkernels.perfmodel` on.
         process_group, device, dtype, backend: as the layers.
     """
 
     def __init__(self, in_features, hidden_features, out_features=None, bias=True, *, approximate="none",
-                 reduce_dtype=None, process_group=None, device=None, dtype=None, backend="auto"):
+                 reduce_dtype=None, sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None,
+                 device=None, dtype=None, backend="auto"):
         super().__init__()
         activation = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
         if activation is None:
             raise ValueError(f"TensorParallelMLP: approximate must be 'none' or 'tanh', got {approximate!r}")
+        _check_parallel_options("TensorParallelMLP", sequence_parallel, sequence_dim, overlap)
         out_features = in_features if out_features is None else out_features
         self.approximate = approximate
         self.backend = backend
-        self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, activation=activation,
+        self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
+        parallel = dict(sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap)
+        self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, activation=activation, **parallel,
                                         process_group=process_group, device=device, dtype=dtype, backend=backend)
-        self.fc2 = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype,
+        self.fc2 = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype, **parallel,
                                      process_group=process_group, device=device, dtype=dtype, backend=backend)
 
     @classmethod
-    def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, process_group=None, backend="auto"):
+    def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, sequence_parallel=False,
+                   sequence_dim=-2, overlap=False, process_group=None, backend="auto"):
         """Shard a dense MLP's two nn.Linear layers (identical on every rank)."""
         for name, linear in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(linear, nn.Linear):
@@ -266,7 +419,8 @@ class TensorParallelMLP(nn.Module):
         if (fc1.bias is None) != (fc2.bias is None):
             raise ValueError("TensorParallelMLP.from_dense: fc1 and fc2 must both have a bias or both lack one")
         module = cls(fc1.in_features, fc1.out_features, fc2.out_features, fc1.bias is not None,
-                     approximate=approximate, reduce_dtype=reduce_dtype, process_group=process_group,
+                     approximate=approximate, reduce_dtype=reduce_dtype, sequence_parallel=sequence_parallel,
+                     sequence_dim=sequence_dim, overlap=overlap, process_group=process_group,
                      device="meta", dtype=fc1.weight.dtype, backend=backend)
         module.load_full_state_dict({f"{name}.{k}": v for name, layer in (("fc1", fc1), ("fc2", fc2))
                                      for k, v in layer.state_dict().items()})
@@ -277,10 +431,29 @@ class TensorParallelMLP(nn.Module):
         # in one GEMM's epilogue. The collectives are the layers' own: copy_to in, reduce_from out.
         fc1, fc2 = self.fc1, self.fc2
         fc1._check_full_width(x)
-        x = copy_to(x, fc1.process_group)
-        partial = mlp_shard(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.approximate,
-                            owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype, backend=self.backend)
-        return reduce_from(partial, fc2.process_group).to(x.dtype)
+        group, world = fc1.process_group, fc1.world_size
+
+        def shards(rows):
+            return mlp_shard(rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.approximate,
+                             owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype, backend=self.backend)
+
+        if self.sequence_parallel:
+            dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)
+            sizes = sequence_sizes(x, dim, group, "TensorParallelMLP")
+            tokens = sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1)
+            if _overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
+                # Gather chunk c + 1 and reduce-scatter chunk c - 1 while chunk c runs both shards. A
+                # gathered chunk is already in the padded per-rank layout its reduce-scatter takes.
+                gathered, lengths, _ = _gather_chunks(x, sizes, dim, group, fc1.rank)
+                reduced = [(c, reduce_scatter_sequence_chunk(shards(g), group)) for c, g in gathered]
+                out = torch.cat([part[:lengths[c][fc1.rank]] for c, part in reduced]).movedim(0, dim)
+                return out.to(x.dtype)
+            partial = shards(gather_sequence(x, sizes, dim, group))
+            return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
+        x = copy_to(x, group)
+        if _overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
+            return _rows_overlap(x, group, shards).to(x.dtype)
+        return reduce_from(shards(x), group).to(x.dtype)
 
     def full_state_dict(self):
         """The dense MLP's state dict ("fc1.weight", ...), gathered from every rank (call it on every rank)."""

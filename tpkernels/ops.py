@@ -285,10 +285,18 @@ def _tma_layout(t):
     return None
 
 
+# "auto" launches the persistent TMA kernel only above this many rows. Measured on an H200 (bf16 column
+# forward, K = 4096; benchmarks/results/NVIDIA-H200-2026-11-25-kernel-choice.jsonl): at M <= 64 its
+# 128-row tiles leave it 1.4 to 2.2x slower than the pointer kernel's small-M configs, at M = 128 they
+# tie, and from M = 256 up the TMA kernel is 2 to 15% faster.
+_TMA_MIN_M = 128
+
+
 def _use_tma(a, b, c, residual):
     if _matmul_kernel_choice == "pointer" or a.dtype not in (torch.float16, torch.bfloat16) or c.dtype != a.dtype:
         return False
-    if _matmul_kernel_choice == "auto" and not (a.is_cuda and not INTERPRETED and _is_hopper(a.device.index)):
+    if _matmul_kernel_choice == "auto" and not (a.is_cuda and not INTERPRETED and _is_hopper(a.device.index)
+                                                and a.shape[0] > _TMA_MIN_M):
         return False
     if residual is not None and residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr():
         return False  # in place (out=residual): the autotuner must restore c, which a descriptor hides
@@ -394,8 +402,7 @@ def _runs_triton(t):
 # Custom ops (2-D, checked inputs; the public functions below check and reshape)
 
 
-@torch.library.custom_op("tpkernels::fused_linear", mutates_args=())
-def _fused_linear(
+def _fused_linear_impl(
     x: Tensor,
     weight: Tensor,
     bias: Optional[Tensor],
@@ -418,6 +425,9 @@ def _fused_linear(
         activation=activation,
     )
     return out, preact
+
+
+_fused_linear = torch.library.custom_op("tpkernels::fused_linear", mutates_args=())(_fused_linear_impl)
 
 
 @_fused_linear.register_fake
@@ -545,8 +555,7 @@ if _C is not None:
     )
 
 
-@torch.library.custom_op("tpkernels::mlp_shard", mutates_args=())
-def _mlp_shard(
+def _mlp_shard_impl(
     x: Tensor,
     w1: Tensor,
     b1: Optional[Tensor],
@@ -578,6 +587,9 @@ def _mlp_shard(
     _launch(h, w2.t(), out, bias=b2.contiguous() if owner and b2 is not None else None,
             residual=residual if owner else None)
     return out, (h if store_for_backward else x.new_empty(0)), z
+
+
+_mlp_shard = torch.library.custom_op("tpkernels::mlp_shard", mutates_args=())(_mlp_shard_impl)
 
 
 @_mlp_shard.register_fake
@@ -765,6 +777,8 @@ def _linear(name, x, weight, bias, residual, activation, owner, out_dtype, backe
     store = _needs_grad(x, weight, bias, residual)
     if chosen == "eager":
         return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
+    if chosen == "triton" and not store and _direct_call_ok(x, weight, bias, residual):
+        return _fused_linear_impl(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
     op = torch.ops.tpkernels.fused_linear if chosen == "triton" else torch.ops.tpkernels.epilogue_linear
     return op(x, weight, bias, residual, activation, owner, out_dtype, store)[0]
 
@@ -816,6 +830,18 @@ def _rows(t):
 
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _direct_call_ok(*tensors):
+    """Whether an inference call may run a custom op's Python implementation directly, skipping the
+    dispatcher: not under torch.compile, export, a dispatch or function mode (FakeTensor, FlopCounter)
+    or a functorch transform, and only plain tensors. The dispatcher costs about half of a call's host
+    time (benchmarks/NOTES.md, "Host overhead"); everything that traces or transforms still sees the op."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    return all(t is None or (type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+               for t in tensors)
 
 
 def linear_gelu(x, weight, bias=None, approximate="none", *, backend="auto"):
@@ -956,9 +982,12 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
     if chosen == "eager":
         h = reference.linear_gelu(x, w1, b1, approximate)
         return reference.linear_partial(h, w2, b2, residual=residual, owner=owner, out_dtype=out_dtype)
-    out, _, _ = torch.ops.tpkernels.mlp_shard(
-        _rows(x), w1, b1, w2, b2, None if residual is None else _rows(residual), _APPROXIMATE[approximate],
-        bool(owner), out_dtype, _needs_grad(x, w1, b1, w2, b2, residual), chosen != "triton",
-    )
+    store = _needs_grad(x, w1, b1, w2, b2, residual)
+    args = (_rows(x), w1, b1, w2, b2, None if residual is None else _rows(residual), _APPROXIMATE[approximate],
+            bool(owner), out_dtype, store, chosen != "triton")
+    if not store and _direct_call_ok(x, w1, b1, w2, b2, residual):
+        out, _, _ = _mlp_shard_impl(*args)
+    else:
+        out, _, _ = torch.ops.tpkernels.mlp_shard(*args)
     return out.view(out_shape)
 
