@@ -25,8 +25,23 @@ def test_main_job_answers_the_seed_question_on_two_ranks():
     # the table: (c) one all-reduce of [8, 16] fp32 partials, 2 (W-1)/W x 512 bytes = 512 sent per rank
     row_c = next(line for line in out.splitlines()
                  if line.strip().startswith("(c) column (GELU fused)") and not line.endswith("..."))
-    assert row_c.split()[-5:-3] == ["1", "512"], row_c
-    assert "Winner: (c)" in out
+    assert row_c.split()[-7:-5] == ["1", "512"], row_c
+    # (d), sequence parallel: all-gather [4, 16] and reduce-scatter [8, 16] fp32: 256 + 256 bytes, and
+    # each rank keeps half of the output
+    row_d = next(line for line in out.splitlines()
+                 if line.strip().startswith("(d) all-gather") and not line.endswith("..."))
+    assert row_d.split()[-7:-4] == ["2", "512", "512"] and row_d.split()[-4] == "256", row_d
+    # hidden (48) > out (16): (c) sends the fewest bytes, in the fewest collectives, and the model picks it
+    assert "Fewest bytes: (c). Fewest collectives: (c). Fastest by the model: (c)." in out
+    assert "Here (a) sends fewer bytes" not in out
+
+
+def test_main_job_says_when_strategy_a_sends_fewer_bytes():
+    """hidden < out: (a) moves fewer bytes than (c); the text says so, and lets the latency term decide."""
+    out = _run(sys.executable, "-m", "tpkernels", "--repeat", "1", "--tokens", "17", "--in-features", "32",
+               "--hidden", "8", "--world-size", "3", "--dtype", "bfloat16")
+    assert "Fewest bytes: (a). Fewest collectives: (c)." in out
+    assert "Here (a) sends fewer bytes" in out and "whenever hidden (8) < out (32)" in out
 
 
 def test_torchrun_example_trains_like_the_dense_model():

@@ -65,3 +65,23 @@ def test_the_command_line_prints_the_table():
 def test_overrides():
     fast = dataclasses.replace(NVLINK, bus_bandwidth=NVLINK.bus_bandwidth * 10)
     assert perfmodel.predict(4096, 8192, 28672, 8, fast)["step"] < perfmodel.predict(4096, 8192, 28672, 8, NVLINK)["step"]
+
+
+def test_strategy_times_follow_latency_and_bytes():
+    machine = perfmodel.MACHINES["h100-nvlink"]
+    # one rank: nothing to communicate, (c) and (d) are the same two GEMMs
+    one = perfmodel.strategy_times(64, 1024, 4096, 1024, 1, machine)
+    assert one["c"] == one["d"]
+    # few tokens: latency-bound, so one collective beats two whatever the bytes
+    few = perfmodel.strategy_times(17, 128, 100, 128, 3, machine)
+    assert few["c"] < min(few["a"], few["b"], few["d"])
+    assert few["a"] - few["c"] > 0.9 * machine.latency
+    # many tokens, hidden < out: (a)'s two gathers take less bus time than (c)'s all-reduce, so its lead
+    # in collectives shrinks as M grows
+    M, H, N, W = 1 << 16, 100, 128, 3
+    gathers = perfmodel.gather_time(M * H * 2, W, machine) + perfmodel.gather_time(M * N * 2, W, machine)
+    assert gathers - machine.latency < perfmodel.all_reduce_time(M * N * 2, W, machine)
+    # (d)'s all-gather [M, K] and reduce-scatter [M, N] move what (c)'s all-reduce [M, N] does when K == N,
+    # plus one latency
+    big = perfmodel.strategy_times(8192, 4096, 16384, 4096, 8, machine)
+    assert abs((big["d"] - big["c"]) - machine.latency) < 1e-9

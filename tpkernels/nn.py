@@ -66,7 +66,8 @@ def _sequence_dim(name, sequence_dim, x):
 
 @functools.cache
 def _break_even(hidden, ffn, world, element_size):
-    return perfmodel.break_even_m(hidden, ffn, world, perfmodel.MACHINES[OVERLAP_MACHINE], element_size)
+    return perfmodel.break_even_m(hidden, ffn, world, perfmodel.MACHINES[OVERLAP_MACHINE], element_size,
+                                  chunks=OVERLAP_CHUNKS)
 
 
 def _overlapping(overlap, x, tokens, hidden, ffn, world):

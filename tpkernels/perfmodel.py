@@ -28,7 +28,7 @@ bandwidth in every run).
 import dataclasses
 import math
 
-__all__ = ["MACHINES", "Machine", "break_even_m", "predict", "table"]
+__all__ = ["MACHINES", "Machine", "break_even_m", "predict", "strategy_times", "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,40 @@ def all_reduce_time(nbytes, world, machine):
     if world == 1:
         return 0.0
     return machine.latency + nbytes * 2 * (world - 1) / world / machine.bus_bandwidth
+
+
+def gather_time(nbytes, world, machine):
+    """An all-gather (or reduce-scatter) whose whole, gathered (or unreduced) tensor is nbytes."""
+    if world == 1:
+        return 0.0
+    return machine.latency + nbytes * (world - 1) / world / machine.bus_bandwidth
+
+
+def strategy_times(tokens, in_features, hidden, out_features, world, machine, element_size=2):
+    """Predicted forward seconds per rank of the four ways `python -m tpkernels` runs y = MLP(x), M tokens:
+
+        a  column -> all-gather [M, H] -> GELU -> column -> all-gather [M, N]
+        b  row -> all-reduce [M, H] -> GELU -> row -> all-reduce [M, N]
+        c  column (GELU fused) -> row -> all-reduce [M, N]                 (TensorParallelMLP)
+        d  all-gather [M, K] -> column (GELU fused) -> row -> reduce-scatter [M, N]   (sequence parallel)
+    """
+    M, K, H, N, W, b = tokens, in_features, hidden, out_features, world, element_size
+
+    def gemm(m, n, k):
+        return gemm_time(m, n, k, machine, b)
+
+    def share(features):
+        return math.ceil(features / W)
+
+    return {
+        "a": gemm(M, share(H), K) + gather_time(M * H * b, W, machine) + gemm(M, share(N), H)
+        + gather_time(M * N * b, W, machine),
+        "b": gemm(M, H, share(K)) + all_reduce_time(M * H * b, W, machine) + gemm(M, N, share(H))
+        + all_reduce_time(M * N * b, W, machine),
+        "c": gemm(M, share(H), K) + gemm(M, N, share(H)) + all_reduce_time(M * N * b, W, machine),
+        "d": gather_time(M * K * b, W, machine) + gemm(M, share(H), K) + gemm(M, N, share(H))
+        + gather_time(M * N * b, W, machine),
+    }
 
 
 def _pipelined(gemm, collective, chunks, m, machine):

@@ -9,6 +9,9 @@ nonlinearity. Column, GELU, row, then one all-reduce: the one-collective path. T
     (a) column -> all-gather -> GELU -> column -> all-gather
     (b) row -> all-reduce -> GELU -> row -> all-reduce
     (c) column (GELU fused) -> row -> all-reduce      (TensorParallelMLP)
+    (d) all-gather -> column (GELU fused) -> row -> reduce-scatter
+                                                      (TensorParallelMLP(sequence_parallel=True): x and
+                                                       y are each rank's tensor_split of the tokens)
 
 `rank_main` is what each spawned rank runs; `python -m tpkernels` spawns them.
 """
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 
 import tpkernels
 from tpkernels import distributed as tpd
+from tpkernels import perfmodel
 from tpkernels.kernels import INTERPRETED
 from tpkernels.reference import MLP
 
@@ -131,8 +135,11 @@ def strategies(rank, world, device, args):
     eager_error = (dense(x).double() - y_ref).abs().max().item()
     w1, b1, w2, b2 = (p.detach() for p in (dense.fc1.weight, dense.fc1.bias, dense.fc2.weight, dense.fc2.bias))
     mlp = tpkernels.TensorParallelMLP.from_dense(dense.fc1, dense.fc2)
+    sequence_mlp = tpkernels.TensorParallelMLP.from_dense(dense.fc1, dense.fc2, sequence_parallel=True)
+    x_tokens = torch.tensor_split(x, world)[rank]
     b = torch.finfo(dtype).bits // 8
     ring = (world - 1) / world
+    longest = -(-M // world)  # an all-gather or reduce-scatter of uneven token shards pads them to this
     runs = {
         "a": ("column -> all-gather -> GELU -> column -> all-gather",
               lambda: _strategy_a(x, w1, b1, w2, b2, world, rank), ring * M * (H + N) * b,
@@ -142,7 +149,11 @@ def strategies(rank, world, device, args):
               "2 (W-1)/W * M * (H + N) * b"),
         "c": ("column (GELU fused) -> row -> all-reduce", lambda: mlp(x), 2 * ring * M * N * b,
               "2 (W-1)/W * M * N * b"),
+        "d": ("all-gather -> column (GELU) -> row -> reduce-scatter", lambda: sequence_mlp(x_tokens),
+              (world - 1) * longest * (K + N) * b, "(W-1) * ceil(M/W) * (K + N) * b"),
     }
+    y_parts = {"a": y_ref, "b": y_ref, "c": y_ref, "d": torch.tensor_split(y_ref, world)[rank]}
+    predicted = perfmodel.strategy_times(M, K, H, N, world, perfmodel.MACHINES[MODEL_MACHINE], b)
     _print0(rank, f"Strategies for y = MLP(x): M={M} tokens, in={K}, hidden={H}, out={N}, {args.dtype}, "
                   f"{world} ranks, {args.repeat} timed runs each (eager single-device error: {eager_error:.2e})")
     results = {}
@@ -151,7 +162,7 @@ def strategies(rank, world, device, args):
         with torch.no_grad():
             with tpd.count_collectives() as counts:
                 y = run()
-            error = (y.double() - y_ref).abs().max().item()
+            error = (y.double() - y_parts[key]).abs().max().item() if y.numel() else 0.0
             times = []
             for _ in range(args.repeat):
                 dist.barrier()
@@ -162,30 +173,54 @@ def strategies(rank, world, device, args):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-        results[key] = dict(name=name, collectives=counts.count(), sent=counts.sent_bytes,
-                            formula_bytes=formula_bytes, formula=formula, error=error,
+        data = [r for r in counts.records if r["kind"] != "shape_exchange"]  # (d)'s check of the shards
+        results[key] = dict(name=name, collectives=len(data), sent=sum(r["sent_bytes"] for r in data),
+                            checks=counts.count("shape_exchange"), formula_bytes=formula_bytes, formula=formula,
+                            error=error, out_bytes=y.numel() * y.element_size(), model_us=1e6 * predicted[key],
                             ms=1e3 * statistics.median(times))
     if rank == 0:
-        _table(results, device)
+        _table(results, device, dict(M=M, K=K, H=H, N=N, world=world))
     return results
 
 
-def _table(results, device):
+MODEL_MACHINE = "h100-nvlink"  # the machine whose predicted times the table shows (tpkernels.perfmodel)
+
+
+def _table(results, device, shape):
     print(f"\n  {'strategy':<56}{'collectives':>12}{'bytes sent/rank':>17}{'formula':>12}  "
-          f"{'max error':>9}{'ms':>10}")
+          f"{'output/rank':>12}{'max error':>10}{'ms':>9}{'model us':>10}")
     for key, r in results.items():
         print(f"  ({key}) {r['name']:<52}{r['collectives']:>12}{r['sent']:>17,}{int(r['formula_bytes']):>12,}  "
-              f"{r['error']:>9.2e}{r['ms']:>10.2f}")
+              f"{r['out_bytes']:>12,}{r['error']:>10.2e}{r['ms']:>9.2f}{r['model_us']:>10.1f}")
     print("  formulas: " + "; ".join(f"({k}) {r['formula']}" for k, r in results.items())
           + " (b: bytes per element; an all-gather of uneven shards pads them to the largest)")
-    fewest = min(results, key=lambda k: (results[k]["collectives"], results[k]["sent"]))
-    c, a, b = results["c"], results["a"], results["b"]
-    print(f"\n  Winner: ({fewest}). Strategy (c) issues {c['collectives']} collective per forward and sends "
-          f"{c['sent']:,} bytes per rank, against {a['collectives']} and {a['sent']:,} for (a) and "
-          f"{b['collectives']} and {b['sent']:,} for (b): GELU acts on whole hidden features, which the column "
-          f"split keeps on one rank, so the hidden activation never crosses the network; only the [M, out] "
-          f"partial sums are all-reduced, once. (a) gathers the hidden activation and the output; (b) reduces "
-          f"both, because GELU must not see a partial sum.")
+    print(f"  output/rank: the activation each rank holds after the block. model us: "
+          f"{perfmodel.MACHINES[MODEL_MACHINE].name}, predicted by tpkernels.perfmodel.strategy_times "
+          f"(roofline GEMMs, alpha-beta collectives; assumed figures, not this machine's). (d) also "
+          f"exchanges each rank's shard shape first ({results['d']['checks']} small collective, not counted above).")
+    M, H, N, world = shape["M"], shape["H"], shape["N"], shape["world"]
+    if world == 1:
+        print("\n  One rank: no strategy communicates, so they differ only in their kernels.")
+        return
+    fewest_bytes = min(results, key=lambda k: results[k]["sent"])
+    fewest_calls = min(results, key=lambda k: (results[k]["collectives"], results[k]["sent"]))
+    fastest = min(results, key=lambda k: results[k]["model_us"])
+    a, c, d = results["a"], results["c"], results["d"]
+    print(f"\n  Fewest bytes: ({fewest_bytes}). Fewest collectives: ({fewest_calls}). Fastest by the model: ({fastest}).")
+    lines = [f"(c) keeps GELU on whole hidden features, which the column split leaves on one rank, so the "
+             f"hidden activation never crosses the network: one all-reduce of the [M, out] partial sums, "
+             f"{c['sent']:,} bytes per rank. (b) reduces both layers' outputs, because GELU must not see a partial sum."]
+    if a["sent"] < c["sent"]:
+        lines.append(f"Here (a) sends fewer bytes ({a['sent']:,}) than (c): it gathers [M, hidden] and [M, out] "
+                     f"once each, while an all-reduce of [M, out] costs twice that tensor, so (a) wins on bytes "
+                     f"whenever hidden ({H}) < out ({N}). It issues two collectives to (c)'s one, and each pays "
+                     f"a latency: at {M} tokens the model's latency term decides, and it picks ({fastest}).")
+    lines.append(f"(d) moves the bytes of (c)'s all-reduce as an all-gather of the input and a reduce-scatter of "
+                 f"the output ({d['sent']:,} bytes here; it gathers [M, in] where (c) reduces [M, out]), in two "
+                 f"collectives, and leaves each rank 1/{world} of the output ({d['out_bytes']:,} bytes against "
+                 f"{c['out_bytes']:,}): it pays where activation memory does, in training.")
+    for line in lines:
+        print("  " + line)
     if device.type == "cpu":
         print("  Times are CPU times with gloo (and the Triton interpreter when it is on): they show the "
               "ranking of communication, not kernel speed.")
