@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 # suite (gloo ranks, the compile gate) and a profile. GATE_S runs the compile gate under the device's
 # triton on its own (CI already runs it for 3.6 and 3.9).
 INSTALL_S="${INSTALL_S:-180}" GPU_TESTS_S="${GPU_TESTS_S:-120}" BENCH_S="${BENCH_S:-180}" TESTS_S="${TESTS_S:-60}"
-NCU_S="${NCU_S:-40}" GATE_S="${GATE_S:-0}"
+NCU_S="${NCU_S:-40}" GATE_S="${GATE_S:-0}" OVERLAP_S="${OVERLAP_S:-60}" KERNEL_CHOICE_S="${KERNEL_CHOICE_S:-0}"
 status=0
 
 step() {  # step NAME BUDGET_S COMMAND...: run with a budget, log to OUTDIR/NAME.log, note the outcome
@@ -45,7 +45,10 @@ step install "$INSTALL_S" env TPKERNELS_BUILD_EXT=1 python -m pip install -v --n
     exit 1
 python -c "import json, tpkernels; print(json.dumps(tpkernels.backends(), indent=1))" > "$out/backends.log" 2>&1
 cat "$out/backends.log"
-step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider
+# The GPU tests autotune as they go; with pytest-xdist (the GPU image has it) 8 workers share the compiles.
+parallel=()
+python -c "import xdist" 2> /dev/null && parallel=(-n 8 -p no:benchmark)
+step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider "${parallel[@]}"
 # torch.compile's max-autotune spends a minute a shape: it is left out unless BENCH_PROVIDERS names it.
 BENCH_PROVIDERS="${BENCH_PROVIDERS:-tpkernels tpkernels_triton tpkernels_cublaslt eager torch_mm cublaslt}"
 # shellcheck disable=SC2086
@@ -61,6 +64,13 @@ if [ -f "$out/results.jsonl" ]; then
         echo "results: $out/$name.jsonl (commit it under benchmarks/results/ with table.md and plot.png)"
     fi
 fi
+# The overlapped and sequence-parallel TensorParallelMLP at world size 1, chunked path forced on: what
+# chunking costs when there is nothing to overlap.
+step overlap "$OVERLAP_S" python benchmarks/run.py --ops tp_mlp --out "$out/overlap" \
+    --max-seconds "$((OVERLAP_S > 30 ? OVERLAP_S - 15 : OVERLAP_S))" \
+    --providers tpkernels tpkernels_overlap tpkernels_sp tpkernels_sp_overlap eager \
+    --shapes 2048,4096,16384 8192,4096,16384 512,4096,16384
+step kernel_choice "$KERNEL_CHOICE_S" python benchmarks/kernel_choice.py --out "$out/kernel-choice"
 step tests "$TESTS_S" python -m pytest tests -m "not gpu" -q -p no:cacheprovider
 step compile_gate "$GATE_S" python benchmarks/compile_report.py --gate --quiet --json "$out/compile_gate.jsonl"
 if command -v ncu > /dev/null; then

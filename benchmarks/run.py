@@ -18,8 +18,10 @@ GELU is the tanh form everywhere, so that cuBLASLt's epilogue (tanh only) compar
 Providers: tpkernels (backend="auto"); tpkernels_triton (backend="triton", on CUDA); tpkernels_cublaslt
 and tpkernels_cpu (the native extension's cuBLASLt and C++ backends, where built); eager (F.linear + F.gelu, autograd); torch_mm (the GEMMs alone: the floor);
 compile (torch.compile(mode="max-autotune-no-cudagraphs") of eager; the default mode on the CPU); cublaslt
-(torch._addmm_activation(..., use_gelu=True), CUDA only); wrong (eager with an error planted, only when
-asked for: the correctness gate must refuse it).
+(torch._addmm_activation(..., use_gelu=True), CUDA only); tpkernels_overlap, tpkernels_sp and
+tpkernels_sp_overlap (tp_mlp only: TensorParallelMLP with overlap=True, sequence_parallel=True, both; the
+sequence-parallel ones take and give this rank's tokens, and are checked against that slice); wrong (eager
+with an error planted, only when asked for: the correctness gate must refuse it).
 
 Method: every provider's output is compared with an fp64 reference by the 2x-eager rule before it is
 timed; a wrong one is reported and not timed. On a GPU, `triton.testing.do_bench` (L2 flushed between
@@ -57,7 +59,7 @@ from tpkernels import ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
 PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
-             "cublaslt")
+             "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap")
 TEST_PROVIDERS = ("wrong",)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -88,6 +90,11 @@ class Op:
 
     def __init__(self, M, K, N, dtype, device):
         self.M, self.K, self.N, self.dtype, self.device = M, K, N, dtype, device
+
+    def view_for(self, provider, outputs):
+        """The part of the (reference or eager) outputs that `provider` computes: all of them, but for
+        providers that hold a shard."""
+        return outputs
 
 
 def _gelu(t):
@@ -278,10 +285,19 @@ class TPMLP(MLPShard):
         Op.__init__(self, M, K, N, dtype, device)
         torch.manual_seed(0)  # the same dense weights on every rank
         self.dense = tpkernels.reference.MLP(K, N, approximate="tanh", device=device, dtype=dtype)
-        self.tp = tpkernels.TensorParallelMLP.from_dense(self.dense.fc1, self.dense.fc2, approximate="tanh")
+        self.tp = {
+            options: tpkernels.TensorParallelMLP.from_dense(self.dense.fc1, self.dense.fc2, approximate="tanh",
+                                                            sequence_parallel=options[0], overlap=options[1])
+            for options in ((False, False), (False, True), (True, False), (True, True))
+        }
         self.x = _randn(M, K, dtype=dtype, device=device, requires_grad=True)
         self.dy = _randn(M, K, dtype=dtype, device=device)
         self.world = tpkernels.distributed.get_world_size()
+        rank = tpkernels.distributed.get_rank()
+        # sequence parallel: this rank's tokens in and out
+        self.x_shard = torch.tensor_split(self.x.detach(), self.world)[rank].clone().requires_grad_()
+        self.dy_shard = torch.tensor_split(self.dy, self.world)[rank]
+        self.rank = rank
 
     def flops(self):
         return 6 * 2 * self.M * self.K * self.N // self.world
@@ -290,10 +306,16 @@ class TPMLP(MLPShard):
         e = self.x.element_size()
         return (4 * self.M * self.K + 4 * self.N * self.K // self.world + 3 * self.M * self.N // self.world) * e
 
-    def _module_step(self, module):
-        out = module(self.x)
-        (dx,) = torch.autograd.grad(out, (self.x,), self.dy)
+    def _module_step(self, module, sequence_parallel=False):
+        x, dy = (self.x_shard, self.dy_shard) if sequence_parallel else (self.x, self.dy)
+        out = module(x)
+        (dx,) = torch.autograd.grad(out, (x,), dy)
         return out, dx
+
+    def view_for(self, provider, outputs):
+        if provider.startswith("tpkernels_sp"):
+            return [torch.tensor_split(t, self.world)[self.rank] for t in outputs]
+        return outputs
 
     def reference(self):
         dense64 = tpkernels.reference.MLP(self.K, self.N, approximate="tanh", dtype=torch.float64)
@@ -304,7 +326,10 @@ class TPMLP(MLPShard):
 
     def run(self, provider):
         return {
-            "tpkernels": lambda: self._module_step(self.tp),
+            "tpkernels": lambda: self._module_step(self.tp[False, False]),
+            "tpkernels_overlap": lambda: self._module_step(self.tp[False, True]),
+            "tpkernels_sp": lambda: self._module_step(self.tp[True, False], sequence_parallel=True),
+            "tpkernels_sp_overlap": lambda: self._module_step(self.tp[True, True], sequence_parallel=True),
             "eager": lambda: self._module_step(self.dense),
             "wrong": lambda: tuple(t * 1.1 for t in self._module_step(self.dense)),
         }.get(provider)
@@ -346,8 +371,8 @@ def check(op, provider, fn):
         ref = _flatten(op.gemm_reference())
         eager = [r.double() for r in ref]
     else:
-        ref = _flatten(op.reference())
-        eager = _flatten(op.run("eager")())
+        ref = op.view_for(provider, _flatten(op.reference()))
+        eager = op.view_for(provider, _flatten(op.run("eager")()))
     if len(got) != len(ref):
         return f"{len(got)} outputs, expected {len(ref)}"
     for index, (g, e, r) in enumerate(zip(got, eager, ref)):

@@ -31,8 +31,9 @@ def test_main_job_answers_the_seed_question_on_two_ranks():
     row_d = next(line for line in out.splitlines()
                  if line.strip().startswith("(d) all-gather") and not line.endswith("..."))
     assert row_d.split()[-7:-4] == ["2", "512", "512"] and row_d.split()[-4] == "256", row_d
-    # hidden (48) > out (16): (c) sends the fewest bytes, in the fewest collectives, and the model picks it
-    assert "Fewest bytes: (c). Fewest collectives: (c). Fastest by the model: (c)." in out
+    # hidden (48) > out (16) = in: (c) and (d) send the fewest bytes, (c) in the fewest collectives, and the
+    # model picks it
+    assert "Fewest bytes: (c) (d). Fewest collectives: (c). Fastest by the model: (c)." in out
     assert "Here (a) sends fewer bytes" not in out
 
 

@@ -414,10 +414,10 @@ class _GatherChunkAsync(torch.autograd.Function):
         return _all_gather_dim0(chunk, 0, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # un-waited too: the other chunks' backward GEMMs run meanwhile
         grad = grad.contiguous()
         _before_collective("reduce_scatter", grad, ctx.group)
-        return funcol.wait_tensor(_reduce_scatter_dim0(grad, "sum", 0, ctx.group)), None
+        return _reduce_scatter_dim0(grad, "sum", 0, ctx.group), None
 
 
 class _ReduceScatterChunkAsync(torch.autograd.Function):
@@ -434,7 +434,27 @@ class _ReduceScatterChunkAsync(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous()
         _before_collective("all_gather", grad, ctx.group)
-        return funcol.wait_tensor(_all_gather_dim0(grad, 0, ctx.group)), None
+        return _all_gather_dim0(grad, 0, ctx.group), None
+
+
+class _CopyToAsync(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _before_collective("all_reduce", grad, ctx.group)
+        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+
+
+def copy_to_async(x, process_group=None):
+    """copy_to for one chunk of rows: its backward all-reduce is left un-waited, so that it runs while
+    the other chunks' backward GEMMs do."""
+    if get_world_size(process_group) == 1:
+        return x
+    return _CopyToAsync.apply(x, _group(process_group))
 
 
 def all_reduce_async(partial, process_group=None):

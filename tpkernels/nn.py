@@ -28,7 +28,7 @@ from torch import nn
 import functools
 
 from tpkernels import perfmodel
-from tpkernels.distributed import (_pad_dim0, all_reduce_async, copy_to, gather_from, gather_sequence,
+from tpkernels.distributed import (_pad_dim0, all_reduce_async, copy_to, copy_to_async, gather_from, gather_sequence,
                                    gather_sequence_chunk, get_rank, get_world_size, reduce_from,
                                    reduce_scatter_sequence, reduce_scatter_sequence_chunk, scatter_to,
                                    sequence_chunks, sequence_sizes, shard_range, shard_sizes)
@@ -114,11 +114,14 @@ def _row_sequence_overlap(x, dim, group, world, rank, fn):
     return torch.cat([part[:lengths[c][rank]] for c, part in reduced]).movedim(0, dim)
 
 
-def _rows_overlap(x, group, fn):
-    """all-reduce(fn(x)) in chunks of rows: a chunk's all-reduce runs while the next chunk's GEMM does."""
+def _rows_overlap(x, group, fn, copy_in=False):
+    """all-reduce(fn(x)) in chunks of rows: a chunk's all-reduce runs while the next chunk's GEMM does.
+    With copy_in (a column stage first), each chunk's input gradient is all-reduced in the backward
+    while the other chunks' backward GEMMs run."""
     flat = x.reshape(-1, x.shape[-1])
-    parts = [all_reduce_async(fn(part), group) for part in torch.tensor_split(flat, OVERLAP_CHUNKS) if part.shape[0]]
-    out = torch.cat(parts) if parts else fn(flat)
+    parts = [all_reduce_async(fn(copy_to_async(part, group) if copy_in else part), group)
+             for part in torch.tensor_split(flat, OVERLAP_CHUNKS) if part.shape[0]]
+    out = torch.cat(parts) if parts else fn(copy_to(flat, group) if copy_in else flat)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -451,10 +454,9 @@ class TensorParallelMLP(nn.Module):
                 return out.to(x.dtype)
             partial = shards(gather_sequence(x, sizes, dim, group))
             return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
-        x = copy_to(x, group)
         if _overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
-            return _rows_overlap(x, group, shards).to(x.dtype)
-        return reduce_from(shards(x), group).to(x.dtype)
+            return _rows_overlap(x, group, shards, copy_in=True).to(x.dtype)
+        return reduce_from(shards(copy_to(x, group)), group).to(x.dtype)
 
     def full_state_dict(self):
         """The dense MLP's state dict ("fc1.weight", ...), gathered from every rank (call it on every rank)."""

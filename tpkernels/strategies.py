@@ -202,11 +202,14 @@ def _table(results, device, shape):
     if world == 1:
         print("\n  One rank: no strategy communicates, so they differ only in their kernels.")
         return
-    fewest_bytes = min(results, key=lambda k: results[k]["sent"])
-    fewest_calls = min(results, key=lambda k: (results[k]["collectives"], results[k]["sent"]))
+    def best(value):
+        low = min(value(r) for r in results.values())
+        return " ".join(f"({k})" for k, r in results.items() if value(r) == low)
+
     fastest = min(results, key=lambda k: results[k]["model_us"])
     a, c, d = results["a"], results["c"], results["d"]
-    print(f"\n  Fewest bytes: ({fewest_bytes}). Fewest collectives: ({fewest_calls}). Fastest by the model: ({fastest}).")
+    print(f"\n  Fewest bytes: {best(lambda r: r['sent'])}. Fewest collectives: {best(lambda r: r['collectives'])}. "
+          f"Fastest by the model: ({fastest}).")
     lines = [f"(c) keeps GELU on whole hidden features, which the column split leaves on one rank, so the "
              f"hidden activation never crosses the network: one all-reduce of the [M, out] partial sums, "
              f"{c['sent']:,} bytes per rank. (b) reduces both layers' outputs, because GELU must not see a partial sum."]
