@@ -208,8 +208,30 @@ def sequence_parallel_bad_input(rank, world):
     return "ok"
 
 
+def compiled_sequence_parallel(rank, world):
+    """torch.compile of a sequence-parallel, overlapped MLP: the shard-shape exchange reads the ranks'
+    lengths on the host, a graph break; the rest compiles, and the numbers are eager's."""
+    torch.manual_seed(36)
+    tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate="tanh", sequence_parallel=True, overlap=True)
+    x = _mine(_same_everywhere(2, 7, IN, seed=37), world, rank, 1)
+    grad = _mine(_same_everywhere(2, 7, OUT, seed=38), world, rank, 1)
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch._dynamo.reset()
+    y_compiled = torch.compile(tp)(x_compiled)
+    y_compiled.backward(grad)
+    compiled_grads = [p.grad.clone() for p in tp.parameters()]
+    tp.zero_grad()
+    y_eager = tp(x_eager)
+    y_eager.backward(grad)
+    torch.testing.assert_close(y_compiled, y_eager)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+    for got, expected in zip(compiled_grads, (p.grad for p in tp.parameters())):
+        torch.testing.assert_close(got, expected)
+    return "ok"
+
+
 SCENARIOS = [sequence_parallel_mlp, sequence_parallel_layers, overlap_without_sequence_parallel,
-             sequence_parallel_bad_input]
+             sequence_parallel_bad_input, compiled_sequence_parallel]
 
 
 @functools.cache
