@@ -308,3 +308,39 @@ def test_cuda_graph_capture_and_replay_of_a_training_step(process_group, tmp_pat
     finally:
         if process_group == "nccl":
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_a_shard_is_initialised_without_the_dense_weight(dtype, monkeypatch):
+    """Each shard equals the slice of nn.Linear under the same seed, drawn in chunks of rows on the CPU,
+    and nothing as large as the dense weight is ever allocated; on the meta device nothing is drawn."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import tpkernels.nn as tnn
+
+    class LargestAllocation(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.largest = max(self.largest, out.numel())
+            return out
+
+    monkeypatch.setattr(tnn, "_INIT_CHUNK_ELEMENTS", 3 * 37)  # 3 rows of 37 at a time
+    K, N = 37, 29
+    torch.manual_seed(5)
+    dense = nn.Linear(K, N, dtype=dtype)
+    for world in (2, 3, 4):
+        for rank in range(world):
+            for dim in (0, 1):
+                start, stop = tpd.shard_range(N if dim == 0 else K, world, rank)
+                torch.manual_seed(5)
+                with LargestAllocation() as mode:
+                    weight, bias = tnn._init_linear_shard(K, N, True, dim, start, stop, None, dtype)
+                expected = dense.weight[start:stop] if dim == 0 else dense.weight[:, start:stop]
+                assert torch.equal(weight, expected) and weight.dtype == dtype
+                assert torch.equal(bias, dense.bias[start:stop] if dim == 0 else dense.bias)
+                assert mode.largest < N * K, f"a {mode.largest}-element tensor: the dense weight has {N * K}"
+    weight, bias = tnn._init_linear_shard(K, N, True, 0, 0, 10, "meta", dtype)
+    assert weight.is_meta and bias.is_meta and weight.shape == (10, K)

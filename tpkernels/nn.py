@@ -16,16 +16,18 @@ Per-rank shapes, for W ranks and rank r; F_r is the r-th size of `torch.tensor_s
         shards run as one op (`ops.mlp_shard`), whose backward puts gelu'(z) in the epilogue of the
         GEMM that makes dH: dZ_r = (dY @ W2_r) * gelu'(z_r), then plain GEMMs.
 
-Initialisation: a module builds the dense `nn.Linear` and keeps its shard, so after the same
-`torch.manual_seed(s)` on every rank, the sharded model equals slicing a dense model built under that
-seed (`reference.MLP` for the MLP: fc1, then fc2). `from_linear` / `from_dense` shard an existing model.
+Initialisation: a module draws only its shard of what the dense `nn.Linear` would draw (the CPU
+generator, in chunks of rows; `_init_linear_shard`), so after the same `torch.manual_seed(s)` on every
+rank the sharded model equals slicing a dense CPU model built under that seed (`reference.MLP` for the
+MLP: fc1, then fc2), and no rank allocates a dense weight. On the meta device nothing is drawn. `from_linear` / `from_dense` shard an existing model.
 Every rank's `state_dict()` holds its shards; `full_state_dict()` gathers the dense one (a collective:
 call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
 """
+import functools
+import math
+
 import torch
 from torch import nn
-
-import functools
 
 from tpkernels import perfmodel
 from tpkernels.distributed import (_pad_dim0, all_reduce_async, copy_to, copy_to_async, gather_from, gather_sequence,
@@ -138,6 +140,46 @@ def _check_backend(name, backend):
         raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
+# Elements of the dense weight drawn at a time (whole rows) when a shard is initialised. The CPU
+# generator's uniform_ draws one number per element, in order, so chunks of rows give nn.Linear's values
+# exactly (tests/test_nn.py checks it for every dtype), and the dense weight never exists whole.
+_INIT_CHUNK_ELEMENTS = 1 << 22
+
+
+@torch.no_grad()
+def _init_linear_shard(in_features, out_features, bias, shard_dim, start, stop, device, dtype):
+    """This rank's slice of the weight and bias `nn.Linear(in_features, out_features, bias)` would draw,
+    without allocating the dense weight: the CPU generator draws it in chunks of rows (the order
+    nn.Linear's kaiming_uniform_ and uniform_ use) and only the slice is kept, then moved to `device`.
+    On the meta device nothing is drawn. Under the same torch.manual_seed on every rank, the shards are
+    slices of one dense CPU-initialised nn.Linear, whatever the device."""
+    dtype = dtype or torch.get_default_dtype()
+    shape = (stop - start, in_features) if shard_dim == 0 else (out_features, stop - start)
+    bias_shape = (stop - start,) if shard_dim == 0 else (out_features,)
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    if device.type == "meta":
+        return (torch.empty(shape, device="meta", dtype=dtype),
+                torch.empty(bias_shape, device="meta", dtype=dtype) if bias else None)
+    # nn.Linear's bounds, computed as torch.nn.init computes them (kaiming_uniform_ with a = sqrt(5) for
+    # the weight, 1 / sqrt(fan_in) for the bias), so that even fp64 draws round alike
+    weight_bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(in_features)) if in_features else 0
+    bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+    rows = max(1, _INIT_CHUNK_ELEMENTS // max(in_features, 1))
+    kept = []
+    for first in range(0, out_features, rows):
+        block = torch.empty(min(rows, out_features - first), in_features, dtype=dtype).uniform_(-weight_bound,
+                                                                                                weight_bound)
+        if shard_dim == 1:
+            kept.append(block[:, start:stop].clone())
+        elif first < stop and first + block.shape[0] > start:
+            kept.append(block[max(start - first, 0):stop - first].clone())
+    weight = torch.cat(kept) if kept else torch.empty(shape, dtype=dtype)
+    full_bias = torch.empty(out_features, dtype=dtype).uniform_(-bound, bound) if bias else None
+    if full_bias is not None and shard_dim == 0:
+        full_bias = full_bias[start:stop].clone()
+    return weight.to(device), None if full_bias is None else full_bias.to(device)
+
+
 class _ParallelLinear(nn.Module):
     """Shared by both layers: the shard of a dense [out_features, in_features] weight along `shard_dim`."""
 
@@ -157,9 +199,10 @@ class _ParallelLinear(nn.Module):
                 f"needs at least one feature, so use at most {sharded} ranks or a wider layer"
             )
         self.shard_start, self.shard_stop = shard_range(sharded, self.world_size, self.rank)
-        dense = nn.Linear(in_features, out_features, bias, device=device, dtype=dtype)
-        self.weight = nn.Parameter(self._shard(dense.weight, self.shard_dim).detach().clone())
-        self.bias = None if dense.bias is None else nn.Parameter(self._shard_bias(dense.bias).detach().clone())
+        weight, bias = _init_linear_shard(in_features, out_features, bias, self.shard_dim, self.shard_start,
+                                          self.shard_stop, device, dtype)
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
 
     def _check_full_width(self, x):
         if x.shape[-1] != self.in_features:
