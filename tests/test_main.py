@@ -49,3 +49,13 @@ def test_torchrun_example_trains_like_the_dense_model():
     out = _run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/tp_mlp.py",
                "--steps", "2")
     assert "step 1: loss" in out and "largest difference between the trained weights" in out
+
+
+def test_parallelize_example_loads_a_checkpoint_shard_by_shard(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = _run(sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "examples/parallelize_hf.py",
+               "--family", "gpt_neox", "--checkpoint", str(tmp_path / "checkpoint"))
+    assert "parallelize: 2 MLP blocks replaced, 0 left alone" in out
+    assert "logits over 2 ranks, float32: max error" in out

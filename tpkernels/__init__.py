@@ -8,18 +8,24 @@ from tpkernels import distributed
 from tpkernels.kernels import MatmulConfig
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
 from tpkernels.ops import backends, linear_gelu, linear_partial, mlp_shard, pin_config, sync_autotuning
+from tpkernels.parallelize import ParallelizeReport, empty_parameters, load_sharded, parallelize, save_sharded
 
 __version__ = "0.1.0"
 __all__ = [
     "ColumnParallelLinear",
     "MatmulConfig",
+    "ParallelizeReport",
     "RowParallelLinear",
     "backends",
     "TensorParallelMLP",
     "distributed",
+    "empty_parameters",
     "linear_gelu",
     "linear_partial",
+    "load_sharded",
     "mlp_shard",
+    "parallelize",
     "pin_config",
+    "save_sharded",
     "sync_autotuning",
 ]

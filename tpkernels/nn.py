@@ -246,7 +246,8 @@ class _ParallelLinear(nn.Module):
     def _assign(self, name, value):
         param = getattr(self, name)
         if param.is_meta:  # built on the meta device by from_linear: take the value as it is
-            setattr(self, name, nn.Parameter(value.detach().clone(), requires_grad=param.requires_grad))
+            setattr(self, name, nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format),
+                                             requires_grad=param.requires_grad))
         else:
             param.copy_(value)
 

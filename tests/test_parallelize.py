@@ -1,0 +1,201 @@
+"""parallelize, load_sharded and save_sharded on real `transformers` model code (GPT-2 with Conv1D,
+GPT-NeoX, BERT with its MLP split across two sibling modules), built from small random configs, on 1 to
+3 gloo ranks: logits, every parameter's gradient and one SGD step against the dense model, a save that
+`transformers` loads, and a sharded load that reads about 1/W of the MLP weights. Plus blocks the
+search must leave alone, and a plan."""
+import copy
+import functools
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+from numerics import assert_close_to_ref
+from spawn import check_scenario, run_scenarios
+from tpkernels import ColumnParallelLinear, RowParallelLinear, empty_parameters, parallelize
+from tpkernels.parallelize import _slice_of, load_sharded, save_sharded
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+WORLD_SIZES = [1, 2, 3]
+HIDDEN, FFN, LAYERS, VOCAB = 16, 40, 2, 50  # 40 splits unevenly over 3 ranks
+LR = 0.1
+
+
+def _families():
+    t = transformers
+    quiet = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return {
+        "gpt2": (t.GPT2LMHeadModel, t.GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=2, n_inner=FFN,
+                                                 vocab_size=VOCAB, n_positions=32, resid_pdrop=0.0,
+                                                 embd_pdrop=0.0, attn_pdrop=0.0, **quiet)),
+        "gpt_neox": (t.GPTNeoXForCausalLM, t.GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                                           num_attention_heads=2, intermediate_size=FFN,
+                                                           vocab_size=VOCAB, max_position_embeddings=32, **quiet)),
+        "bert": (t.BertForMaskedLM, t.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2,
+                                                 intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=32,
+                                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **quiet)),
+    }
+
+
+def _logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def _layers(model):
+    return {path: m for path, m in model.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))}
+
+
+def _dense_part(tp_model, name, dense_tensor):
+    """The part of a dense model's tensor that tp_model's parameter `name` holds (its shard, in the
+    tensor-parallel layer's [out, in] layout), or the whole tensor for a replicated one."""
+    path, _, kind = name.rpartition(".")
+    layer = _layers(tp_model).get(path)
+    if layer is None:
+        return dense_tensor
+    part = dense_tensor[_slice_of(layer, kind, dense_tensor.shape)]
+    return part.t() if kind == "weight" and layer.checkpoint_transposed else part
+
+
+def _shared_dir(world, name):
+    # the same folder on every rank: spawned by one parent
+    return os.path.join(tempfile.gettempdir(), f"tpkernels-parallelize-{os.getppid()}-{world}-{name}")
+
+
+def real_models(rank, world):
+    torch.manual_seed(0)
+    read = {}
+    for family, (cls, config) in _families().items():
+        torch.manual_seed(1)
+        dense = cls(config)
+        tp = copy.deepcopy(dense)
+        report = parallelize(tp)
+        assert len(report.replaced) == LAYERS and not report.left_alone, str(report)
+        assert not any(isinstance(m, (nn.Linear,)) and m.out_features == FFN for m in tp.modules())
+        dense64 = copy.deepcopy(dense).double()
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+        out, eager, ref = _logits(tp, ids), _logits(dense, ids), _logits(dense64, ids)
+        assert_close_to_ref(out, eager, ref, f"{family} logits")
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        out.backward(grad)
+        eager.backward(grad)
+        ref.backward(grad.double())
+        models = (tp, dense, dense64)
+        for what in ("grad", "after SGD"):
+            if what == "after SGD":
+                for model in models:
+                    torch.optim.SGD(model.parameters(), lr=LR).step()
+            params = [dict(m.named_parameters()) for m in models]
+            assert params[0].keys() == params[1].keys()
+            for name, p in params[0].items():
+                pick = (lambda t: t.grad) if what == "grad" else (lambda t: t.detach())
+                assert_close_to_ref(pick(p), _dense_part(tp, name, pick(params[1][name])),
+                                    _dense_part(tp, name, pick(params[2][name])), f"{family} {name} {what}")
+        # a dense checkpoint that transformers loads, then a sharded load into a model built on meta
+        folder = _shared_dir(world, family)
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        save_sharded(tp, folder)
+        with torch.no_grad():
+            after = _logits(tp, ids)
+        loaded = cls.from_pretrained(folder)
+        for name, p in loaded.named_parameters():
+            assert torch.equal(_dense_part(tp, name, p.detach()), dict(tp.named_parameters())[name].detach()), name
+        with empty_parameters():  # no dense weight on any rank: parameters on meta, buffers real
+            fresh = cls(config)
+        assert all(p.is_meta for p in fresh.parameters())
+        fresh_report = parallelize(fresh)
+        assert len(fresh_report.replaced) == LAYERS, str(fresh_report)
+        stats = load_sharded(fresh, folder)
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(fresh, ids), after)
+        shards = sum(p.numel() * p.element_size() for layer in _layers(fresh).values() for p in layer.parameters())
+        assert stats["sharded_bytes_read"] == shards, stats
+        if world > 1:  # about 1/W of the MLP weights: the row biases are whole on every rank
+            assert stats["sharded_bytes_read"] < stats["sharded_bytes_in_checkpoint"] / world * 1.3, stats
+        read[family] = (stats["sharded_bytes_read"], stats["sharded_bytes_in_checkpoint"])
+        if world > 1:
+            torch.distributed.barrier()  # every rank has read the checkpoint
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    return read
+
+
+class _TwoUses(nn.Module):
+    """An MLP whose forward also uses fc1's output elsewhere: replacing fc1 would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(self.act(h)) + h.mean(-1, keepdim=True)
+
+
+class _Relu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class _Functional(nn.Module):
+    """GELU as a function attribute, not a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 12), nn.Linear(12, 8)
+        self.gelu = torch.nn.functional.gelu
+
+    def forward(self, x):
+        return self.down(self.gelu(self.up(x)))
+
+
+def left_alone_and_plans(rank, world):
+    torch.manual_seed(4)
+    model = nn.Sequential(_TwoUses(), _Relu(), _Functional())
+    dense = copy.deepcopy(model)
+    report = parallelize(model)
+    reasons = {r["block"]: r["reason"] for r in report.left_alone}
+    assert [r["block"] for r in report.replaced] == ["2"], str(report)
+    assert "the probe's output changed" in reasons["0"], str(report)
+    assert "(ReLU) is not GELU" in reasons["1"], str(report)
+    assert isinstance(model[0].fc1, nn.Linear) and isinstance(model[1].fc1, nn.Linear)  # untouched
+    assert isinstance(model[2].up, ColumnParallelLinear) and isinstance(model[2].down, RowParallelLinear)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    assert_close_to_ref(model(x), dense(x), copy.deepcopy(dense).double()(x.double()), "mixed model")
+    # a plan instead of the search
+    planned = nn.Sequential(_Functional(), _Functional())
+    report = parallelize(planned, plan={"1": ("up", "gelu", "down")})
+    assert [r["block"] for r in report.replaced] == ["1"] and isinstance(planned[0].up, nn.Linear), str(report)
+    with pytest.raises(ValueError, match="plan pattern 'nothing.*' matches no module"):
+        parallelize(planned, plan={"nothing.*": ("up", "gelu", "down")})
+    with pytest.raises(ValueError, match="sequence_parallel=True is not supported"):
+        parallelize(planned, sequence_parallel=True)
+    return "ok"
+
+
+SCENARIOS = [real_models, left_alone_and_plans]
+
+
+@functools.cache
+def _outcomes(world_size):
+    return run_scenarios(SCENARIOS, world_size)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
+def test_parallelize_on_gloo_ranks(scenario, world_size):
+    values = check_scenario(_outcomes(world_size), scenario)
+    if scenario == "real_models":  # together the ranks read each sharded checkpoint tensor once
+        for family in values[0]:
+            read = sum(v[family][0] for v in values)
+            total = values[0][family][1]
+            assert read >= total and read <= total * world_size, (family, read, total)
