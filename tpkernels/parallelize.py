@@ -436,6 +436,30 @@ def _slice_of(layer, kind, shape):
     return (rows, slice(None)) if split_out else (slice(None), rows)
 
 
+def _renamings(model):
+    """transformers' renamings of checkpoint keys for this model (v5 renames some on load, GPT-NeoX's
+    embed_out to lm_head, say), or none for other models and versions."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        if isinstance(model, PreTrainedModel):
+            return [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
+    except Exception:  # another transformers version, or none: names as they are
+        pass
+    return []
+
+
+def _model_key(renamings, name):
+    for renaming in renamings:
+        try:
+            name, _ = renaming.rename_source_key(name)
+        except Exception:
+            pass
+    return name
+
+
 @torch.no_grad()
 def load_sharded(model, path, device=None):
     """Load a safetensors checkpoint of the dense model into a parallelized one, reading only this
@@ -451,7 +475,10 @@ def load_sharded(model, path, device=None):
     """
     from safetensors import safe_open
 
-    files = _files(path)
+    renamings = _renamings(model)
+    checkpoint = _files(path)
+    files = {_model_key(renamings, name): file for name, file in checkpoint.items()}
+    checkpoint_names = {_model_key(renamings, name): name for name in checkpoint}
     sharded = _sharded_layers(model)
     state = model.state_dict(keep_vars=True)
     holders = {}  # every (module, attribute) that holds a tensor: tied ones are set together
@@ -473,7 +500,7 @@ def load_sharded(model, path, device=None):
             file = files[name]
             if file not in handles:
                 handles[file] = safe_open(file, framework="pt").__enter__()
-            view = handles[file].get_slice(name)
+            view = handles[file].get_slice(checkpoint_names[name])
             shape = view.get_shape()
             if name in sharded:
                 layer, kind = sharded[name]
