@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU visit or a GPU runner: install, the GPU tests, the benchmark suite (headline
-# points first), the rest of the test suite and, if ncu is there, a profile of the headline column
-# forward. Each step has its own time budget, so the whole run fits a 10-minute slot; everything
+# points first), the overlapped and sequence-parallel TP MLP at world size 1, optionally the kernel
+# choice (KERNEL_CHOICE_S), the rest of the test suite and, if ncu is there, a profile of the headline
+# column forward. Each step has its own time budget, so the whole run fits a 10-minute slot; everything
 # lands in OUTDIR (a log per step, results.jsonl, table.md, plot.png, and <device>-<date>.jsonl ready
 # to commit under benchmarks/results/).
 #

@@ -159,7 +159,7 @@ def _candidates(model):
         children = dict(block.named_children())
         linears = [(name, child) for name, child in children.items() if _features(child)]
         # fc1, act and fc2 in one module, fc1 registered before fc2, each Linear in one block at most
-        acts = _activations(block)
+        acts = _activations(block) if len(linears) >= 2 else []
         for i, (name1, fc1) in enumerate(linears):
             for name2, fc2 in linears[i + 1:]:
                 if (acts and _features(fc1)[1] == _features(fc2)[0] and id(fc1) not in used
@@ -199,13 +199,14 @@ def _probe(block, x):
         block.train(was_training)
 
 
-def _agree(ok, device, process_group):
+def _agree(ok, process_group):
     """Every rank's verdict, combined: True only if all ranks passed (a collective)."""
     if get_world_size(process_group) == 1:
         return ok
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if ok else 0], device=device if dist.get_backend(process_group) == "nccl" else "cpu")
+    on_gpu = dist.get_backend(process_group) == "nccl"
+    flag = torch.tensor([1 if ok else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
     return bool(flag.item())
 
@@ -272,7 +273,7 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
         probe_block = _materialized(block, index) if on_meta else block
         paths = (fc1_path, act_path, fc2_path)
         verdict, originals = _prove(probe_block, paths, form, reduce_dtype, options, probe_tokens, index)
-        if not _agree(verdict is None, fc1.weight.device, process_group):
+        if not _agree(verdict is None, process_group):
             for path, value in zip(paths, originals or ()):
                 _set(probe_block, path, value)  # undone on every rank, whichever rank's probe failed
             report.left_alone.append(dict(entry, reason=verdict or "the probe's output changed on another rank"))
@@ -285,14 +286,18 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
 
 
 def _materialized(block, seed):
-    copy_ = copy.deepcopy(block).to_empty(device="cpu")
+    """A copy of block whose meta tensors are random CPU ones (the real ones, buffers say, are kept)."""
+    copy_ = copy.deepcopy(block)
     generator = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for tensor in [*copy_.parameters(), *copy_.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
-            else:
-                tensor.zero_()
+    for module in copy_.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                value = (torch.randn(tensor.shape, generator=generator) * 0.05).to(tensor.dtype)
+                if not tensor.is_floating_point():
+                    value = torch.zeros(tensor.shape, dtype=tensor.dtype)
+                table[name] = nn.Parameter(value, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else value
     return copy_
 
 
@@ -510,7 +515,7 @@ def load_sharded(model, path, device=None):
                 stats["sharded_bytes_read"] += value.numel() * value.element_size()
                 stats["sharded_bytes_in_checkpoint"] += math.prod(shape) * value.element_size()
             else:
-                value = view[:]
+                value = handles[file].get_tensor(checkpoint_names[name])
             if tuple(value.shape) != tuple(target.shape):
                 raise ValueError(f"load_sharded: {name} is {tuple(shape)} in the checkpoint, which gives "
                                  f"{tuple(value.shape)} here, but the model's is {tuple(target.shape)}")
