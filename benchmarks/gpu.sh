@@ -49,7 +49,7 @@ cat "$out/backends.log"
 # The GPU tests autotune as they go; with pytest-xdist (the GPU image has it) 8 workers share the compiles.
 parallel=()
 python -c "import xdist" 2> /dev/null && parallel=(-n 8 -p no:benchmark)
-step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider "${parallel[@]}"
+step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider ${parallel[@]+"${parallel[@]}"}
 # torch.compile's max-autotune spends a minute a shape: it is left out unless BENCH_PROVIDERS names it.
 BENCH_PROVIDERS="${BENCH_PROVIDERS:-tpkernels tpkernels_triton tpkernels_cublaslt eager torch_mm cublaslt}"
 # shellcheck disable=SC2086

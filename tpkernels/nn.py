@@ -167,14 +167,14 @@ def _init_linear_shard(in_features, out_features, bias, shard_dim, start, stop, 
     rows = max(1, _INIT_CHUNK_ELEMENTS // max(in_features, 1))
     kept = []
     for first in range(0, out_features, rows):
-        block = torch.empty(min(rows, out_features - first), in_features, dtype=dtype).uniform_(-weight_bound,
-                                                                                                weight_bound)
+        block = torch.empty(min(rows, out_features - first), in_features, dtype=dtype, device="cpu")
+        block.uniform_(-weight_bound, weight_bound)
         if shard_dim == 1:
             kept.append(block[:, start:stop].clone())
         elif first < stop and first + block.shape[0] > start:
             kept.append(block[max(start - first, 0):stop - first].clone())
-    weight = torch.cat(kept) if kept else torch.empty(shape, dtype=dtype)
-    full_bias = torch.empty(out_features, dtype=dtype).uniform_(-bound, bound) if bias else None
+    weight = torch.cat(kept) if kept else torch.empty(shape, dtype=dtype, device="cpu")
+    full_bias = torch.empty(out_features, dtype=dtype, device="cpu").uniform_(-bound, bound) if bias else None
     if full_bias is not None and shard_dim == 0:
         full_bias = full_bias[start:stop].clone()
     return weight.to(device), None if full_bias is None else full_bias.to(device)
