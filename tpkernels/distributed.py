@@ -151,28 +151,37 @@ _DTYPE_CODES = {dtype: code for code, dtype in enumerate(
 _MAX_DIMS = 8
 
 
+def _rank_shapes(t, group, kind=None):
+    """Every rank's (shape, dtype code) of t, by rank: one small all-gather (counted as `kind` if given).
+    t has at most _MAX_DIMS dims."""
+    mine = torch.tensor([t.dim(), _DTYPE_CODES.get(t.dtype, -1), *t.shape] + [0] * (_MAX_DIMS - t.dim()),
+                        dtype=torch.int64, device=t.device)
+    if kind is not None:
+        _before_collective(kind, mine, group)
+    metas = funcol.wait_tensor(_all_gather_dim0(mine, 0, group)).view(dist.get_world_size(group), -1).tolist()
+    return [(tuple(meta[2:2 + meta[0]]), meta[1]) for meta in metas]
+
+
 def _check_same_on_every_rank(kind, t, group):
     if t.dim() > _MAX_DIMS:
         raise ValueError(f"{DEBUG_ENV}: cannot check a {t.dim()}-d tensor (at most {_MAX_DIMS} dims)")
-    mine = [t.dim(), _DTYPE_CODES.get(t.dtype, -1), *t.shape] + [0] * (_MAX_DIMS - t.dim())
-    world = dist.get_world_size(group)
-    gathered = [torch.empty(len(mine), dtype=torch.int64, device=t.device) for _ in range(world)]
-    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=t.device), group=group)
-    metas = [g.tolist() for g in gathered]
-    if any(meta != mine for meta in metas):
+    metas = _rank_shapes(t, group)
+    if any(meta != metas[0] for meta in metas):
         described = []
-        for rank, meta in enumerate(metas):
-            dtype = next((d for d, c in _DTYPE_CODES.items() if c == meta[1]), "other")
-            described.append(f"rank {rank}: {tuple(meta[2:2 + meta[0]])} {dtype}")
+        for rank, (shape, code) in enumerate(metas):
+            dtype = next((d for d, c in _DTYPE_CODES.items() if c == code), "other")
+            described.append(f"rank {rank}: {shape} {dtype}")
         raise ValueError(
             f"{kind}: the ranks' tensors differ, so the collective would hang or mix buffers: "
             + "; ".join(described)
         )
 
 
-def _all_reduce(t, group):
+def _all_reduce(t, group, wait=True):
+    """The sum over the group; un-waited (torch's AsyncCollectiveTensor, waited on first use) unless `wait`."""
     _before_collective("all_reduce", t, group)
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+    reduced = funcol.all_reduce(t.contiguous(), "sum", group)
+    return funcol.wait_tensor(reduced) if wait else reduced
 
 
 def _all_gather_last_dim(t, sizes, group):
@@ -241,10 +250,7 @@ def sequence_sizes(x, sequence_dim, process_group=None, name="sequence_sizes"):
     group = _group(process_group)
     if x.dim() > _MAX_DIMS:
         raise ValueError(f"{name}: at most {_MAX_DIMS} dims, got a {x.dim()}-d input")
-    mine = torch.tensor([x.dim(), *x.shape] + [0] * (_MAX_DIMS - x.dim()), dtype=torch.int64, device=x.device)
-    _before_collective("shape_exchange", mine, group)
-    shapes = funcol.wait_tensor(_all_gather_dim0(mine, 0, group)).view(world, -1).tolist()
-    shapes = [tuple(meta[1:1 + meta[0]]) for meta in shapes]
+    shapes = [shape for shape, _ in _rank_shapes(x, group, kind="shape_exchange")]
     lengths = [shape[dim] if len(shape) > dim else -1 for shape in shapes]
     expected = shard_sizes(max(sum(lengths), 0), world)
     others = {shape[:dim] + shape[dim + 1:] for shape in shapes}
@@ -264,23 +270,23 @@ def sequence_sizes(x, sequence_dim, process_group=None, name="sequence_sizes"):
 
 class _CopyTo(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, wait):
+        ctx.group, ctx.wait = group, wait
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad, ctx.group, ctx.wait), None, None
 
 
 class _ReduceFrom(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, partial, group):
-        return _all_reduce(partial, group)
+    def forward(ctx, partial, group, wait):
+        return _all_reduce(partial, group, wait)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
 class _GatherFrom(torch.autograd.Function):
@@ -306,18 +312,24 @@ class _ScatterTo(torch.autograd.Function):
         return _all_gather_last_dim(grad, ctx.sizes, ctx.group), None
 
 
-def copy_to(x, process_group=None):
-    """Enter a column-parallel region: identity forward, all-reduce of the input gradient backward."""
+def copy_to(x, process_group=None, *, wait=True):
+    """Enter a column-parallel region: identity forward, all-reduce of the input gradient backward.
+
+    wait=False leaves that all-reduce un-waited (for one chunk of rows: it runs while the other chunks'
+    backward GEMMs do)."""
     if get_world_size(process_group) == 1:
         return x
-    return _CopyTo.apply(x, _group(process_group))
+    return _CopyTo.apply(x, _group(process_group), wait)
 
 
-def reduce_from(partial, process_group=None):
-    """Leave a row-parallel region: all-reduce (sum) of the partials forward, identity backward."""
+def reduce_from(partial, process_group=None, *, wait=True):
+    """Leave a row-parallel region: all-reduce (sum) of the partials forward, identity backward.
+
+    wait=False returns the sum un-waited (for one chunk of a chunked, overlapped row stage: the first
+    use waits)."""
     if get_world_size(process_group) == 1:
         return partial
-    return _ReduceFrom.apply(partial, _group(process_group))
+    return _ReduceFrom.apply(partial, _group(process_group), wait)
 
 
 def gather_from(shard, features, process_group=None):
@@ -392,17 +404,6 @@ def reduce_scatter_sequence(partial, sequence_dim=-2, process_group=None):
 # use of the result waits for it. The bytes of the chunks add up to the unchunked collective's.
 
 
-class _AllReduceAsync(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, partial, group):
-        _before_collective("all_reduce", partial, group)
-        return funcol.all_reduce(partial.contiguous(), "sum", group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 class _GatherChunkAsync(torch.autograd.Function):
     """[w, ...] on each rank -> [W * w, ...]: rank r's chunk at rows r*w:(r+1)*w. Backward reduce-scatters."""
 
@@ -435,33 +436,6 @@ class _ReduceScatterChunkAsync(torch.autograd.Function):
         grad = grad.contiguous()
         _before_collective("all_gather", grad, ctx.group)
         return _all_gather_dim0(grad, 0, ctx.group), None
-
-
-class _CopyToAsync(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _before_collective("all_reduce", grad, ctx.group)
-        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
-
-
-def copy_to_async(x, process_group=None):
-    """copy_to for one chunk of rows: its backward all-reduce is left un-waited, so that it runs while
-    the other chunks' backward GEMMs do."""
-    if get_world_size(process_group) == 1:
-        return x
-    return _CopyToAsync.apply(x, _group(process_group))
-
-
-def all_reduce_async(partial, process_group=None):
-    """reduce_from's forward, un-waited (identity backward): for chunked, overlapped row stages."""
-    if get_world_size(process_group) == 1:
-        return partial
-    return _AllReduceAsync.apply(partial, _group(process_group))
 
 
 def sequence_chunks(sizes, chunks):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from tpkernels import perfmodel
-from tpkernels.distributed import (_pad_dim0, all_reduce_async, copy_to, copy_to_async, gather_from, gather_sequence,
+from tpkernels.distributed import (_pad_dim0, copy_to, gather_from, gather_sequence,
                                    gather_sequence_chunk, get_rank, get_world_size, reduce_from,
                                    reduce_scatter_sequence, reduce_scatter_sequence_chunk, scatter_to,
                                    sequence_chunks, sequence_sizes, shard_range, shard_sizes)
@@ -121,7 +121,7 @@ def _rows_overlap(x, group, fn, copy_in=False):
     With copy_in (a column stage first), each chunk's input gradient is all-reduced in the backward
     while the other chunks' backward GEMMs run."""
     flat = x.reshape(-1, x.shape[-1])
-    parts = [all_reduce_async(fn(copy_to_async(part, group) if copy_in else part), group)
+    parts = [reduce_from(fn(copy_to(part, group, wait=False) if copy_in else part), group, wait=False)
              for part in torch.tensor_split(flat, OVERLAP_CHUNKS) if part.shape[0]]
     out = torch.cat(parts) if parts else fn(copy_to(flat, group) if copy_in else flat)
     return out.view(*x.shape[:-1], out.shape[-1])
