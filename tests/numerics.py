@@ -1,4 +1,5 @@
-"""Shared test numerics: the fp64 "2x eager error" rule, fresh inputs, devices and dtypes."""
+"""Shared test numerics: the fp64 "2x eager error" rule, fresh inputs, devices and dtypes, and the
+comparisons of a tensor-parallel model with its dense twin that the rank tests share."""
 import pytest
 import torch
 
@@ -52,3 +53,39 @@ def assert_close_to_ref(out, eager, ref, name="output"):
     assert err <= 2 * eager_err + atol, (
         f"{name}: max error {err:.3e} exceeds 2 x eager's {eager_err:.3e} + atol {atol:.0e} ({eager.dtype})"
     )
+
+
+def same_everywhere(*shape, seed):
+    """The same random fp32 tensor on every rank."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def compare_params(name, tp, dense, dense64, shards, lr=0.1):
+    """Every parameter's gradient, then its value after one SGD step (lr), against the dense slices.
+
+    shards maps a parameter name to the index of this rank's shard in the dense parameter."""
+    models = (tp, dense, dense64)
+    for what in ("grad", "after SGD"):
+        if what == "after SGD":
+            for model in models:
+                torch.optim.SGD(model.parameters(), lr=lr).step()
+        tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in models)
+        for param, index in shards.items():
+            pick = (lambda p: p.grad) if what == "grad" else (lambda p: p)
+            assert_close_to_ref(pick(tp_params[param]), pick(eager_params[param])[index],
+                                pick(params64[param])[index], f"{name} {param} {what}")
+
+
+def assert_compiled_matches_eager(module, compiled, x, grad):
+    """compiled(x) and module(x) agree: output, input gradient and every parameter's gradient."""
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_compiled = compiled(x_compiled)
+    y_compiled.backward(grad)
+    compiled_grads = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    y_eager = module(x_eager)
+    y_eager.backward(grad)
+    torch.testing.assert_close(y_compiled, y_eager)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+    for got, expected in zip(compiled_grads, (p.grad for p in module.parameters())):
+        torch.testing.assert_close(got, expected)

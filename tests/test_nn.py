@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from numerics import assert_close_to_ref
+from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
 from spawn import check_scenario, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, reference
 from tpkernels import distributed as tpd
@@ -17,11 +17,6 @@ from tpkernels import distributed as tpd
 WORLD_SIZES = [1, 2, 3, 4]
 IN, HIDDEN, OUT = 10, 13, 7  # 13 and 10 divide by none of 2, 3, 4
 LEAD = (2, 3)  # 3-D inputs
-LR = 0.1
-
-
-def _same_everywhere(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _fp64(module):
@@ -55,22 +50,6 @@ def _forward_backward(name, tp, dense, x, grad, x_part=slice(None), y_part=slice
     return dense64, fwd, bwd
 
 
-def _compare_params(name, tp, dense, dense64, shards):
-    """Every parameter's gradient, then its value after one SGD step, against the dense slices.
-
-    shards maps a parameter name to the index of this rank's shard in the dense parameter."""
-    models = (tp, dense, dense64)
-    for what in ("grad", "after SGD"):
-        if what == "after SGD":
-            for model in models:
-                torch.optim.SGD(model.parameters(), lr=LR).step()
-        tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in models)
-        for param, index in shards.items():
-            pick = (lambda p: p.grad) if what == "grad" else (lambda p: p)
-            _compare(pick(tp_params[param]), pick(eager_params[param])[index], pick(params64[param])[index],
-                     f"{name} {param} {what}")
-
-
 def column(rank, world):
     counts = {}
     for activation, gather in ((None, True), ("gelu", False), ("gelu_tanh", True)):
@@ -82,10 +61,10 @@ def column(rank, world):
         # the fresh sharded layer is the slice of the dense one built under the same seed
         assert torch.equal(tp.weight, dense.weight[rows]) and torch.equal(tp.bias, dense.bias[rows])
         act = {None: lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
-        x, grad = _same_everywhere(*LEAD, IN, seed=2), _same_everywhere(*LEAD, HIDDEN, seed=3)
+        x, grad = same_everywhere(*LEAD, IN, seed=2), same_everywhere(*LEAD, HIDDEN, seed=3)
         dense64, fwd, bwd = _forward_backward(f"column {activation}", tp, dense, x, grad,
                                               y_part=slice(None) if gather else rows, act=act)
-        _compare_params("column", tp, dense, dense64, {"weight": rows, "bias": rows})
+        compare_params("column", tp, dense, dense64, {"weight": rows, "bias": rows})
         assert fwd.count() == _expected(world, 1 if gather else 0), fwd.records
         assert bwd.count("all_reduce") == _expected(world, 1) and bwd.count() == bwd.count("all_reduce")
         counts[(activation, gather)] = (fwd.count(), bwd.count())
@@ -100,11 +79,11 @@ def row(rank, world):
         tp = RowParallelLinear(HIDDEN, OUT, input_is_parallel=input_is_parallel)
         cols = slice(tp.shard_start, tp.shard_stop)
         assert torch.equal(tp.weight, dense.weight[:, cols]) and torch.equal(tp.bias, dense.bias)
-        x, grad = _same_everywhere(*LEAD, HIDDEN, seed=5), _same_everywhere(*LEAD, OUT, seed=6)
+        x, grad = same_everywhere(*LEAD, HIDDEN, seed=5), same_everywhere(*LEAD, OUT, seed=6)
         dense64, fwd, bwd = _forward_backward("row", tp, dense, x, grad,
                                               x_part=cols if input_is_parallel else slice(None))
         # the replicated bias: the single-device gradient on every rank, not scaled by world size
-        _compare_params("row", tp, dense, dense64, {"weight": (slice(None), cols), "bias": slice(None)})
+        compare_params("row", tp, dense, dense64, {"weight": (slice(None), cols), "bias": slice(None)})
         assert fwd.count("all_reduce") == _expected(world, 1) and fwd.count() == fwd.count("all_reduce")
         assert bwd.count() == _expected(world, 0 if input_is_parallel else 1), bwd.records
     return "ok"
@@ -120,9 +99,9 @@ def mlp(rank, world):
         hidden = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
         assert torch.equal(tp.fc1.weight, dense.fc1.weight[hidden])
         assert torch.equal(tp.fc2.weight, dense.fc2.weight[:, hidden]) and torch.equal(tp.fc2.bias, dense.fc2.bias)
-        x, grad = _same_everywhere(*LEAD, IN, seed=8), _same_everywhere(*LEAD, OUT, seed=9)
+        x, grad = same_everywhere(*LEAD, IN, seed=8), same_everywhere(*LEAD, OUT, seed=9)
         dense64, fwd, bwd = _forward_backward("mlp", tp, dense, x, grad)
-        _compare_params("mlp", tp, dense, dense64, {"fc1.weight": hidden, "fc1.bias": hidden,
+        compare_params("mlp", tp, dense, dense64, {"fc1.weight": hidden, "fc1.bias": hidden,
                                                     "fc2.weight": (slice(None), hidden), "fc2.bias": slice(None)})
         assert (fwd.count("all_reduce"), bwd.count("all_reduce")) == (_expected(world, 1), _expected(world, 1))
         assert fwd.count() + bwd.count() == _expected(world, 2)
@@ -135,7 +114,7 @@ def bias_added_once(rank, world):
     with torch.no_grad():
         tp.weight.zero_()
         tp.bias.copy_(torch.arange(1.0, OUT + 1))  # the same on every rank
-    y = tp(_same_everywhere(4, HIDDEN, seed=10))
+    y = tp(same_everywhere(4, HIDDEN, seed=10))
     assert torch.equal(y, torch.arange(1.0, OUT + 1).expand(4, OUT)), f"bias added {y[0, 0].item()} times"
     return "ok"
 
@@ -202,20 +181,8 @@ def bad_input(rank, world):
 def compiled_mlp(rank, world):
     torch.manual_seed(12)
     tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate="tanh")
-    compiled = torch.compile(tp, fullgraph=True)
-    x = _same_everywhere(*LEAD, IN, seed=13)
-    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
-    grad = _same_everywhere(*LEAD, OUT, seed=14)
-    y_compiled = compiled(x_compiled)
-    y_compiled.backward(grad)
-    compiled_grads = [p.grad.clone() for p in tp.parameters()]
-    tp.zero_grad()
-    y_eager = tp(x_eager)
-    y_eager.backward(grad)
-    torch.testing.assert_close(y_compiled, y_eager)
-    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
-    for got, expected in zip(compiled_grads, (p.grad for p in tp.parameters())):
-        torch.testing.assert_close(got, expected)
+    assert_compiled_matches_eager(tp, torch.compile(tp, fullgraph=True), same_everywhere(*LEAD, IN, seed=13),
+                                  same_everywhere(*LEAD, OUT, seed=14))
     return "ok"
 
 

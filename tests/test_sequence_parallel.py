@@ -10,20 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from numerics import assert_close_to_ref
+from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
 from spawn import check_scenario, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, reference
 from tpkernels import distributed as tpd
 
 WORLD_SIZES = [1, 2, 3, 4]
 IN, HIDDEN, OUT = 10, 13, 7  # 13 and 10 divide by none of 2, 3, 4
-LR = 0.1
 # (full input shape, sequence_dim): 7 and 9 positions split unevenly over 2, 3 and 4 ranks
 LAYOUTS = [((2, 7, IN), -2), ((9, IN), 0), ((7, 2, IN), 0)]
-
-
-def _same_everywhere(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _mine(t, world, rank, dim):
@@ -59,19 +54,6 @@ def _check_against_dense(name, tp, dense, x, grad, dim, world, rank, x_sharded=T
     return dense64, fwd, bwd
 
 
-def _check_params(name, tp, dense, dense64, shards):
-    models = (tp, dense, dense64)
-    for what in ("grad", "after SGD"):
-        if what == "after SGD":
-            for model in models:
-                torch.optim.SGD(model.parameters(), lr=LR).step()
-        tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in models)
-        for param, index in shards.items():
-            pick = (lambda p: p.grad) if what == "grad" else (lambda p: p)
-            assert_close_to_ref(pick(tp_params[param]), pick(eager_params[param])[index],
-                                pick(params64[param])[index], f"{name} {param} {what}")
-
-
 def _kinds(counts):
     return {kind: counts.count(kind) for kind in ("shape_exchange", "all_gather", "reduce_scatter", "all_reduce")
             if counts.count(kind)}
@@ -92,12 +74,12 @@ def sequence_parallel_mlp(rank, world):
             torch.manual_seed(21)
             tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate="tanh", sequence_parallel=True, sequence_dim=dim,
                                    overlap=overlap)
-            x, grad = _same_everywhere(*shape, seed=22), _same_everywhere(*shape[:-1], OUT, seed=23)
+            x, grad = same_everywhere(*shape, seed=22), same_everywhere(*shape[:-1], OUT, seed=23)
             name = f"sp mlp {shape} dim={dim} overlap={overlap}"
             dense64, fwd, bwd = _check_against_dense(name, tp, dense, x, grad, dim, world, rank)
             hidden = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
             # the row bias: the single-device gradient on every rank (added once, not world_size times)
-            _check_params(name, tp, dense, dense64, {"fc1.weight": hidden, "fc1.bias": hidden,
+            compare_params(name, tp, dense, dense64, {"fc1.weight": hidden, "fc1.bias": hidden,
                                                      "fc2.weight": (slice(None), hidden), "fc2.bias": slice(None)})
             if world == 1:
                 assert fwd.count() == bwd.count() == 0, (fwd.records, bwd.records)
@@ -123,11 +105,11 @@ def sequence_parallel_layers(rank, world):
         torch.manual_seed(24)
         column = ColumnParallelLinear(IN, HIDDEN, activation="gelu", sequence_parallel=True, overlap=overlap)
         rows = slice(column.shard_start, column.shard_stop)
-        x, grad = _same_everywhere(*shape, seed=25), _same_everywhere(2, 7, HIDDEN, seed=26)
+        x, grad = same_everywhere(*shape, seed=25), same_everywhere(2, 7, HIDDEN, seed=26)
         name = f"sp column overlap={overlap}"
         dense64, fwd, bwd = _check_against_dense(name, column, dense, x, grad, dim, world, rank, y_sharded=False,
                                                  act=F.gelu)
-        _check_params(name, column, dense, dense64, {"weight": rows, "bias": rows})
+        compare_params(name, column, dense, dense64, {"weight": rows, "bias": rows})
         if world > 1:
             assert fwd.count("reduce_scatter") == 0 and bwd.count("all_gather") == 0
             assert bwd.count("reduce_scatter") == fwd.count("all_gather") >= 1
@@ -137,11 +119,11 @@ def sequence_parallel_layers(rank, world):
         torch.manual_seed(27)
         row = RowParallelLinear(HIDDEN, OUT, sequence_parallel=True, overlap=overlap)
         cols = slice(row.shard_start, row.shard_stop)
-        x, grad = _same_everywhere(2, 7, HIDDEN, seed=28), _same_everywhere(2, 7, OUT, seed=29)
+        x, grad = same_everywhere(2, 7, HIDDEN, seed=28), same_everywhere(2, 7, OUT, seed=29)
         name = f"sp row overlap={overlap}"
         dense64, fwd, bwd = _check_against_dense(name, row, dense, x, grad, dim, world, rank, x_sharded=False,
                                                  x_features=cols)
-        _check_params(name, row, dense, dense64, {"weight": (slice(None), cols), "bias": slice(None)})
+        compare_params(name, row, dense, dense64, {"weight": (slice(None), cols), "bias": slice(None)})
         if world > 1:
             assert fwd.count("all_reduce") == 0 and fwd.count("reduce_scatter") == bwd.count("all_gather") >= 1
     return "ok"
@@ -155,12 +137,12 @@ def overlap_without_sequence_parallel(rank, world):
         dense = reference.MLP(IN, HIDDEN, OUT)
         torch.manual_seed(30)
         tp = TensorParallelMLP(IN, HIDDEN, OUT, overlap=overlap)
-        x, grad = _same_everywhere(2, 7, IN, seed=31), _same_everywhere(2, 7, OUT, seed=32)
+        x, grad = same_everywhere(2, 7, IN, seed=31), same_everywhere(2, 7, OUT, seed=32)
         name = f"mlp overlap={overlap}"
         dense64, fwd, bwd = _check_against_dense(name, tp, dense, x, grad, 0, world, rank, x_sharded=False,
                                                  y_sharded=False)
         hidden = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
-        _check_params(name, tp, dense, dense64, {"fc1.weight": hidden, "fc2.weight": (slice(None), hidden),
+        compare_params(name, tp, dense, dense64, {"fc1.weight": hidden, "fc2.weight": (slice(None), hidden),
                                                  "fc2.bias": slice(None)})
         if world > 1:
             assert fwd.count() == fwd.count("all_reduce") == (4 if overlap else 1), fwd.records
@@ -172,7 +154,7 @@ def overlap_without_sequence_parallel(rank, world):
         torch.manual_seed(33)
         row = RowParallelLinear(HIDDEN, OUT, overlap=overlap, reduce_dtype=torch.float32)
         cols = slice(row.shard_start, row.shard_stop)
-        x, grad = _same_everywhere(3, HIDDEN, seed=34), _same_everywhere(3, OUT, seed=35)
+        x, grad = same_everywhere(3, HIDDEN, seed=34), same_everywhere(3, OUT, seed=35)
         _check_against_dense(f"row overlap={overlap}", row, dense, x, grad, 0, world, rank, x_sharded=False,
                              y_sharded=False, x_features=cols)
     assert sent[True] == sent[False], f"chunking changed the bytes sent: {sent}"
@@ -213,20 +195,10 @@ def compiled_sequence_parallel(rank, world):
     lengths on the host, a graph break; the rest compiles, and the numbers are eager's."""
     torch.manual_seed(36)
     tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate="tanh", sequence_parallel=True, overlap=True)
-    x = _mine(_same_everywhere(2, 7, IN, seed=37), world, rank, 1)
-    grad = _mine(_same_everywhere(2, 7, OUT, seed=38), world, rank, 1)
-    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x = _mine(same_everywhere(2, 7, IN, seed=37), world, rank, 1)
+    grad = _mine(same_everywhere(2, 7, OUT, seed=38), world, rank, 1)
     torch._dynamo.reset()
-    y_compiled = torch.compile(tp)(x_compiled)
-    y_compiled.backward(grad)
-    compiled_grads = [p.grad.clone() for p in tp.parameters()]
-    tp.zero_grad()
-    y_eager = tp(x_eager)
-    y_eager.backward(grad)
-    torch.testing.assert_close(y_compiled, y_eager)
-    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
-    for got, expected in zip(compiled_grads, (p.grad for p in tp.parameters())):
-        torch.testing.assert_close(got, expected)
+    assert_compiled_matches_eager(tp, torch.compile(tp), x, grad)
     return "ok"
 
 
