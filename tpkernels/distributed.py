@@ -177,11 +177,19 @@ def _check_same_on_every_rank(kind, t, group):
         )
 
 
+def _unwaited(result, group):
+    """A collective's result left un-waited (torch's AsyncCollectiveTensor: the first use waits), where the
+    group's backend can carry several collectives in flight. On gloo it is waited at once: with several
+    of its all-gathers in flight, the overlapped MLP corrupted the heap in a stress run (torch 2.13,
+    "malloc(): unaligned tcache chunk detected"), and gloo's threads compete with the CPU's compute anyway."""
+    return funcol.wait_tensor(result) if dist.get_backend(group) == "gloo" else result
+
+
 def _all_reduce(t, group, wait=True):
-    """The sum over the group; un-waited (torch's AsyncCollectiveTensor, waited on first use) unless `wait`."""
+    """The sum over the group; un-waited (see `_unwaited`) unless `wait`."""
     _before_collective("all_reduce", t, group)
     reduced = funcol.all_reduce(t.contiguous(), "sum", group)
-    return funcol.wait_tensor(reduced) if wait else reduced
+    return funcol.wait_tensor(reduced) if wait else _unwaited(reduced, group)
 
 
 def _all_gather_last_dim(t, sizes, group):
@@ -400,8 +408,9 @@ def reduce_scatter_sequence(partial, sequence_dim=-2, process_group=None):
 
 # ---------------------------------------------------------------------------------------------------
 # Chunked collectives for comm/compute overlap. Each returns its result un-waited (torch's
-# AsyncCollectiveTensor): the collective runs while the caller computes the next chunk, and the first
-# use of the result waits for it. The bytes of the chunks add up to the unchunked collective's.
+# AsyncCollectiveTensor; on gloo, waited: `_unwaited`): the collective runs while the caller computes
+# the next chunk, and the first use of the result waits for it. The bytes of the chunks add up to the
+# unchunked collective's.
 
 
 class _GatherChunkAsync(torch.autograd.Function):
@@ -412,13 +421,13 @@ class _GatherChunkAsync(torch.autograd.Function):
         ctx.group = group
         chunk = chunk.contiguous()
         _before_collective("all_gather", chunk, group)
-        return _all_gather_dim0(chunk, 0, group)
+        return _unwaited(_all_gather_dim0(chunk, 0, group), group)
 
     @staticmethod
     def backward(ctx, grad):  # un-waited too: the other chunks' backward GEMMs run meanwhile
         grad = grad.contiguous()
         _before_collective("reduce_scatter", grad, ctx.group)
-        return _reduce_scatter_dim0(grad, "sum", 0, ctx.group), None
+        return _unwaited(_reduce_scatter_dim0(grad, "sum", 0, ctx.group), ctx.group), None
 
 
 class _ReduceScatterChunkAsync(torch.autograd.Function):
@@ -429,13 +438,13 @@ class _ReduceScatterChunkAsync(torch.autograd.Function):
         ctx.group = group
         partial = partial.contiguous()
         _before_collective("reduce_scatter", partial, group)
-        return _reduce_scatter_dim0(partial, "sum", 0, group)
+        return _unwaited(_reduce_scatter_dim0(partial, "sum", 0, group), group)
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
         _before_collective("all_gather", grad, ctx.group)
-        return _all_gather_dim0(grad, 0, ctx.group), None
+        return _unwaited(_all_gather_dim0(grad, 0, ctx.group), ctx.group), None
 
 
 def sequence_chunks(sizes, chunks):
