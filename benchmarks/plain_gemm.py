@@ -32,6 +32,7 @@ def _plain_matmul_kernel(
     offs_bn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
     a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    # The tutorial's mainloop; `_matmul_kernel` repeats it on purpose, and is held against this one.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_remaining in range(K, 0, -BLOCK_K):
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)

@@ -55,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import tpkernels  # noqa: E402
-from tpkernels import ops  # noqa: E402
+from tpkernels import extension, ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
 PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
@@ -343,7 +343,7 @@ def _native(make, x):
     """The explicit-backend providers that can run on x's device: {name: callable}."""
     providers = {"tpkernels_triton": make("triton")} if x.is_cuda else {}
     backend = "cublaslt" if x.is_cuda else "cpu"
-    if ops._extension_has(x.device.type):
+    if extension.has(x.device.type):
         providers[f"tpkernels_{backend}"] = make(backend)
     return providers
 

@@ -1,5 +1,6 @@
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -28,3 +29,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, except that patching a tpkernels module's name that no tpkernels code reads
+    through that module fails the test (`patching.looked_up`): such a patch would change nothing."""
+    from patching import looked_up
+
+    setattr_ = monkeypatch.setattr
+
+    def checked_setattr(target, name, *args, **kwargs):
+        if isinstance(target, types.ModuleType) and target.__name__.startswith("tpkernels") \
+                and not looked_up(target, name):
+            pytest.fail(f"monkeypatch.setattr({target.__name__}, {name!r}, ...) changes nothing: no tpkernels code "
+                        f"reads {name} through {target.__name__}; patch the module whose code looks it up")
+        return setattr_(target, name, *args, **kwargs)
+
+    monkeypatch.setattr = checked_setattr
+    return monkeypatch

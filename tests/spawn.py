@@ -1,9 +1,12 @@
 """Run a function on N CPU ranks over gloo: spawned processes, file:// init, timeouts, stragglers killed,
-tracebacks and results (pickled bytes) sent back to the parent."""
+tracebacks and results (pickled bytes) sent back to the parent. And `run_python`, for code that needs a
+fresh interpreter (triton reads TRITON_INTERPRET once, as it decorates the kernels)."""
 import datetime
 import os
 import pickle
 import queue
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
@@ -106,3 +109,14 @@ def check_scenario(outcomes, name):
         if not ok:
             pytest.fail(f"rank {rank} of {len(outcomes)}:\n{value}", pytrace=False)
     return [by_name[name][1] for by_name in outcomes]
+
+
+def run_python(code, *, interpret=False, timeout=120):
+    """Run `code` in a new Python process, with TRITON_INTERPRET=1 only if `interpret`; returns its stdout,
+    stripped, after checking that it exited 0 (else the assertion shows the end of its stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip()

@@ -7,7 +7,7 @@ import torch
 
 from spawn import check_scenario, run_ranks, run_scenarios
 from tpkernels import distributed as tpd
-from tpkernels import ops
+from tpkernels import launch, ops
 
 WORLD_SIZES = [1, 2, 3, 4]
 FEATURES = 11  # divides by none of the world sizes above but 1
@@ -106,25 +106,35 @@ def test_collectives_are_bypassed_without_a_process_group():
 
 
 def autotune_sync(rank, world):
-    tuner = ops._autotuned_pointer_kernel((9, 0))
+    tuner = launch.autotuner("pointer", (9, 0))
     tuner.cache.clear()
     # each rank "tuned" differently; rank 0 also has a shape the others never saw
     tuner.cache[("k1",)] = tuner.configs[rank]
     tuner.cache[("k2",)] = tuner.configs[(rank + 3) % len(tuner.configs)]
     if rank == 0:
         tuner.cache[("k3",)] = tuner.configs[5]
+        # kernels only rank 0 ran, on a Blackwell capability (sm_100) and the TMA kernel: the other
+        # ranks make those autotuners as they take rank 0's configs
+        launch.autotuner("pointer", (10, 0)).cache[("k4",)] = launch.autotuner("pointer", (10, 0)).configs[1]
+        launch.autotuner("tma", (9, 0)).cache[("k5",)] = launch.autotuner("tma", (9, 0)).configs[2]
     taken = ops.sync_autotuning()
-    picked = {key: ops._config_identity(config) for key, config in tuner.cache.items()}
-    return taken, picked
+    picked = {key: launch.config_identity(config) for key, config in tuner.cache.items()}
+    others = {kind: {key: launch.config_identity(c) for key, c in launch.autotuner(*kind).cache.items()}
+              for kind in (("pointer", (10, 0)), ("tma", (9, 0)))}
+    return taken, picked, others
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sync_autotuning_gives_every_rank_rank_0s_configs(world_size):
     results = run_ranks(autotune_sync, world_size)
-    configs = ops._autotuned_pointer_kernel((9, 0)).configs
-    expected = {("k1",): ops._config_identity(configs[0]), ("k2",): ops._config_identity(configs[3]),
-                ("k3",): ops._config_identity(configs[5])}
-    for rank, (taken, picked) in enumerate(results):
-        assert taken == 3, rank
+    configs = launch.autotuner("pointer", (9, 0)).configs
+    expected = {("k1",): launch.config_identity(configs[0]), ("k2",): launch.config_identity(configs[3]),
+                ("k3",): launch.config_identity(configs[5])}
+    sm100, tma = launch.autotuner("pointer", (10, 0)).configs, launch.autotuner("tma", (9, 0)).configs
+    others = {("pointer", (10, 0)): {("k4",): launch.config_identity(sm100[1])},
+              ("tma", (9, 0)): {("k5",): launch.config_identity(tma[2])}}
+    for rank, (taken, picked, theirs) in enumerate(results):
+        assert taken == 5, rank
         assert picked == expected, rank
+        assert theirs == others, rank
     assert ops.sync_autotuning() == 0  # no process group: nothing to do

@@ -1,5 +1,5 @@
 """The Triton code itself: GELU as `tl` functions, and every prologue / epilogue of the matmul kernel,
-launched through `ops._launch` with pinned configs into poisoned outputs."""
+launched through `launch.matmul` with pinned configs into poisoned outputs."""
 import json
 import os
 import subprocess
@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from numerics import DEVICES, assert_close_to_ref, randn
-from tpkernels import MatmulConfig, ops, pin_config
+from spawn import run_python
+from tpkernels import MatmulConfig, launch, ops, pin_config
 from tpkernels.kernels import GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, TMA_CONFIGS, matmul
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
@@ -40,6 +41,17 @@ def _gelu_values(device):
     return torch.cat([torch.linspace(-12, 12, 1001, dtype=torch.float64), torch.tensor(special, dtype=torch.float64)]).to(device)
 
 
+@pytest.mark.skipif(not matmul.INTERPRETED, reason="the interpreter raises a static_assert at the call")
+def test_activation_codes_are_checked_statically():
+    """IDENTITY has no gradient epilogue (the caller skips the multiply), and an unknown code is refused:
+    neither may silently run the tanh derivative."""
+    x = torch.randn(8)
+    y, dy = torch.empty_like(x), torch.empty_like(x)
+    for code in (IDENTITY, 3):
+        with pytest.raises(Exception, match="GELU"):
+            _elementwise_kernel[(1,)](x, y, dy, 8, ACTIVATION=code, BLOCK=8)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_gelu_and_its_derivative_match_fp64(device, approximate):
@@ -65,7 +77,7 @@ def _run(a, b, *, device, out_dtype=None, bias=None, residual=None, activation=I
     out_dtype = out_dtype or b.dtype
     c = torch.full((M, N), float("nan"), dtype=out_dtype, device=device)
     preact = torch.full((M, N), float("nan"), dtype=b.dtype, device=device) if store_preact else None
-    ops._launch(a, b, c, bias=bias, residual=residual, preact=preact, z=z, activation=activation,
+    launch.matmul(a, b, c, bias=bias, residual=residual, preact=preact, z=z, activation=activation,
                 grad_activation=grad_activation)
     return c, preact
 
@@ -142,13 +154,13 @@ def test_dgelu_pass_and_its_column_sums(device, dtype, grad_activation, M, N):
     dy = randn(M, N, dtype=dtype, device=device)[:, ::1]
     z = randn(N, M, dtype=dtype, device=device, scale=2.0).t()  # a strided view
     approximate = "tanh" if grad_activation == GELU_TANH else "none"
-    dz, db = ops._dgelu(dy, z, grad_activation, need_db=True)
+    dz, db = launch.dgelu(dy, z, grad_activation, need_db=True)
     ref = torch.ops.aten.gelu_backward(dy.double(), z.double(), approximate=approximate)
     eager = torch.ops.aten.gelu_backward(dy, z, approximate=approximate)
     assert_close_to_ref(dz, eager, ref, "dZ")
     assert db.dtype == torch.float32 and db.shape == (N,)
     assert_close_to_ref(db, eager.sum(0, dtype=torch.float32), ref.sum(0), "db")
-    dz_only, none = ops._dgelu(dy, z, grad_activation, need_db=False)
+    dz_only, none = launch.dgelu(dy, z, grad_activation, need_db=False)
     assert none is None and torch.equal(dz_only, dz)
 
 
@@ -162,14 +174,14 @@ def test_persistent_tma_kernel(device, dtype, M, K, N, monkeypatch):
     """The Hopper kernel (TMA descriptors, persistent grid) on every launch layout, against the fp64
     reference; the interpreter runs it on CPU tensors."""
     launched = []
-    kernel = ops._matmul_tma_persistent_kernel
+    kernel = launch._matmul_tma_persistent_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launched.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(ops, "_matmul_tma_persistent_kernel", Spy())
+    monkeypatch.setattr(launch, "_matmul_tma_persistent_kernel", Spy())
     x = randn(M, K, dtype=dtype, device=device)
     w = randn(N, K, dtype=dtype, device=device, scale=K**-0.5)
     bias = randn(N, dtype=dtype, device=device)
@@ -206,8 +218,8 @@ def test_empty_reduction_gives_the_epilogue_of_zero(device):
 def test_int64_offsets_path(device, monkeypatch):
     # Offsets switch to 64 bits once a tensor spans 2**31 elements; lower the threshold so that the
     # 64-bit path runs on test-sized tensors.
-    assert ops._last_offset(torch.empty(3, 5).t()) == 14
-    monkeypatch.setattr(ops, "_INT32_LIMIT", 64)
+    assert launch.last_offset(torch.empty(3, 5).t()) == 14
+    monkeypatch.setattr(launch, "INT32_LIMIT", 64)
     a = randn(37, 50, device=device)
     b = randn(45, 50, device=device).t()
     bias = randn(45, device=device)
@@ -336,15 +348,15 @@ def test_mainloop_finder_on_a_listing():
 
 def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
     """The autotuner never launches a config whose pipeline exceeds the device's shared memory."""
-    monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 166912)  # an A100
+    monkeypatch.setattr(launch, "device_shared_memory", lambda index: 166912)  # an A100
     configs = [c.to_triton() for c in GPU_CONFIGS]
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        kept = ops._pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=dtype)})
+        kept = launch.pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=dtype)})
         assert kept, dtype
-        assert all(ops._matmul_config(c).shared_bytes(size) <= 166912 for c in kept)
+        assert all(MatmulConfig.from_triton(c).shared_bytes(size) <= 166912 for c in kept)
         assert (len(kept) < len(configs)) == (dtype == torch.float32)  # fp32 loses its deep pipelines
     # TMA: the staging buffer of C counts too, sliced as the dGELU epilogue slices it
-    monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 232448)
+    monkeypatch.setattr(launch, "device_shared_memory", lambda index: 232448)
 
     class Desc:
         def __init__(self, dtype):
@@ -352,29 +364,28 @@ def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
 
     tma = [c.to_triton() for c in TMA_CONFIGS]
     for grad in (IDENTITY, GELU):
-        kept = ops._pruner("a_desc", store_operand="c_desc")(
+        kept = launch.pruner("a_desc", store_operand="c_desc")(
             tma, {"a_desc": Desc(torch.bfloat16), "c_desc": Desc(torch.bfloat16)}, GRAD_ACTIVATION=grad)
-        for c in map(ops._matmul_config, kept):
+        for c in map(MatmulConfig.from_triton, kept):
             assert c.shared_bytes(2, 2, c.epilogue_slices(grad != IDENTITY)) <= 232448
     # when nothing fits, the smallest config is kept, so that a launch has something to run
-    monkeypatch.setattr(ops, "_device_shared_memory", lambda index: 1024)
-    (smallest,) = ops._pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=torch.float32)})
-    assert ops._matmul_config(smallest).shared_bytes(4) == min(c.shared_bytes(4) for c in GPU_CONFIGS)
+    monkeypatch.setattr(launch, "device_shared_memory", lambda index: 1024)
+    (smallest,) = launch.pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=torch.float32)})
+    assert MatmulConfig.from_triton(smallest).shared_bytes(4) == min(c.shared_bytes(4) for c in GPU_CONFIGS)
 
 
 def test_autotuned_configs_persist_across_runs(monkeypatch):
     """Both autotuners ask triton to keep their results on disk, unless TPKERNELS_AUTOTUNE_CACHE=0."""
     seen = []
     real = triton.autotune
-    monkeypatch.setattr(ops.triton, "autotune", lambda **kw: seen.append(kw.get("cache_results")) or real(**kw))
+    monkeypatch.setattr(launch.triton, "autotune", lambda **kw: seen.append(kw.get("cache_results")) or real(**kw))
     for setting, expected in ((None, True), ("0", False)):
         if setting is None:
             monkeypatch.delenv("TPKERNELS_AUTOTUNE_CACHE", raising=False)
         else:
             monkeypatch.setenv("TPKERNELS_AUTOTUNE_CACHE", setting)
-        ops._autotune("test-pointer", ops._matmul_kernel, configs=[INTERPRETER_CONFIG.to_triton()])
+        launch.make_autotuner(launch._matmul_kernel, configs=[INTERPRETER_CONFIG.to_triton()])
         assert seen[-1] is expected
-    ops._AUTOTUNERS.pop("test-pointer")
 
 
 def test_64_bit_offset_variants_compile_for_hopper():
@@ -392,6 +403,20 @@ def test_64_bit_offset_variants_compile_for_hopper():
         "        assert row['wgmma'], row\n"
         "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    assert run_python(code, timeout=600).endswith("ok")
+
+
+def test_kernel_choice_is_per_thread():
+    """use_matmul_kernel (and pin_config) are context variables: another thread keeps its own choice."""
+    import threading
+
+    a, b = torch.randn(32, 16).half(), torch.randn(16, 32).half()
+    c = torch.empty(32, 32).half()
+    with launch.use_matmul_kernel("tma"):
+        assert launch.use_tma(a, b, c, None)
+        elsewhere = []
+        thread = threading.Thread(target=lambda: elsewhere.append(launch.use_tma(a, b, c, None)))
+        thread.start()
+        thread.join()
+        assert elsewhere == [False]  # "auto" there: no TMA for CPU tensors
+    assert not launch.use_tma(a, b, c, None)

@@ -1,16 +1,13 @@
 """The public functional API: linear_gelu and linear_partial against eager, forward and backward,
 every option, bad input, dispatch, and torch.compile."""
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tpkernels
 from numerics import DEVICES, DTYPES, assert_close_to_ref, linear_inputs, randn
-from tpkernels import ops, reference
+from spawn import run_python
+from tpkernels import custom_ops, extension, launch, ops, reference
 
 SHAPES = [  # (leading dims, in_features K, out_features N)
     ((1,), 33, 17),
@@ -104,13 +101,13 @@ def test_non_contiguous_inputs_run_without_a_copy(device, monkeypatch):
     w = randn(50, 45, device=device, scale=50**-0.5).t()  # [45, 50], column-major
     b = randn(90, device=device)[::2]
     seen = []
-    launch = ops._launch
+    real_matmul = launch.matmul
 
     def spy(a, b_, c, **kwargs):
         seen.append(a.data_ptr())
-        return launch(a, b_, c, **kwargs)
+        return real_matmul(a, b_, c, **kwargs)
 
-    monkeypatch.setattr(ops, "_launch", spy)
+    monkeypatch.setattr(launch, "matmul", spy)
     out = tpkernels.linear_gelu(x, w, b)
     assert seen == [x.data_ptr()], "a 2-D strided x must reach the kernel as it is"
     eager = reference.linear_gelu(x, w, b)
@@ -192,7 +189,7 @@ def test_bad_input_is_refused_before_launch(monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("a kernel launched on bad input")
 
-    monkeypatch.setattr(ops, "_launch", no_launch)
+    monkeypatch.setattr(launch, "matmul", no_launch)
     x, w, b = linear_inputs((8,), 16, 12, torch.float32, "cpu")
     cases = [
         (ValueError, r"in_features=17 .* in_features=16", lambda: tpkernels.linear_gelu(randn(8, 17), w, b)),
@@ -226,8 +223,8 @@ def test_bad_input_is_refused_before_launch(monkeypatch):
 @pytest.mark.skipif(not ops.INTERPRETED, reason="needs TRITON_INTERPRET=1")
 def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
     launches = []
-    launch = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    real_matmul = launch.matmul
+    monkeypatch.setattr(launch, "matmul", lambda *a, **k: launches.append(1) or real_matmul(*a, **k))
     monkeypatch.setattr(reference, "fused_linear", lambda *a, **k: pytest.fail("the eager fallback ran"))
     x, w, b = linear_inputs((8,), 16, 12, torch.float32, "cpu", requires_grad=True)
     tpkernels.linear_gelu(x, w, b).sum().backward()
@@ -239,19 +236,17 @@ def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
 def test_cpu_without_the_interpreter_runs_the_extension_or_eager():
     code = (
         "import torch, tpkernels, tpkernels.ops as ops\n"
-        "from tpkernels import reference\n"
+        "from tpkernels import extension, reference\n"
         "assert not ops.INTERPRETED\n"
         "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
-        "expected = 'cpu' if ops._extension_has('cpu') else 'eager'\n"
-        "assert ops._auto_backend('cpu', x.dtype, 5, 3, 7, 1) == expected\n"
+        "expected = 'cpu' if extension.has('cpu') else 'eager'\n"
+        "assert ops.auto_backend('cpu', x.dtype, 5, 3, 7, 1) == expected\n"
         "torch.testing.assert_close(tpkernels.linear_gelu(x, w, b), reference.linear_gelu(x, w, b))\n"
         "assert torch.equal(tpkernels.linear_gelu(x, w, b, backend='eager'), reference.linear_gelu(x, w, b))\n"
         "assert torch.equal(tpkernels.linear_partial(x, w, b, backend='eager'), torch.nn.functional.linear(x, w, b))\n"
         "print('eager')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "eager", result.stderr
+    assert run_python(code) == "eager"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -293,9 +288,9 @@ def test_inference_runs_the_op_directly_only_in_plain_eager(device, monkeypatch)
     x, w1, b1 = linear_inputs((5,), 24, 40, torch.float32, device)
     _, w2, b2 = linear_inputs((1,), 40, 24, torch.float32, device)
     calls = []
-    for name in ("_fused_linear_impl", "_mlp_shard_impl"):
-        real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for name in ("fused_linear_impl", "mlp_shard_impl"):
+        real = getattr(custom_ops, name)
+        monkeypatch.setattr(custom_ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
 
     def model(x):
         h = tpkernels.linear_gelu(x, w1, b1, backend="triton")
@@ -304,7 +299,7 @@ def test_inference_runs_the_op_directly_only_in_plain_eager(device, monkeypatch)
 
     with torch.no_grad():
         direct = model(x)
-    assert calls == ["_fused_linear_impl", "_fused_linear_impl", "_mlp_shard_impl"]
+    assert calls == ["fused_linear_impl", "fused_linear_impl", "mlp_shard_impl"]
     torch.testing.assert_close(direct[0], direct[1])
     expected = reference.linear_partial(reference.linear_gelu(x, w1, b1), w2, b2)
     assert_close_to_ref(direct[0], expected, reference.linear_partial(
@@ -315,7 +310,7 @@ def test_inference_runs_the_op_directly_only_in_plain_eager(device, monkeypatch)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = model(mode.from_tensor(x))  # the op's fake impl: no launch on a fake tensor
     assert [tuple(t.shape) for t in fake] == [(5, 24), (5, 24)] and calls == []
-    assert ops._direct_call_ok(x) and not ops._direct_call_ok(mode.from_tensor(x))
+    assert ops.direct_call_ok(x) and not ops.direct_call_ok(mode.from_tensor(x))
 
     torch._dynamo.reset()
     with torch.no_grad():
@@ -362,12 +357,12 @@ def test_mlp_shard_matches_eager(device, dtype, approximate, owner, residual, fp
 @pytest.mark.parametrize("device", DEVICES)
 def test_mlp_shard_backward_launches_plain_gemms(device, monkeypatch):
     """The MLP backward: one dGELU-epilogue GEMM for dZ, then plain GEMMs; no elementwise dGELU pass."""
-    if not ops._runs_triton(torch.empty(0, device=device)):
+    if not launch.runs_triton(torch.empty(0, device=device)):
         pytest.skip("CPU tensors run eager without TRITON_INTERPRET=1")
     launches = []
-    launch = ops._launch
-    monkeypatch.setattr(ops, "_launch", lambda *a, **k: launches.append(k.get("grad_activation", 0)) or launch(*a, **k))
-    monkeypatch.setattr(ops, "_dgelu", lambda *a, **k: pytest.fail("the MLP backward must not run a dGELU pass"))
+    real_matmul = launch.matmul
+    monkeypatch.setattr(launch, "matmul", lambda *a, **k: launches.append(k.get("grad_activation", 0)) or real_matmul(*a, **k))
+    monkeypatch.setattr(launch, "dgelu", lambda *a, **k: pytest.fail("the MLP backward must not run a dGELU pass"))
     x, w1, b1 = linear_inputs((8,), 16, 12, torch.float32, device, requires_grad=True)
     _, w2, b2 = linear_inputs((1,), 12, 10, torch.float32, device, requires_grad=True)
     tpkernels.mlp_shard(x, w1, b1, w2, b2).sum().backward()
@@ -375,7 +370,7 @@ def test_mlp_shard_backward_launches_plain_gemms(device, monkeypatch):
 
 
 def test_mlp_shard_bad_input_is_refused_before_launch(monkeypatch):
-    monkeypatch.setattr(ops, "_launch", lambda *a, **k: pytest.fail("a kernel launched on bad input"))
+    monkeypatch.setattr(launch, "matmul", lambda *a, **k: pytest.fail("a kernel launched on bad input"))
     x, w1, b1 = linear_inputs((8,), 16, 12, torch.float32, "cpu")
     _, w2, b2 = linear_inputs((1,), 12, 10, torch.float32, "cpu")
     cases = [
@@ -401,7 +396,7 @@ def test_mlp_shard_ops_pass_opcheck(device):
     inference = [t.detach() for t in (x, w1, b1, w2, b2)]  # nothing stored: no gradient to take
     torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default,
                           (*inference, None, 2, False, torch.float32, False, False))
-    if ops._extension_has(device):
+    if extension.has(device):
         torch.library.opcheck(torch.ops.tpkernels.mlp_shard.default,
                               (x, w1, b1, w2, b2, None, 2, True, torch.float32, True, True))
 
@@ -411,8 +406,8 @@ def test_mlp_shard_ops_pass_opcheck(device):
 def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
     """The persistent TMA kernel behind the autograd op, forward and backward (every layout it takes)."""
     launched = []
-    use_tma = ops._use_tma
-    monkeypatch.setattr(ops, "_use_tma", lambda *a: launched.append(use_tma(*a)) or launched[-1])
+    use_tma = launch.use_tma
+    monkeypatch.setattr(launch, "use_tma", lambda *a: launched.append(use_tma(*a)) or launched[-1])
     x, w1, b1 = linear_inputs((2, 9), 24, 40, dtype, device, requires_grad=True)
     _, w2, b2 = linear_inputs((1,), 40, 16, dtype, device, requires_grad=True)
 
@@ -425,11 +420,11 @@ def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
 
     with ops.use_matmul_kernel("tma"):
         _check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
-    if ops._runs_triton(x):
+    if launch.runs_triton(x):
         assert launched == [True] * 6, launched  # fc1, fc2; dW2, dZ, dX, dW1
 
 
-needs_extension = pytest.mark.skipif(not ops._extension_has("cpu"), reason="the native extension is not built")
+needs_extension = pytest.mark.skipif(not extension.has("cpu"), reason="the native extension is not built")
 
 
 def _check_both_functions_on(backend, approximate, x, w, b, r):
@@ -501,6 +496,29 @@ def test_native_cpu_backend_ops_pass_opcheck_and_compile():
     torch.testing.assert_close(compiled(x, w, b), f(x, w, b))
 
 
+def test_out_buffer_calls_resolve_their_backend(monkeypatch):
+    """linear_partial(..., out=buf) checks and follows `backend` as every other call does: an unknown or
+    unavailable backend is refused before anything runs, and eager never launches a kernel."""
+    x, w, b = linear_inputs((2, 4), 8, 6, torch.float32, "cpu")
+    residual = randn(2, 4, 6)
+    out = torch.full((2, 4, 6), float("nan"))
+    for backend, message in (("nonsense", "backend must be one of"), ("cublaslt", "backend='cublaslt' needs CUDA")):
+        with pytest.raises(ValueError, match=message):
+            tpkernels.linear_partial(x, w, b, residual=residual, out=out, backend=backend)
+    assert out.isnan().all(), "a refused call wrote into out"
+    monkeypatch.setattr(launch, "matmul", lambda *a, **k: pytest.fail("backend='eager' launched a kernel"))
+    result = tpkernels.linear_partial(x, w, b, residual=residual, out=out, backend="eager")
+    assert result is out
+    torch.testing.assert_close(out, reference.linear_partial(x, w, b, residual=residual))
+    if not extension.has("cpu"):
+        with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+            tpkernels.linear_partial(x, w, b, out=out, backend="cpu")
+        return
+    out.fill_(float("nan"))
+    tpkernels.linear_partial(x, w, b, residual=residual, out=out, backend="cpu")
+    torch.testing.assert_close(out, reference.linear_partial(x, w, b, residual=residual))
+
+
 def test_backend_choice_and_refusals(monkeypatch):
     x, w, b = linear_inputs((4,), 8, 6, torch.float32, "cpu")
     with pytest.raises(ValueError, match="backend must be one of auto, triton, cublaslt, cpu, eager, got 'fast'"):
@@ -510,15 +528,15 @@ def test_backend_choice_and_refusals(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         tpkernels.TensorParallelMLP(8, 16, backend="cuBLAS")
     # auto on CUDA follows the committed table; cuBLASLt only where the extension has CUDA kernels
-    monkeypatch.setattr(ops, "_extension_has", lambda device_type: True)
-    assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "cublaslt"
-    assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU) == "triton"  # exact GELU
+    monkeypatch.setattr(extension, "has", lambda device_type: True)
+    assert ops.auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "cublaslt"
+    assert ops.auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU) == "triton"  # exact GELU
     # the measured (H200) table: cuBLASLt at decode sizes, Triton's tanh column forward from M = 16384
-    assert ops._auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "cublaslt"
-    assert ops._auto_backend("cuda", torch.bfloat16, 16384, 4096, 4096, ops.GELU_TANH) == "triton"
-    assert ops._auto_backend("cuda", torch.float32, 8192, 4096, 4096, ops.IDENTITY) == "triton"
-    monkeypatch.setattr(ops, "_extension_has", lambda device_type: False)
-    assert ops._auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "triton"
+    assert ops.auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "cublaslt"
+    assert ops.auto_backend("cuda", torch.bfloat16, 16384, 4096, 4096, ops.GELU_TANH) == "triton"
+    assert ops.auto_backend("cuda", torch.float32, 8192, 4096, 4096, ops.IDENTITY) == "triton"
+    monkeypatch.setattr(extension, "has", lambda device_type: False)
+    assert ops.auto_backend("cuda", torch.bfloat16, 8192, 4096, 4096, ops.GELU_TANH) == "triton"
     report = tpkernels.backends()
     assert set(report) == {"extension", "triton", "table", "auto"} and "cpu" in report["auto"]
 
@@ -529,7 +547,7 @@ def test_the_package_works_without_its_extension():
         "import sys, torch\n"
         "sys.modules['tpkernels._C'] = None  # an import of it now fails, as when it was not built\n"
         "import tpkernels, tpkernels.ops as ops\n"
-        "assert ops._C is None and not ops._extension_has('cpu')\n"
+        "assert not tpkernels.extension.LOADED and not tpkernels.extension.has('cpu')\n"
         "assert 'not built' in tpkernels.backends()['extension']\n"
         "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
         "torch.testing.assert_close(tpkernels.linear_gelu(x, w, b), tpkernels.reference.linear_gelu(x, w, b))\n"
@@ -541,12 +559,8 @@ def test_the_package_works_without_its_extension():
         "    raise AssertionError('backend=cpu ran without the extension')\n"
         "print('ok')\n"
     )
-    for interpret in ("0", "1"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        if interpret == "1":
-            env["TRITON_INTERPRET"] = "1"
-        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    for interpret in (False, True):
+        assert run_python(code, interpret=interpret) == "ok"
 
 
 
@@ -555,7 +569,7 @@ def test_the_package_works_without_its_extension():
 def test_cublaslt_backend_matches_eager(dtype):
     """The extension's cuBLASLt epilogues: GELU_AUX_BIAS forward, BGRADB backward, residual through C,
     fp32 partials through D's type, and the MLP's DGELU_BGRAD, against eager and fp64."""
-    if not ops._extension_has("cuda"):
+    if not extension.has("cuda"):
         pytest.skip("the extension's CUDA part is not built")
     x, w, b = linear_inputs((3, 70), 96, 136, dtype, "cuda", requires_grad=True)
 

@@ -16,7 +16,7 @@ from torch import nn
 from numerics import assert_close_to_ref
 from spawn import check_scenario, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, empty_parameters, parallelize
-from tpkernels.parallelize import _slice_of, load_sharded, save_sharded
+from tpkernels.checkpoint import shard_slice, load_sharded, save_sharded
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -57,7 +57,7 @@ def _dense_part(tp_model, name, dense_tensor):
     layer = _layers(tp_model).get(path)
     if layer is None:
         return dense_tensor
-    part = dense_tensor[_slice_of(layer, kind, dense_tensor.shape)]
+    part = dense_tensor[shard_slice(layer, kind, dense_tensor.shape)]
     return part.t() if kind == "weight" and layer.checkpoint_transposed else part
 
 
@@ -182,6 +182,8 @@ def left_alone_and_plans(rank, world):
     return "ok"
 
 
+# The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
+# scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
 SCENARIOS = [real_models, left_alone_and_plans]
 
 

@@ -7,8 +7,9 @@
 from tpkernels import distributed
 from tpkernels.kernels import MatmulConfig
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
+from tpkernels.checkpoint import empty_parameters, load_sharded, save_sharded
 from tpkernels.ops import backends, linear_gelu, linear_partial, mlp_shard, pin_config, sync_autotuning
-from tpkernels.parallelize import ParallelizeReport, empty_parameters, load_sharded, parallelize, save_sharded
+from tpkernels.parallelize import ParallelizeReport, parallelize
 
 __version__ = "0.1.0"
 __all__ = [

@@ -8,6 +8,7 @@ from tpkernels.kernels.configs import (
     INTERPRETER_CONFIG,
     TMA_CONFIGS,
     MatmulConfig,
+    epilogue_slices,
     prune,
     shared_memory_limit,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "_dgelu_kernel",
     "_matmul_kernel",
     "_matmul_tma_persistent_kernel",
+    "epilogue_slices",
     "matmul_configs",
     "prune",
     "shared_memory_limit",

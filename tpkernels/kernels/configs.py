@@ -9,6 +9,15 @@ from dataclasses import dataclass
 import triton
 
 
+@triton.constexpr_function
+def epilogue_slices(subtile, grad_activation):
+    """How many slices along N the epilogue of a tile runs in: the config's EPILOGUE_SUBTILE (1, 2 or 4),
+    and twice that, at most 4, for the dGELU epilogue, which keeps z, erf and exp live besides the
+    accumulator. The one statement of the rule: the kernels call it at compile time, and the launchers
+    and the shared-memory estimate on the host (a TMA store of C is block_n / slices wide)."""
+    return min(4, subtile * 2) if grad_activation else subtile
+
+
 @dataclass(frozen=True)
 class MatmulConfig:
     block_m: int
@@ -23,14 +32,19 @@ class MatmulConfig:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
                 "GROUP_M": self.group_m, "EPILOGUE_SUBTILE": self.epilogue_subtile}
 
+    @classmethod
+    def from_triton(cls, config):
+        kw = config.kwargs
+        return cls(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["GROUP_M"], config.num_warps, config.num_stages,
+                   kw["EPILOGUE_SUBTILE"])
+
     def to_triton(self, pre_hook=None):
         return triton.Config(self.kwargs(), num_warps=self.num_warps, num_stages=self.num_stages,
                              pre_hook=pre_hook)
 
     def epilogue_slices(self, grad_activation):
-        """How many slices the epilogue stores (the width of a TMA store of C is block_n / slices): the
-        dGELU epilogue runs in twice the config's, at most 4 (see `matmul._epilogue`)."""
-        return min(4, self.epilogue_subtile * 2) if grad_activation else self.epilogue_subtile
+        """How many slices the epilogue runs in (`epilogue_slices`)."""
+        return epilogue_slices(self.epilogue_subtile, bool(grad_activation))
 
     def shared_bytes(self, element_size, store_element_size=0, slices=1):
         """Shared memory the kernel needs: num_stages buffers of an A and a B tile, and for a TMA store
@@ -41,6 +55,7 @@ class MatmulConfig:
         return pipeline + self.block_m * (self.block_n // slices) * store_element_size
 
 
+# Tables of tiles: the lists below look alike on purpose, one row a config the autotuner may try.
 HOPPER_CONFIGS = (
     # 128-row tiles for two warpgroups of 64-row wgmma; the epilogue in slices of at most 64 fp32
     # values per thread (triton 3.6 serializes wgmma (C7515) or spills above that).
@@ -75,13 +90,9 @@ def matmul_configs(capability):
     """The pointer kernel's autotune candidates on a device of this compute capability."""
     return (HOPPER_CONFIGS if capability[0] >= 9 else AMPERE_CONFIGS) + SMALL_M_CONFIGS
 
-# The persistent TMA kernel (Hopper only, 16-bit operands and output): 128-row tiles, one program per SM.
-TMA_CONFIGS = (
-    MatmulConfig(128, 256, 64, num_warps=8, num_stages=3, epilogue_subtile=4),
-    MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2),
-    MatmulConfig(128, 128, 64, num_warps=4, num_stages=4, epilogue_subtile=2),
-    MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),
-)
+# The persistent TMA kernel (Hopper only, 16-bit operands and output): one program per SM, and the
+# Hopper configs with 128-row tiles (two warpgroups of 64-row wgmma).
+TMA_CONFIGS = tuple(c for c in HOPPER_CONFIGS if c.block_m == 128)
 
 # The elementwise dGELU pass (dZ = dY * gelu'(z), with per-row-block column sums for db). BLOCK_M is
 # fixed, not tuned: it sets the number of partial column sums the launcher allocates.

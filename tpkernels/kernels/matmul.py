@@ -7,8 +7,10 @@
 
 The mainloop is the tutorial GEMM's and nothing else: two tile loads and one `tl.dot` per K-tile, so A
 stays in shared memory and feeds wgmma directly. Everything else happens once per tile, on the fp32
-accumulator, cast once at the store. The epilogue runs on EPILOGUE_SUBTILE slices of the tile along N,
-so that its temporaries (GELU, the stored pre-activation, residual) never hold the whole tile live.
+accumulator, cast once at the store. The epilogue splits the tile into a tuple of slices along N
+(`configs.epilogue_slices`: EPILOGUE_SUBTILE, twice that for dGELU) and runs one function over them with
+`tl.static_range`, so that its temporaries (GELU, the stored pre-activation, residual) never hold the
+whole tile live.
 
 Every operand is a strided view, so the same kernel serves every launch of a linear layer:
 
@@ -25,6 +27,8 @@ import triton
 import triton.language as tl
 
 from triton.runtime.interpreter import InterpretedFunction
+
+from tpkernels.kernels.configs import epilogue_slices
 
 # ACTIVATION / GRAD_ACTIVATION codes.
 IDENTITY = 0
@@ -75,6 +79,8 @@ def _gelu_tanh_grad(x):
 
 @triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
+    tl.static_assert(ACTIVATION == 0 or ACTIVATION == 1 or ACTIVATION == 2,
+                     "ACTIVATION is IDENTITY (0), GELU (1) or GELU_TANH (2)")
     if ACTIVATION == 1:
         x = _gelu(x)
     elif ACTIVATION == 2:
@@ -84,6 +90,8 @@ def _activation(x, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _activation_grad(x, ACTIVATION: tl.constexpr):
+    # IDENTITY has no gradient epilogue: the caller skips the multiply instead of multiplying by 1.
+    tl.static_assert(ACTIVATION == 1 or ACTIVATION == 2, "a gradient epilogue is GELU (1) or GELU_TANH (2)")
     if ACTIVATION == 1:
         g = _gelu_grad(x)
     else:
@@ -131,102 +139,82 @@ def _tile_id_to_pids(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_slice(
-    acc, start_m, start_n, M, N,
-    c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, SLICE_N: tl.constexpr,
-):
-    """act(acc + bias) * act'(z) + residual on one [BLOCK_M, SLICE_N] slice of fp32 accumulator, stored
-    at (start_m, start_n) through a pointer or, with C_IS_DESCRIPTOR, a TMA descriptor."""
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, SLICE_N)
-    mask_n = offs_n < N
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    if STORE_PREACT:
-        preact = _cast_for_store(acc, preact_ptr.dtype.element_ty, EMULATE_BF16)
-        tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, preact, mask=mask)
-    acc = _activation(acc, ACTIVATION)
-    if GRAD_ACTIVATION != 0:
-        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-        acc = acc * _activation_grad(z.to(tl.float32), GRAD_ACTIVATION)
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
-                           mask=mask, other=0.0)
-        acc += residual.to(tl.float32)
-    if C_IS_DESCRIPTOR:  # descriptor coordinates are 32-bit, whatever width the pointer offsets use
-        c_ptr.store([start_m.to(tl.int32), start_n.to(tl.int32)], _cast_for_store(acc, c_ptr.dtype, EMULATE_BF16))
-    else:
-        c = _cast_for_store(acc, c_ptr.dtype.element_ty, EMULATE_BF16)
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask)
-
-
-@triton.jit
 def _split_n(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The left and right halves of a [BLOCK_M, BLOCK_N] tile."""
     return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
 
 
 @triton.jit
-def _epilogue_halves(
-    acc, start_m, start_n, M, N,
-    c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-    ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    left, right = _split_n(acc, BLOCK_M, BLOCK_N)
-    _epilogue_slice(left, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-                    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-                    ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                    C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
-    _epilogue_slice(right, start_m, start_n + BLOCK_N // 2, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr,
-                    z_ptr, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-                    ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                    C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+def _halves(acc, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A [BLOCK_M, BLOCK_N] tile as a tuple of HALVES (1 or 2) slices along N, left to right."""
+    tl.static_assert(HALVES == 1 or HALVES == 2, "a tile splits into 1 or 2 halves")
+    if HALVES == 1:
+        parts = (acc,)
+    else:
+        left, right = _split_n(acc, BLOCK_M, BLOCK_N)
+        parts = (left, right)
+    return parts
 
 
 @triton.jit
 def _epilogue(
     acc, start_m, start_n, M, N,
-    c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-    stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
+    c, bias_ptr, residual, preact, z,
     ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
     C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
 ):
-    """The whole epilogue of one tile, in EPILOGUE_SUBTILE slices along N (1, 2 or 4). The dGELU
-    epilogue keeps z, erf and exp live besides the accumulator, so it runs in twice as many, at most 4
-    (`MatmulConfig.epilogue_slices`)."""
-    SLICES: tl.constexpr = min(EPILOGUE_SUBTILE * 2, 4) if GRAD_ACTIVATION != 0 else EPILOGUE_SUBTILE
-    if SLICES == 1:
-        _epilogue_slice(acc, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-                        stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-                        ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                        C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N)
-    elif SLICES == 2:
-        _epilogue_halves(acc, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-                         stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-                         ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                         C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N)
-    else:
-        tl.static_assert(SLICES == 4, "EPILOGUE_SUBTILE must be 1, 2 or 4")
-        left, right = _split_n(acc, BLOCK_M, BLOCK_N)
-        _epilogue_halves(left, start_m, start_n, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-                         stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-                         ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                         C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
-        _epilogue_halves(right, start_m, start_n + BLOCK_N // 2, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr,
-                         z_ptr, stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm,
-                         stride_zn, ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                         C_IS_DESCRIPTOR, BLOCK_M, BLOCK_N // 2)
+    """act(acc + bias) * act'(z) + residual for the [BLOCK_M, BLOCK_N] fp32 accumulator of the tile at
+    (start_m, start_n), stored through a pointer or, with C_IS_DESCRIPTOR, a TMA descriptor.
+
+    It runs on `epilogue_slices(EPILOGUE_SUBTILE, dGELU)` slices along N, one at a time, so that its
+    temporaries never hold the whole tile live. Each 2-D operand (c, residual, preact, z) travels as
+    (pointer, stride along M, stride along N), so its strides cannot be given to another; callers pass
+    every argument after N by keyword.
+    """
+    c_ptr, stride_cm, stride_cn = c
+    residual_ptr, stride_rm, stride_rn = residual
+    preact_ptr, stride_pm, stride_pn = preact
+    z_ptr, stride_zm, stride_zn = z
+    SLICES: tl.constexpr = epilogue_slices(EPILOGUE_SUBTILE, GRAD_ACTIVATION != 0)
+    tl.static_assert(SLICES == 1 or SLICES == 2 or SLICES == 4, "the epilogue runs in 1, 2 or 4 slices")
+    SLICE_N: tl.constexpr = BLOCK_N // SLICES
+    # `tl.split` halves a tile statically, so 4 slices are the halves of each half, and each half is split
+    # only when its turn comes (the other half's quarters are not yet live).
+    HALVES: tl.constexpr = 1 if SLICES == 1 else 2
+    halves = _halves(acc, HALVES, BLOCK_M, BLOCK_N)
+    for h in tl.static_range(HALVES):
+        quarters = _halves(halves[h], SLICES // HALVES, BLOCK_M, BLOCK_N // HALVES)
+        for q in tl.static_range(SLICES // HALVES):
+            out = quarters[q]
+            slice_n = start_n + (h * (SLICES // HALVES) + q) * SLICE_N
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            offs_n = slice_n + tl.arange(0, SLICE_N)
+            mask_n = offs_n < N
+            mask = (offs_m < M)[:, None] & mask_n[None, :]
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+                out += bias.to(tl.float32)[None, :]
+            if STORE_PREACT:
+                pre = _cast_for_store(out, preact_ptr.dtype.element_ty, EMULATE_BF16)
+                tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, pre,
+                         mask=mask)
+            out = _activation(out, ACTIVATION)
+            if GRAD_ACTIVATION != 0:
+                zs = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask,
+                             other=0.0)
+                out = out * _activation_grad(zs.to(tl.float32), GRAD_ACTIVATION)
+            if HAS_RESIDUAL:
+                res = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
+                              other=0.0)
+                out += res.to(tl.float32)
+            if C_IS_DESCRIPTOR:  # descriptor coordinates are 32-bit, whatever width the pointer offsets use
+                stored = _cast_for_store(out, c_ptr.dtype, EMULATE_BF16)
+                c_ptr.store([start_m.to(tl.int32), slice_n.to(tl.int32)], stored)
+            else:
+                stored = _cast_for_store(out, c_ptr.dtype.element_ty, EMULATE_BF16)
+                tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, stored, mask=mask)
 
 
 @triton.jit
@@ -266,6 +254,7 @@ def _matmul_kernel(
     a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
 
+    # The plain GEMM's mainloop (benchmarks/plain_gemm.py repeats it on purpose, as the yardstick).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_remaining in range(K, 0, -BLOCK_K):
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
@@ -274,10 +263,12 @@ def _matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-              stride_cm, stride_cn, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-              ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-              False, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE)
+    _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+              c=(c_ptr, stride_cm, stride_cn), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
+              preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
+              ACTIVATION=ACTIVATION, GRAD_ACTIVATION=GRAD_ACTIVATION, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+              STORE_PREACT=STORE_PREACT, EMULATE_BF16=EMULATE_BF16, C_IS_DESCRIPTOR=False,
+              BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EPILOGUE_SUBTILE=EPILOGUE_SUBTILE)
 
 
 @triton.jit

@@ -65,7 +65,9 @@ def _matmul_tma_persistent_kernel(
         if INT64_OFFSETS:  # descriptor coordinates are 32-bit; the epilogue's pointer offsets may not be
             pid_m = pid_m.to(tl.int64)
             pid_n = pid_n.to(tl.int64)
-        _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, c_desc, bias_ptr, residual_ptr, preact_ptr, z_ptr,
-                  0, 0, stride_rm, stride_rn, stride_pm, stride_pn, stride_zm, stride_zn,
-                  ACTIVATION, GRAD_ACTIVATION, HAS_BIAS, HAS_RESIDUAL, STORE_PREACT, EMULATE_BF16,
-                  True, BLOCK_M, BLOCK_N, EPILOGUE_SUBTILE)
+        _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+                  c=(c_desc, 0, 0), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
+                  preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
+                  ACTIVATION=ACTIVATION, GRAD_ACTIVATION=GRAD_ACTIVATION, HAS_BIAS=HAS_BIAS,
+                  HAS_RESIDUAL=HAS_RESIDUAL, STORE_PREACT=STORE_PREACT, EMULATE_BF16=EMULATE_BF16,
+                  C_IS_DESCRIPTOR=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EPILOGUE_SUBTILE=EPILOGUE_SUBTILE)
