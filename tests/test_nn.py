@@ -11,7 +11,8 @@ from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
 from spawn import check_scenario, run_scenarios
-from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, reference
+from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
+from tpkernels import nn as tnn
 from tpkernels import distributed as tpd
 
 WORLD_SIZES = [1, 2, 3, 4]
@@ -186,6 +187,8 @@ def compiled_mlp(rank, world):
     return "ok"
 
 
+# The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
+# scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
 SCENARIOS = [column, row, mlp, bias_added_once, state_dicts, bad_input]
 
 
@@ -283,8 +286,6 @@ def test_a_shard_is_initialised_without_the_dense_weight(dtype, monkeypatch):
     and nothing as large as the dense weight is ever allocated; on the meta device nothing is drawn."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import tpkernels.nn as tnn
-
     class LargestAllocation(TorchDispatchMode):
         largest = 0
 
@@ -311,3 +312,29 @@ def test_a_shard_is_initialised_without_the_dense_weight(dtype, monkeypatch):
                 assert mode.largest < N * K, f"a {mode.largest}-element tensor: the dense weight has {N * K}"
     weight, bias = tnn._init_linear_shard(K, N, True, 0, 0, 10, "meta", dtype)
     assert weight.is_meta and bias.is_meta and weight.shape == (10, K)
+
+
+class _CudaLike:
+    """What overlap="auto" reads of an input: where it lives and its element size (bf16)."""
+
+    is_cuda = True
+
+    def element_size(self):
+        return 2
+
+
+def test_overlap_auto_follows_the_machine_and_chunks_set_now(monkeypatch):
+    """overlap="auto" asks the performance model about tpkernels.overlap.OVERLAP_MACHINE and OVERLAP_CHUNKS as
+    they are at the call, not as they were at the first call. At W = 8, hidden 8192, ffn 28672 the model
+    breaks even at 2048 tokens on an NVLink node, 4096 across InfiniBand, and 1024 with 2 chunks."""
+    x, shape = _CudaLike(), (8192, 28672, 8)
+    assert overlap.overlapping("auto", x, 3000, *shape)  # NVLink, the default: 3000 >= 2048
+    monkeypatch.setattr(overlap, "OVERLAP_MACHINE", "h100-ib")
+    assert not overlap.overlapping("auto", x, 3000, *shape)  # InfiniBand: 3000 < 4096
+    monkeypatch.setattr(overlap, "OVERLAP_MACHINE", perfmodel.MACHINES["h100-nvlink"])  # a Machine works too
+    assert not overlap.overlapping("auto", x, 1500, *shape)
+    monkeypatch.setattr(overlap, "OVERLAP_CHUNKS", 2)
+    assert overlap.overlapping("auto", x, 1500, *shape)  # 2 chunks: 1500 >= 1024
+    monkeypatch.setattr(overlap, "OVERLAP_MACHINE", "h200-typo")
+    with pytest.raises(ValueError, match="unknown machine 'h200-typo'"):
+        overlap.overlapping("auto", x, 1500, *shape)

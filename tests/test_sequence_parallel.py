@@ -130,7 +130,8 @@ def sequence_parallel_layers(rank, world):
 
 
 def overlap_without_sequence_parallel(rank, world):
-    """overlap=True on the plain path: the row stage's all-reduce in chunks of rows, same numbers and bytes."""
+    """overlap=True on the plain path: the row stage's all-reduce, and a column layer's backward
+    all-reduce, in chunks of rows; same numbers and bytes."""
     sent = {}
     for overlap in (False, True):
         torch.manual_seed(30)
@@ -157,6 +158,18 @@ def overlap_without_sequence_parallel(rank, world):
         x, grad = same_everywhere(3, HIDDEN, seed=34), same_everywhere(3, OUT, seed=35)
         _check_against_dense(f"row overlap={overlap}", row, dense, x, grad, 0, world, rank, x_sharded=False,
                              y_sharded=False, x_features=cols)
+
+        # a column layer alone: no forward collective; overlap chunks the backward's all-reduce of dX
+        torch.manual_seed(36)
+        dense = nn.Linear(IN, HIDDEN)
+        torch.manual_seed(36)
+        column = ColumnParallelLinear(IN, HIDDEN, activation="gelu", overlap=overlap)
+        x, grad = same_everywhere(2, 7, IN, seed=37), same_everywhere(2, 7, HIDDEN, seed=38)
+        _, fwd, bwd = _check_against_dense(f"column overlap={overlap}", column, dense, x, grad, 0, world, rank,
+                                           x_sharded=False, y_sharded=False, act=F.gelu)
+        if world > 1:
+            assert fwd.count() == 0 and bwd.count() == bwd.count("all_reduce") == (4 if overlap else 1), bwd.records
+        sent[overlap] += (bwd.sent_bytes,)
     assert sent[True] == sent[False], f"chunking changed the bytes sent: {sent}"
     return sent[False]
 
@@ -214,6 +227,8 @@ def overlap_repeated(rank, world):
     return "ok"
 
 
+# The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
+# scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
 SCENARIOS = [sequence_parallel_mlp, sequence_parallel_layers, overlap_without_sequence_parallel,
              sequence_parallel_bad_input, compiled_sequence_parallel, overlap_repeated]
 

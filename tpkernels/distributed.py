@@ -36,20 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-__all__ = [
-    "copy_to",
-    "count_collectives",
-    "gather_from",
-    "gather_sequence",
-    "get_rank",
-    "get_world_size",
-    "reduce_from",
-    "reduce_scatter_sequence",
-    "scatter_to",
-    "sequence_sizes",
-    "shard_range",
-    "shard_sizes",
-]
+__all__ = ["copy_to", "count_collectives", "gather_from", "gather_sequence", "gather_sequence_chunk", "get_rank",
+           "get_world_size", "reduce_from", "reduce_scatter_sequence", "reduce_scatter_sequence_chunk", "scatter_to",
+           "sequence_sizes", "shard_range", "shard_sizes"]
 
 DEBUG_ENV = "TPKERNELS_DEBUG_COLLECTIVES"
 # all_gather_single replaced all_gather_tensor in newer torch; both gather along dim 0.
@@ -192,22 +181,14 @@ def _all_reduce(t, group, wait=True):
     return funcol.wait_tensor(reduced) if wait else _unwaited(reduced, group)
 
 
-def _all_gather_last_dim(t, sizes, group):
-    """Concatenate every rank's [..., sizes[r]] along the last dim, sizes being allowed to differ."""
-    width = max(sizes)
-    padded = torch.nn.functional.pad(t, (0, width - t.shape[-1])).unsqueeze(0).contiguous()
-    _before_collective("all_gather", padded, group)
-    gathered = funcol.wait_tensor(_all_gather_dim0(padded, 0, group))
-    return torch.cat([gathered[r, ..., :size] for r, size in enumerate(sizes)], dim=-1)
-
-
 def _split_last_dim(t, group):
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     start, stop = shard_range(t.shape[-1], world, rank)
     return t[..., start:stop].contiguous()
 
 
-def _pad_dim0(t, rows):
+def pad_dim0(t, rows):
+    """t with zero rows appended along dim 0 up to `rows` (uneven shards travel padded to the longest)."""
     if t.shape[0] == rows:
         return t
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
@@ -216,7 +197,7 @@ def _pad_dim0(t, rows):
 def _all_gather_dim(t, sizes, dim, group):
     """Concatenate every rank's t (sizes[r] long along dim, sizes allowed to differ) along dim."""
     width = max(sizes)
-    padded = _pad_dim0(t.movedim(dim, 0), width).contiguous()
+    padded = pad_dim0(t.movedim(dim, 0), width).contiguous()
     _before_collective("all_gather", padded, group)
     gathered = funcol.wait_tensor(_all_gather_dim0(padded, 0, group))
     pieces = [gathered[r * width:r * width + size] for r, size in enumerate(sizes)]
@@ -227,7 +208,7 @@ def _reduce_scatter_dim(t, sizes, dim, group):
     """Sum t over the ranks and keep this rank's `tensor_split` slice along dim (sizes[rank] long)."""
     width = max(sizes)
     parts = torch.split(t.movedim(dim, 0), sizes)
-    padded = torch.cat([_pad_dim0(part, width) for part in parts]).contiguous()
+    padded = torch.cat([pad_dim0(part, width) for part in parts]).contiguous()
     _before_collective("reduce_scatter", padded, group)
     mine = funcol.wait_tensor(_reduce_scatter_dim0(padded, "sum", 0, group))
     return mine[:sizes[dist.get_rank(group)]].movedim(0, dim).contiguous()
@@ -301,7 +282,7 @@ class _GatherFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard, sizes, group):
         ctx.group = group
-        return _all_gather_last_dim(shard, sizes, group)
+        return _all_gather_dim(shard, sizes, shard.dim() - 1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -317,7 +298,7 @@ class _ScatterTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_last_dim(grad, ctx.sizes, ctx.group), None
+        return _all_gather_dim(grad, ctx.sizes, grad.dim() - 1, ctx.group), None
 
 
 def copy_to(x, process_group=None, *, wait=True):
@@ -360,6 +341,8 @@ def scatter_to(x, process_group=None):
     return _ScatterTo.apply(x, _group(process_group))
 
 
+# _GatherSequence and _ReduceScatterSequence have one shape on purpose: they are conjugates, each one's
+# forward the other's backward (as _GatherFrom and _ScatterTo, and the chunked pair below).
 class _GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, dim, group):
@@ -447,18 +430,10 @@ class _ReduceScatterChunkAsync(torch.autograd.Function):
         return _unwaited(_all_gather_dim0(grad, 0, ctx.group), ctx.group), None
 
 
-def sequence_chunks(sizes, chunks):
-    """Each rank's shard split by `torch.tensor_split` into `chunks` pieces: [[L_{r,c} for r] for c],
-    and the chunks' padded widths max_r L_{r,c} (their sum is max_r L_r: chunking adds no bytes)."""
-    per_rank = [shard_sizes(length, chunks) for length in sizes]
-    lengths = [[per_rank[r][c] for r in range(len(sizes))] for c in range(chunks)]
-    return lengths, [max(column) for column in lengths]
-
-
 def gather_sequence_chunk(chunk, width, process_group=None):
     """All-gather one chunk of this rank's sequence shard (dim 0), padded to `width` rows: returns
     [W * width, ...] un-waited; its backward reduce-scatters the gradient."""
-    padded = _pad_dim0(chunk, width)
+    padded = pad_dim0(chunk, width)
     if get_world_size(process_group) == 1:
         return padded
     return _GatherChunkAsync.apply(padded, _group(process_group))

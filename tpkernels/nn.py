@@ -23,28 +23,19 @@ MLP: fc1, then fc2), and no rank allocates a dense weight. On the meta device no
 Every rank's `state_dict()` holds its shards; `full_state_dict()` gathers the dense one (a collective:
 call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
 """
-import functools
 import math
 
 import torch
 from torch import nn
 
-from tpkernels import perfmodel
-from tpkernels.distributed import (_pad_dim0, copy_to, gather_from, gather_sequence,
-                                   gather_sequence_chunk, get_rank, get_world_size, reduce_from,
-                                   reduce_scatter_sequence, reduce_scatter_sequence_chunk, scatter_to,
-                                   sequence_chunks, sequence_sizes, shard_range, shard_sizes)
+from tpkernels import overlap
+from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_rank, get_world_size, reduce_from,
+                                   reduce_scatter_sequence, scatter_to, sequence_sizes, shard_range)
 from tpkernels.ops import BACKENDS, linear_gelu, linear_partial, mlp_shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
-
-
-# Chunks of the overlapped path: each chunk's collective runs while the next chunk's GEMMs do.
-OVERLAP_CHUNKS = 4
-# The machine `overlap="auto"` asks the performance model about (tpkernels.perfmodel.MACHINES).
-OVERLAP_MACHINE = "h100-nvlink"
 
 
 def _check_parallel_options(name, sequence_parallel, sequence_dim, overlap):
@@ -64,67 +55,6 @@ def _sequence_dim(name, sequence_dim, x):
         raise ValueError(f"{name}: sequence_dim={sequence_dim} is out of range for a {ndim}-d input of shape "
                          f"{tuple(x.shape)}: it must name one of its first {ndim - 1} dims (the last holds features)")
     return sequence_dim % ndim
-
-
-@functools.cache
-def _break_even(hidden, ffn, world, element_size):
-    return perfmodel.break_even_m(hidden, ffn, world, perfmodel.MACHINES[OVERLAP_MACHINE], element_size,
-                                  chunks=OVERLAP_CHUNKS)
-
-
-def _overlapping(overlap, x, tokens, hidden, ffn, world):
-    """Whether this call takes the chunked path. True forces it (also at world size 1, to measure its
-    cost); "auto" takes it on CUDA tensors from the performance model's break-even M on."""
-    if overlap != "auto":
-        return bool(overlap)
-    if world == 1 or not x.is_cuda:
-        return False
-    even = _break_even(hidden, ffn, world, x.element_size())
-    return even is not None and tokens >= even
-
-
-def _gather_chunks(x, sizes, dim, group, rank):
-    """Issue the all-gathers of this rank's sequence shard in OVERLAP_CHUNKS chunks (dim moved to 0),
-    un-waited: [(chunk index, [W * width, ...])], with the chunks' lengths and widths."""
-    lengths, widths = sequence_chunks(sizes, OVERLAP_CHUNKS)
-    own = torch.split(x.movedim(dim, 0), [lengths[c][rank] for c in range(OVERLAP_CHUNKS)])
-    gathered = [(c, gather_sequence_chunk(own[c], widths[c], group)) for c in range(OVERLAP_CHUNKS) if widths[c]]
-    return gathered, lengths, widths
-
-
-def _column_sequence_overlap(x, sizes, dim, group, rank, fn):
-    """fn(all-gather(x)) in chunks: each chunk's GEMM runs while the next chunks are still arriving."""
-    gathered, lengths, widths = _gather_chunks(x, sizes, dim, group, rank)
-    outs = {c: fn(g) for c, g in gathered}
-    pieces = [outs[c][r * widths[c]:r * widths[c] + lengths[c][r]]
-              for r in range(len(sizes)) for c in range(OVERLAP_CHUNKS) if widths[c]]
-    return torch.cat(pieces).movedim(0, dim)
-
-
-def _row_sequence_overlap(x, dim, group, world, rank, fn):
-    """reduce-scatter(fn(x)) along the sequence in chunks: a chunk's reduce-scatter runs while the next
-    chunk's GEMM does."""
-    sizes = shard_sizes(x.shape[dim], world)
-    lengths, widths = sequence_chunks(sizes, OVERLAP_CHUNKS)
-    regions = torch.split(x.movedim(dim, 0), sizes)
-    pieces = [torch.split(region, [lengths[c][r] for c in range(OVERLAP_CHUNKS)]) for r, region in enumerate(regions)]
-    reduced = []
-    for c, width in enumerate(widths):
-        if width:
-            chunk = torch.cat([_pad_dim0(pieces[r][c], width) for r in range(world)])
-            reduced.append((c, reduce_scatter_sequence_chunk(fn(chunk), group)))
-    return torch.cat([part[:lengths[c][rank]] for c, part in reduced]).movedim(0, dim)
-
-
-def _rows_overlap(x, group, fn, copy_in=False):
-    """all-reduce(fn(x)) in chunks of rows: a chunk's all-reduce runs while the next chunk's GEMM does.
-    With copy_in (a column stage first), each chunk's input gradient is all-reduced in the backward
-    while the other chunks' backward GEMMs run."""
-    flat = x.reshape(-1, x.shape[-1])
-    parts = [reduce_from(fn(copy_to(part, group, wait=False) if copy_in else part), group, wait=False)
-             for part in torch.tensor_split(flat, OVERLAP_CHUNKS) if part.shape[0]]
-    out = torch.cat(parts) if parts else fn(copy_to(flat, group) if copy_in else flat)
-    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _parallel_repr(module):
@@ -272,6 +202,7 @@ class _ParallelLinear(nn.Module):
                 f"shard=[{self.shard_start}:{self.shard_stop}] of dim {self.shard_dim}")
 
 
+# The two layers' signatures and Args read alike on purpose: one set of options for both sides of a sum.
 class ColumnParallelLinear(_ParallelLinear):
     """`nn.Linear` split by output features, with (bias +) GELU fused into the matmul.
 
@@ -284,8 +215,10 @@ class ColumnParallelLinear(_ParallelLinear):
             `torch.tensor_split(x, world_size, sequence_dim)[rank]` (lengths may differ by one); the
             layer all-gathers it (backward: reduce-scatters its gradient) and outputs the full sequence.
         sequence_dim: the sequence dim of the input: -2 is tokens for [T, H] and the sequence for [B, S, H].
-        overlap: False, True or "auto": with sequence_parallel, gather the input in chunks and run each
-            chunk's GEMM as it arrives; "auto" does so on CUDA where `tpkernels.perfmodel` predicts a gain.
+        overlap: False, True or "auto": run the GEMM in chunks of rows, each chunk's collective
+            overlapping another chunk's GEMMs: with sequence_parallel, the input's all-gather (each chunk's
+            GEMM runs as it arrives); without, the backward all-reduce of the input gradient. "auto" does
+            so on CUDA where `tpkernels.perfmodel` predicts a gain.
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
@@ -324,11 +257,15 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
-            if _overlapping(self.overlap, x, sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1),
+            if overlap.overlapping(self.overlap, x, sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1),
                             self.in_features, self.out_features, self.world_size):
-                h = _column_sequence_overlap(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
+                h = overlap.column_sequence(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
             else:
                 h = self._shard_forward(gather_sequence(x, sizes, dim, self.process_group))
+        elif overlap.overlapping(self.overlap, x, x[..., 0].numel(), self.in_features, self.out_features, self.world_size):
+            # The forward needs no collective; the backward all-reduces each chunk's input gradient
+            # while the other chunks' backward GEMMs run.
+            h = overlap.rows(x, self.process_group, self._shard_forward, copy_in=True, reduce_out=False)
         else:
             h = self._shard_forward(copy_to(x, self.process_group))
         if self.gather_output:
@@ -403,10 +340,10 @@ class RowParallelLinear(_ParallelLinear):
                                   backend=self.backend)
 
         group = self.process_group
-        if _overlapping(self.overlap, x, x[..., 0].numel(), self.out_features, self.in_features, self.world_size):
+        if overlap.overlapping(self.overlap, x, x[..., 0].numel(), self.out_features, self.in_features, self.world_size):
             if self.sequence_parallel:
-                return _row_sequence_overlap(x, dim, group, self.world_size, self.rank, partial).to(x.dtype)
-            return _rows_overlap(x, group, partial).to(x.dtype)
+                return overlap.row_sequence(x, dim, group, self.world_size, self.rank, partial).to(x.dtype)
+            return overlap.rows(x, group, partial).to(x.dtype)
         if self.sequence_parallel:
             return reduce_scatter_sequence(partial(x), dim, group).to(x.dtype)
         return reduce_from(partial(x), group).to(x.dtype)
@@ -489,17 +426,12 @@ class TensorParallelMLP(nn.Module):
             dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, group, "TensorParallelMLP")
             tokens = sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1)
-            if _overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
-                # Gather chunk c + 1 and reduce-scatter chunk c - 1 while chunk c runs both shards. A
-                # gathered chunk is already in the padded per-rank layout its reduce-scatter takes.
-                gathered, lengths, _ = _gather_chunks(x, sizes, dim, group, fc1.rank)
-                reduced = [(c, reduce_scatter_sequence_chunk(shards(g), group)) for c, g in gathered]
-                out = torch.cat([part[:lengths[c][fc1.rank]] for c, part in reduced]).movedim(0, dim)
-                return out.to(x.dtype)
+            if overlap.overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
+                return overlap.mlp_sequence(x, sizes, dim, group, fc1.rank, shards).to(x.dtype)
             partial = shards(gather_sequence(x, sizes, dim, group))
             return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
-        if _overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
-            return _rows_overlap(x, group, shards, copy_in=True).to(x.dtype)
+        if overlap.overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
+            return overlap.rows(x, group, shards, copy_in=True).to(x.dtype)
         return reduce_from(shards(copy_to(x, group)), group).to(x.dtype)
 
     def full_state_dict(self):

@@ -22,13 +22,14 @@ The machines below are assumptions, not measurements, each overridable:
   bandwidth, taken here as 360 GB/s, with 15 us latency.
 - Across nodes on InfiniBand NDR (400 Gb/s, 50 GB/s per GPU): 40 GB/s of bus bandwidth, 30 us latency.
 - 5 us of launch overhead per extra chunk.
-The first GPU run should replace them with measured figures (benchmarks/run.py measures peak and
-bandwidth in every run).
+No multi-GPU run has measured the collectives yet (one GPU so far), so these stay assumptions: pass a
+Machine with your own figures (`--bus-bandwidth`, `--latency-us` here; `tpkernels.overlap.OVERLAP_MACHINE`
+for overlap="auto").
 """
 import dataclasses
 import math
 
-__all__ = ["MACHINES", "Machine", "break_even_m", "predict", "strategy_times", "table"]
+__all__ = ["DEFAULT_MACHINE", "MACHINES", "Machine", "break_even_m", "predict", "strategy_times", "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,19 @@ MACHINES = {
     "h100-nvlink": Machine("H100 SXM, NVLink (one node)", 989e12, 3.35e12, 360e9, 15e-6),
     "h100-ib": Machine("H100 SXM, InfiniBand NDR (across nodes)", 989e12, 3.35e12, 40e9, 30e-6),
 }
+# The machine the package asks about when nobody names one: overlap="auto" (`tpkernels.overlap.OVERLAP_MACHINE`
+# starts as this) and the strategy table of `python -m tpkernels`.
+DEFAULT_MACHINE = "h100-nvlink"
+
+
+def machine(name_or_machine):
+    """A `Machine`, from itself or from its key in MACHINES."""
+    if isinstance(name_or_machine, Machine):
+        return name_or_machine
+    if name_or_machine not in MACHINES:
+        raise ValueError(f"unknown machine {name_or_machine!r}: use one of {', '.join(sorted(MACHINES))} or a "
+                         f"tpkernels.perfmodel.Machine")
+    return MACHINES[name_or_machine]
 
 
 def gemm_time(m, n, k, machine, element_size=2):

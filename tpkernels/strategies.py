@@ -1,4 +1,4 @@
-"""The seed notebook's question on real ranks: the notebook's cells, and three strategies for an MLP.
+"""The seed notebook's question on real ranks: the notebook's cells, and four strategies for an MLP.
 
     y = gelu(X @ W1) @ W2     (the notebook's layout; an nn.Linear weight is W.T)
 
@@ -98,7 +98,7 @@ def notebook(rank, world, device):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The three strategies
+# The four strategies
 
 
 def _strategy_a(x, w1, b1, w2, b2, world, rank):
@@ -153,7 +153,7 @@ def strategies(rank, world, device, args):
               (world - 1) * longest * (K + N) * b, "(W-1) * ceil(M/W) * (K + N) * b"),
     }
     y_parts = {"a": y_ref, "b": y_ref, "c": y_ref, "d": torch.tensor_split(y_ref, world)[rank]}
-    predicted = perfmodel.strategy_times(M, K, H, N, world, perfmodel.MACHINES[MODEL_MACHINE], b)
+    predicted = perfmodel.strategy_times(M, K, H, N, world, perfmodel.machine(perfmodel.DEFAULT_MACHINE), b)
     _print0(rank, f"Strategies for y = MLP(x): M={M} tokens, in={K}, hidden={H}, out={N}, {args.dtype}, "
                   f"{world} ranks, {args.repeat} timed runs each (eager single-device error: {eager_error:.2e})")
     results = {}
@@ -183,9 +183,6 @@ def strategies(rank, world, device, args):
     return results
 
 
-MODEL_MACHINE = "h100-nvlink"  # the machine whose predicted times the table shows (tpkernels.perfmodel)
-
-
 def _table(results, device, shape):
     print(f"\n  {'strategy':<56}{'collectives':>12}{'bytes sent/rank':>17}{'formula':>12}  "
           f"{'output/rank':>12}{'max error':>10}{'ms':>9}{'model us':>10}")
@@ -195,7 +192,7 @@ def _table(results, device, shape):
     print("  formulas: " + "; ".join(f"({k}) {r['formula']}" for k, r in results.items())
           + " (b: bytes per element; an all-gather of uneven shards pads them to the largest)")
     print(f"  output/rank: the activation each rank holds after the block. model us: "
-          f"{perfmodel.MACHINES[MODEL_MACHINE].name}, predicted by tpkernels.perfmodel.strategy_times "
+          f"{perfmodel.machine(perfmodel.DEFAULT_MACHINE).name}, predicted by tpkernels.perfmodel.strategy_times "
           f"(roofline GEMMs, alpha-beta collectives; assumed figures, not this machine's). (d) also "
           f"exchanges each rank's shard shape first ({results['d']['checks']} small collective, not counted above).")
     M, H, N, world = shape["M"], shape["H"], shape["N"], shape["world"]
