@@ -77,7 +77,7 @@ setup(
     python_requires=">=3.10",
     # numpy: triton's interpreter (TRITON_INTERPRET=1, the CPU path) imports it, and so does the kernels'
     # module, which checks whether it was decorated under the interpreter.
-    install_requires=["torch>=2.6", "triton>=3.4", "numpy"],
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy"],
     # transformers and safetensors: the tests of parallelize and load_sharded on real model code
     extras_require={"test": ["pytest", "transformers", "safetensors"], "bench": ["matplotlib", "tqdm"]},
     ext_modules=ext_modules,

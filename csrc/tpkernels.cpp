@@ -13,7 +13,7 @@
 //
 // CPU: the GEMM through ATen (fp32 accumulation), then the epilogue in one vectorized (at::vec),
 // parallel (at::parallel_for) pass over its fp32 output, cast once at the store. The backward's dZ =
-// dY * act'(z) and db are one such pass too. CUDA kernels (cuBLASLt epilogues) register in
+// dY * act'(z) is one such pass too; db is then a column sum of dZ. CUDA kernels (cuBLASLt epilogues) register in
 // csrc/cuda/ when the CUDA part is built.
 #include <Python.h>
 
@@ -161,7 +161,7 @@ std::tuple<Tensor, Tensor, Tensor> epilogue_linear_backward_cpu(const Tensor& gr
     dz = grad.to(x.scalar_type());
     if (need_db) db32 = grad.sum(0, /*keepdim=*/false, at::kFloat);
   } else {
-    // dZ = dY * act'(z) and its column sums in one pass: each task sums its rows into its own partial.
+    // dZ = dY * act'(z) in one vectorized pass over fp32 copies; db is its column sum afterwards.
     Tensor dy32 = grad.to(at::kFloat).contiguous();
     Tensor z32 = preact->to(at::kFloat).contiguous();
     Tensor dz32 = at::empty({M, N}, grad.options().dtype(at::kFloat));

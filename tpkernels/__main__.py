@@ -1,7 +1,7 @@
 """`python -m tpkernels`: the seed notebook's question, answered on real ranks.
 
 Spawns the ranks: 2 CPU ranks on gloo by default, one rank per GPU on NCCL where there are two or
-more GPUs. Each reproduces the notebook's numbers, then runs three strategies for the whole MLP and
+more GPUs. Each reproduces the notebook's numbers, then runs four strategies for the whole MLP and
 rank 0 prints their collectives, bytes sent per rank, errors and times (`tpkernels.strategies`).
 
 `python -m tpkernels model ...` prints the performance model's table instead (`tpkernels.perfmodel`).
