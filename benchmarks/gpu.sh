@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One command for a GPU visit or a GPU runner: install, the GPU tests, the benchmark suite (headline
-# points first), the overlapped and sequence-parallel TP MLP at world size 1, optionally the kernel
-# choice (KERNEL_CHOICE_S), the rest of the test suite and, if ncu is there, a profile of the headline
-# column forward. Each step has its own time budget, so the whole run fits a 10-minute slot; everything
-# lands in OUTDIR (a log per step, results.jsonl, table.md, plot.png, and <device>-<date>.jsonl ready
-# to commit under benchmarks/results/).
+# One command for a GPU visit or a GPU runner: install, the GPU tests, then the benchmark plan (by default
+# `run.py --plan headline`: the points that decide the backend table, the kernel choice and the targets,
+# in shuffled rounds with paired ratios), and optionally the kernel choice, the rest of the test suite and
+# an ncu profile. Each step has its own time budget, so the default run fits a 10-minute slot; everything
+# lands in OUTDIR (a log per step, results.jsonl, table.md, plot.png, and <device>-<date>.jsonl ready to
+# commit under benchmarks/results/).
 #
 #   bash benchmarks/gpu.sh OUTDIR
-#   BENCH_S=500 TESTS_S=0 NCU_S=0 bash benchmarks/gpu.sh OUTDIR     # other budgets; 0 skips a step
-#   BENCH_PROVIDERS="tpkernels compile" bash benchmarks/gpu.sh OUTDIR # other providers
+#   BENCH_PLAN=full BENCH_S=500 bash benchmarks/gpu.sh OUTDIR      # the whole suite instead of the plan
+#   TESTS_S=120 NCU_S=40 bash benchmarks/gpu.sh OUTDIR             # other budgets; 0 skips a step
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu.sh OUTDIR}"
 mkdir -p "$out"
@@ -17,8 +17,9 @@ cd "$(dirname "$0")/.."
 # Defaults fit a 10-minute slot: the GPU tests first, then the headline benchmarks, then the rest of the
 # suite (gloo ranks, the compile gate) and a profile. GATE_S runs the compile gate under the device's
 # triton on its own (CI already runs it for 3.6 and 3.9).
-INSTALL_S="${INSTALL_S:-180}" GPU_TESTS_S="${GPU_TESTS_S:-120}" BENCH_S="${BENCH_S:-180}" TESTS_S="${TESTS_S:-60}"
-NCU_S="${NCU_S:-40}" GATE_S="${GATE_S:-0}" OVERLAP_S="${OVERLAP_S:-60}" KERNEL_CHOICE_S="${KERNEL_CHOICE_S:-0}"
+INSTALL_S="${INSTALL_S:-150}" GPU_TESTS_S="${GPU_TESTS_S:-120}" BENCH_S="${BENCH_S:-300}" TESTS_S="${TESTS_S:-0}"
+NCU_S="${NCU_S:-0}" GATE_S="${GATE_S:-0}" OVERLAP_S="${OVERLAP_S:-0}" KERNEL_CHOICE_S="${KERNEL_CHOICE_S:-0}"
+BENCH_PLAN="${BENCH_PLAN:-headline}"
 status=0
 
 step() {  # step NAME BUDGET_S COMMAND...: run with a budget, log to OUTDIR/NAME.log, note the outcome
@@ -50,11 +51,17 @@ cat "$out/backends.log"
 parallel=()
 python -c "import xdist" 2> /dev/null && parallel=(-n 8 -p no:benchmark)
 step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider ${parallel[@]+"${parallel[@]}"}
-# torch.compile's max-autotune spends a minute a shape: it is left out unless BENCH_PROVIDERS names it.
-BENCH_PROVIDERS="${BENCH_PROVIDERS:-tpkernels tpkernels_triton tpkernels_cublaslt eager torch_mm cublaslt}"
-# shellcheck disable=SC2086
-step bench "$BENCH_S" python benchmarks/run.py --out "$out" --providers $BENCH_PROVIDERS \
-    --max-seconds "$((BENCH_S - 60 > 30 ? BENCH_S - 60 : 30))"
+# The plan prints its predicted duration first. torch.compile's max-autotune spends a minute a shape: the
+# full suite leaves it out unless BENCH_PROVIDERS names it.
+if [ "$BENCH_PLAN" = "headline" ]; then
+    bench=(python benchmarks/run.py --plan headline --out "$out")
+else
+    bench=(python benchmarks/run.py --out "$out")
+    BENCH_PROVIDERS="${BENCH_PROVIDERS:-tpkernels tpkernels_triton tpkernels_cublaslt eager torch_mm cublaslt}"
+fi
+# shellcheck disable=SC2206
+[ -n "${BENCH_PROVIDERS:-}" ] && bench+=(--providers $BENCH_PROVIDERS)
+step bench "$BENCH_S" "${bench[@]}" --max-seconds "$((BENCH_S - 60 > 30 ? BENCH_S - 60 : 30))"
 if [ -f "$out/results.jsonl" ]; then
     device="$(python -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['device'])" "$out/results.jsonl")"
     name="$(echo "$device" | tr -c 'A-Za-z0-9._\n-' '-')-$(date -u +%Y-%m-%d)"
@@ -65,8 +72,8 @@ if [ -f "$out/results.jsonl" ]; then
         echo "results: $out/$name.jsonl (commit it under benchmarks/results/ with table.md and plot.png)"
     fi
 fi
-# The overlapped and sequence-parallel TensorParallelMLP at world size 1, chunked path forced on: what
-# chunking costs when there is nothing to overlap.
+# The overlapped and sequence-parallel TensorParallelMLP at world size 1 at more sizes (the plan has one),
+# chunked path forced on: what chunking costs when there is nothing to overlap.
 step overlap "$OVERLAP_S" python benchmarks/run.py --ops tp_mlp --out "$out/overlap" \
     --max-seconds "$((OVERLAP_S > 30 ? OVERLAP_S - 15 : OVERLAP_S))" \
     --providers tpkernels tpkernels_overlap tpkernels_sp tpkernels_sp_overlap eager \

@@ -1,41 +1,53 @@
-"""One benchmark harness: ops x providers x shapes x dtypes, each provider checked against fp64 before it
-is timed, written as JSON lines, a markdown table and a plot.
+"""One benchmark harness: ops x providers x shapes x dtypes x GELU forms, each provider checked against
+fp64 before it is timed, in shuffled rounds with paired ratios; JSON lines, a markdown table and a plot.
 
-    python benchmarks/run.py --out DIR                     # a GPU: the full suite, headline points first
+    python benchmarks/run.py --plan headline --out DIR      # a GPU: the points that decide things, < 5 min
+    python benchmarks/run.py --plan headline --dry-run      # its points and predicted duration, then stop
+    python benchmarks/run.py --out DIR                     # a GPU: the full suite
     python benchmarks/run.py --smoke --out DIR             # the CPU smoke run (the default without a GPU)
-    python benchmarks/run.py --ops column_fwd --providers tpkernels torch_mm --dtypes bfloat16 \\
-        --shapes 2048,4096,8192 --max-seconds 300 --out DIR
+    python benchmarks/run.py --ops column_fwd --providers tpkernels torch_mm --dtypes bfloat16 --gelu none \\
+        --shapes 2048,4096,8192 --rounds 7 --out DIR
 
 Ops (per-rank shapes; M tokens, K input features, N output features of the shard):
-    column_fwd  h = gelu_tanh(x @ w.T + b)           x [M, K], w [N, K]
-    row_fwd     p = x @ w.T + b + residual, fp32      x [M, K], w [N, K], residual [M, N] fp32
-    column_bwd  dX, dW, db of column_fwd, given dY and the stored pre-activation z
+    column_fwd  h = gelu(x @ w.T + b)                  x [M, K], w [N, K]
+    row_fwd     p = x @ w.T + b + residual, fp32 out    x [M, K], w [N, K], residual [M, N] fp32
+    column_bwd  dX, dW, db of column_fwd, given dY (the forward's graph is built outside the timing)
     mlp_shard   forward and backward of one rank's column [N, K] and row [K, N] shards
     tp_mlp      a TensorParallelMLP step (forward and backward) over the process group: world size 1
                 in-process, more under torchrun (gloo on CPU, NCCL on GPUs); rank 0 writes
-GELU is the tanh form everywhere, so that cuBLASLt's epilogue (tanh only) compares like with like.
+GELU is `--gelu tanh` (the default: cuBLASLt's epilogue has only the tanh form) or `none` (exact, the
+modules' default), per point.
 
 Providers: tpkernels (backend="auto"); tpkernels_triton (backend="triton", on CUDA); tpkernels_cublaslt
-and tpkernels_cpu (the native extension's cuBLASLt and C++ backends, where built); eager (F.linear + F.gelu, autograd); torch_mm (the GEMMs alone: the floor);
-compile (torch.compile(mode="max-autotune-no-cudagraphs") of eager; the default mode on the CPU); cublaslt
-(torch._addmm_activation(..., use_gelu=True), CUDA only); tpkernels_overlap, tpkernels_sp and
-tpkernels_sp_overlap (tp_mlp only: TensorParallelMLP with overlap=True, sequence_parallel=True, both; the
-sequence-parallel ones take and give this rank's tokens, and are checked against that slice); wrong (eager
-with an error planted, only when asked for: the correctness gate must refuse it).
+and tpkernels_cpu (the native extension's, where built); eager (autograd over the unfused ops, doing the
+same work as ours: the row stage's GEMM in fp32 plus the fp32 residual); torch_mm (the GEMMs alone: a
+lower bound that skips the epilogue; row rows also give it plus the epilogue's extra bytes at the measured
+bandwidth); compile (torch.compile of eager); cublaslt (torch._addmm_activation, CUDA, tanh GELU);
+tpkernels_overlap, tpkernels_sp, tpkernels_sp_overlap (tp_mlp: TensorParallelMLP with overlap=True,
+sequence_parallel=True, both). Test providers, only when asked for: wrong (eager with an error planted)
+and no_residual (the row stage without its residual): the fp64 check must refuse both.
 
-Method: every provider's output is compared with an fp64 reference by the 2x-eager rule before it is
-timed; a wrong one is reported and not timed. On a GPU, `triton.testing.do_bench` (L2 flushed between
-runs) gives the median, min and max, and points with M <= 256 are timed as CUDA graph replays; the
-autotuner settles during the correctness run, before timing. host_us is the CPU time of one call
-outside a graph. The floor of a point is max(FLOPs / peak, bytes / bandwidth), with peak and bandwidth
-measured in the same run (a large torch.mm and a device copy); pct_of_floor = floor / time.
-CPU rows are labelled (device "cpu ...") and are never written under benchmarks/results/.
+Method. Every provider's output is compared with an fp64 reference by the 2x-eager rule before it is
+timed; a wrong one is reported and not timed. One timer for every point and provider on a GPU: a CUDA
+graph of a batch of calls that rotate over enough copies of the operands that the working set exceeds
+three times the L2, so every call reads from HBM and no host time is inside ("graph"); a provider that
+cannot be captured is timed the same way with events around the calls ("events", which counts host
+time when the host is slower). Each point runs `--rounds` rounds (5 on a GPU, 2 on the CPU), the
+providers in a new shuffled order each round, on the same tensors; a row keeps its per-round times, and
+its ratio to every other provider is computed round by round: `ratio_vs_<provider>` is their median and
+`ratio_vs_<provider>_band` their [min, max]. A target is met or missed only when the whole band is on one
+side of it; otherwise it is within noise. host_us is the median CPU time of one call issued without
+waiting for the device (200 calls over the rounds on a GPU). Each row also says what ran (`config`: the
+kernel and tile, or the library path), the SM clock and power sampled while it ran (null on the CPU),
+the floor's peak and bandwidth, the git sha and whether the tree was dirty. CPU rows are labelled
+(device "cpu ...") and are never written under benchmarks/results/.
 """
 import argparse
 import datetime
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -55,22 +67,39 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import tpkernels  # noqa: E402
-from tpkernels import extension, ops  # noqa: E402
+from tpkernels import extension, launch, ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
 PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
              "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap")
-TEST_PROVIDERS = ("wrong",)
+TEST_PROVIDERS = ("wrong", "no_residual")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+GELU_FORMS = ("tanh", "none")
 
-# The suites. Column (K, N) per shard and row (K, N) per shard, M tokens per rank (issue 8's targets).
+# The suites. Column (K, N) per shard and row (K, N) per shard, M tokens per rank.
 COLUMN_KN = [(4096, 8192), (4096, 2048), (8192, 14336), (8192, 3584), (12288, 6144)]
 ROW_KN = [(2048, 4096), (3584, 8192), (6144, 12288)]
 M_VALUES = [1, 16, 64, 128, 256, 512, 2048, 8192, 16384]
-HEADLINE = [("column_fwd", 8192, 4096, 8192), ("column_bwd", 8192, 4096, 8192), ("row_fwd", 8192, 3584, 8192),
-            ("mlp_shard", 8192, 4096, 3584), ("column_fwd", 64, 4096, 8192), ("row_fwd", 64, 3584, 8192)]
 SMOKE_SHAPES = [(16, 32, 48), (40, 64, 32)]
+# The headline plan: the points that decide the backend table, the kernel choice and the targets, sized
+# to fit a short GPU slot. (op, M, K, N, dtype, gelu).
+_BF16, _FP16 = "bfloat16", "float16"
+HEADLINE = (
+    [("column_fwd", M, 4096, N, _BF16, "tanh") for N in (2048, 8192) for M in (1, 16, 64, 256, 2048, 8192)]
+    + [("row_fwd", M, 3584, 8192, _BF16, "tanh") for M in (1, 16, 256, 8192)]
+    + [("column_bwd", M, 4096, 8192, _BF16, "tanh") for M in (256, 8192)]
+    + [("mlp_shard", M, 4096, 3584, _BF16, "tanh") for M in (256, 8192)]
+    + [("column_fwd", M, 4096, 8192, _BF16, "none") for M in (16, 8192)]
+    + [("column_fwd", M, 4096, 8192, _FP16, "tanh") for M in (16, 8192)]
+    + [("tp_mlp", 4096, 4096, 16384, _BF16, "tanh")]
+)
+HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
+                      "tpkernels_overlap")
+# Datasheet dense peaks (FLOP/s) by device name and dtype, for the floor; a device not listed uses the
+# run's own large torch.mm. Bandwidth is always the run's own measured copy.
+PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
+              ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,23 +111,42 @@ def _randn(*shape, dtype, device, scale=1.0, requires_grad=False):
     return t.requires_grad_(requires_grad)
 
 
+def _linear_fp32(x, w):
+    """x @ w.T accumulated and returned in fp32 without rounding to x's dtype: what the row stage's
+    unfused eager path must compute to do our work. cuBLAS writes fp32 directly where torch has
+    mm's out_dtype (CUDA); elsewhere the operands are upcast (exact for 16-bit inputs)."""
+    if x.is_cuda and x.dtype != torch.float32:
+        try:
+            return torch.mm(x, w.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            pass
+    return x.float() @ w.float().t()
+
+
 class Op:
     """One benchmarked computation. `run(provider)` returns a zero-argument callable giving the output
-    (a tensor or a tuple), or None when the provider does not apply; `reference()` is the same in fp64."""
+    (a tensor or a tuple), or None when the provider does not apply; `reference()` is the same in fp64.
+    `fresh()` is the same computation on new tensors (the timer rotates over such copies)."""
 
-    floor_like = False  # torch_mm computes only the GEMMs: it is checked against `gemm_reference`
+    rotatable = True
 
-    def __init__(self, M, K, N, dtype, device):
-        self.M, self.K, self.N, self.dtype, self.device = M, K, N, dtype, device
+    def __init__(self, M, K, N, dtype, device, gelu="tanh"):
+        self.M, self.K, self.N, self.dtype, self.device, self.gelu = M, K, N, dtype, device, gelu
+
+    def fresh(self):
+        return type(self)(self.M, self.K, self.N, self.dtype, self.device, self.gelu)
+
+    def act(self, t):
+        return F.gelu(t, approximate=self.gelu)
 
     def view_for(self, provider, outputs):
         """The part of the (reference or eager) outputs that `provider` computes: all of them, but for
         providers that hold a shard."""
         return outputs
 
-
-def _gelu(t):
-    return F.gelu(t, approximate="tanh")
+    def extra_epilogue_bytes(self):
+        """Bytes our epilogue moves beyond a bare GEMM's (for the torch_mm lower bound plus them)."""
+        return 0
 
 
 class ColumnForward(Op):
@@ -116,25 +164,27 @@ class ColumnForward(Op):
         return (self.M * self.K + self.N * self.K + self.N + self.M * self.N) * self.x.element_size()
 
     def reference(self):
-        return _gelu(F.linear(self.x.double(), self.w.double(), self.b.double()))
+        return self.act(F.linear(self.x.double(), self.w.double(), self.b.double()))
 
     def gemm_reference(self):
         return self.x.double() @ self.w.double().t()
 
     def run(self, provider):
-        x, w, b = self.x, self.w, self.b
+        x, w, b, gelu = self.x, self.w, self.b, self.gelu
 
         def eager():
-            return _gelu(F.linear(x, w, b))
+            return self.act(F.linear(x, w, b))
 
         return {
-            "tpkernels": lambda: tpkernels.linear_gelu(x, w, b, approximate="tanh"),
-            **_native(lambda backend: (lambda: tpkernels.linear_gelu(x, w, b, approximate="tanh", backend=backend)), x),
+            "tpkernels": lambda: tpkernels.linear_gelu(x, w, b, approximate=gelu),
+            **_native(lambda backend: (lambda: tpkernels.linear_gelu(x, w, b, approximate=gelu, backend=backend)),
+                      x, gelu),
             "eager": eager,
             "wrong": lambda: eager() * 1.1,
             "torch_mm": lambda: x @ w.t(),
             "compile": _compiled(eager),
-            "cublaslt": (lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True)) if x.is_cuda else None,
+            "cublaslt": ((lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+                         if x.is_cuda and gelu == "tanh" else None),
         }.get(provider)
 
 
@@ -144,7 +194,10 @@ class RowForward(ColumnForward):
         self.r = _randn(self.M, self.N, dtype=torch.float32, device=self.device)
 
     def bytes(self):
-        return super().bytes() + self.M * self.N * (4 + 4 - self.x.element_size())  # fp32 residual and out
+        return super().bytes() + self.extra_epilogue_bytes()
+
+    def extra_epilogue_bytes(self):
+        return self.M * self.N * (4 + 4 - self.x.element_size())  # fp32 out instead of 16-bit, fp32 residual read
 
     def reference(self):
         return F.linear(self.x.double(), self.w.double(), self.b.double()) + self.r.double()
@@ -152,27 +205,31 @@ class RowForward(ColumnForward):
     def run(self, provider):
         x, w, b, r = self.x, self.w, self.b, self.r
 
-        def eager():
-            return F.linear(x, w, b).float() + r
+        def eager():  # the same work as ours: the GEMM in fp32, then bias and the fp32 residual
+            return _linear_fp32(x, w) + b.float() + r
 
         return {
             "tpkernels": lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32),
             **_native(lambda backend: (lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32,
-                                                                        backend=backend)), x),
+                                                                        backend=backend)), x, "none"),
             "eager": eager,
             "wrong": lambda: eager() + 0.5,
+            "no_residual": lambda: _linear_fp32(x, w) + b.float(),
             "torch_mm": lambda: x @ w.t(),
             "compile": _compiled(eager),
         }.get(provider)
 
 
 class ColumnBackward(ColumnForward):
-    """dX, dW and db of h = gelu_tanh(x @ w.T + b), given dY [M, N] and the stored z [M, N]."""
+    """dX, dW and db of h = gelu(x @ w.T + b), given dY [M, N] and the stored z [M, N]. Eager is autograd's
+    own backward of the unfused forward, whose graph is built once, outside the timing."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self.dy = _randn(self.M, self.N, dtype=self.dtype, device=self.device)
         self.z = F.linear(self.x, self.w, self.b)
+        self.leaves = tuple(t.detach().clone().requires_grad_() for t in (self.x, self.w, self.b))
+        self.h = self.act(F.linear(*self.leaves))
 
     def flops(self):
         return 4 * self.M * self.N * self.K
@@ -183,7 +240,7 @@ class ColumnBackward(ColumnForward):
 
     def reference(self):
         x, w, dy, z = (t.double() for t in (self.x, self.w, self.dy, self.z))
-        dz = torch.ops.aten.gelu_backward(dy, z, approximate="tanh")
+        dz = torch.ops.aten.gelu_backward(dy, z, approximate=self.gelu)
         return dz @ w, dz.t() @ x, dz.sum(0)
 
     def gemm_reference(self):
@@ -192,22 +249,26 @@ class ColumnBackward(ColumnForward):
 
     def run(self, provider):
         x, w, dy, z = self.x, self.w, self.dy, self.z
+        code = ops.GELU_TANH if self.gelu == "tanh" else ops.GELU
 
         def eager():
-            dz = torch.ops.aten.gelu_backward(dy, z, approximate="tanh")
-            return dz @ w, dz.t() @ x, dz.sum(0, dtype=torch.float32).to(x.dtype)
+            return torch.autograd.grad(self.h, self.leaves, dy, retain_graph=True)
 
         def fused():
-            return torch.ops.tpkernels.fused_linear_backward(dy, x, w, z, ops.GELU_TANH, True, True, True)
+            return torch.ops.tpkernels.fused_linear_backward(dy, x, w, z, code, True, True, True)
+
+        def native(backend):
+            if backend == "triton":
+                return fused
+            return lambda: torch.ops.tpkernels.epilogue_linear_backward(dy, x, w, z, code, True, True, True)
 
         return {
             "tpkernels": fused,
-            **_native(lambda backend: (fused if backend == "triton" else lambda: torch.ops.tpkernels.epilogue_linear_backward(
-                dy, x, w, z, ops.GELU_TANH, True, True, True)), x),
+            **_native(native, x, self.gelu),
             "eager": eager,
             "wrong": lambda: tuple(t * 1.1 for t in eager()),
             "torch_mm": lambda: (dy @ w, dy.t() @ x),
-            "compile": _compiled(eager),
+            "compile": None,  # a compiled backward needs its compiled forward: mlp_shard times that pair
         }.get(provider)
 
 
@@ -236,9 +297,12 @@ class MLPShard(Op):
         out = forward(*params)
         return (out, *torch.autograd.grad(out, params, self.dy.to(out.dtype)))
 
+    def _eager(self, x, w1, b1, w2, b2):
+        return F.linear(self.act(F.linear(x, w1, b1)), w2, b2)
+
     def reference(self):
         params = [p.detach().double().requires_grad_() for p in self.params]
-        return self._step(_eager_mlp, params)
+        return self._step(self._eager, params)
 
     def gemm_reference(self):
         x, w1, w2, dy = (t.detach().double() for t in (self.x, self.w1, self.w2, self.dy))
@@ -247,7 +311,7 @@ class MLPShard(Op):
         return h @ w2.t(), dh @ w1, dh.t() @ x, dy.t() @ h
 
     def run(self, provider):
-        params = self.params
+        params, gelu = self.params, self.gelu
         x, w1, w2, dy = (t.detach() for t in (self.x, self.w1, self.w2, self.dy))
 
         def gemms():
@@ -255,38 +319,32 @@ class MLPShard(Op):
             dh = dy @ w2
             return h @ w2.t(), dh @ w1, dh.t() @ x, dy.t() @ h
 
-        compiled = _compiled(_eager_mlp)
-        def native(backend):
-            return lambda: self._step(lambda *p: tpkernels.mlp_shard(*p, approximate="tanh", backend=backend), params)
+        def fused(backend):
+            return lambda: self._step(lambda *p: tpkernels.mlp_shard(*p, approximate=gelu, backend=backend), params)
 
+        compiled = _compiled(self._eager)
         return {
-            "tpkernels": lambda: self._step(_fused_mlp, params),
-            **_native(native, self.x),
-            "eager": lambda: self._step(_eager_mlp, params),
-            "wrong": lambda: tuple(t * 1.1 for t in self._step(_eager_mlp, params)),
+            "tpkernels": fused("auto"),
+            **_native(fused, self.x, gelu),
+            "eager": lambda: self._step(self._eager, params),
+            "wrong": lambda: tuple(t * 1.1 for t in self._step(self._eager, params)),
             "torch_mm": gemms,
             "compile": None if compiled is None else (lambda: self._step(compiled, params)),
         }.get(provider)
-
-
-def _eager_mlp(x, w1, b1, w2, b2):
-    return F.linear(_gelu(F.linear(x, w1, b1)), w2, b2)
-
-
-def _fused_mlp(x, w1, b1, w2, b2):
-    return tpkernels.mlp_shard(x, w1, b1, w2, b2, approximate="tanh")
 
 
 class TPMLP(MLPShard):
     """A TensorParallelMLP step over the default process group: K model width, N the whole hidden width
     (each rank holds N / world of it), against the dense eager MLP."""
 
-    def __init__(self, M, K, N, dtype, device):
-        Op.__init__(self, M, K, N, dtype, device)
+    rotatable = False  # modules, not tensors: one copy (its weights alone exceed the L2 at real sizes)
+
+    def __init__(self, M, K, N, dtype, device, gelu="tanh"):
+        Op.__init__(self, M, K, N, dtype, device, gelu)
         torch.manual_seed(0)  # the same dense weights on every rank
-        self.dense = tpkernels.reference.MLP(K, N, approximate="tanh", device=device, dtype=dtype)
+        self.dense = tpkernels.reference.MLP(K, N, approximate=gelu, device=device, dtype=dtype)
         self.tp = {
-            options: tpkernels.TensorParallelMLP.from_dense(self.dense.fc1, self.dense.fc2, approximate="tanh",
+            options: tpkernels.TensorParallelMLP.from_dense(self.dense.fc1, self.dense.fc2, approximate=gelu,
                                                             sequence_parallel=options[0], overlap=options[1])
             for options in ((False, False), (False, True), (True, False), (True, True))
         }
@@ -318,7 +376,7 @@ class TPMLP(MLPShard):
         return outputs
 
     def reference(self):
-        dense64 = tpkernels.reference.MLP(self.K, self.N, approximate="tanh", dtype=torch.float64)
+        dense64 = tpkernels.reference.MLP(self.K, self.N, approximate=self.gelu, dtype=torch.float64)
         dense64.load_state_dict({k: v.double() for k, v in self.dense.state_dict().items()})
         x = self.x.detach().double().requires_grad_()
         out = dense64.to(self.device)(x)
@@ -339,11 +397,11 @@ OP_CLASSES = {"column_fwd": ColumnForward, "row_fwd": RowForward, "column_bwd": 
               "mlp_shard": MLPShard, "tp_mlp": TPMLP}
 
 
-def _native(make, x):
-    """The explicit-backend providers that can run on x's device: {name: callable}."""
+def _native(make, x, gelu):
+    """The explicit-backend providers that can run on x's device and GELU form: {name: callable}."""
     providers = {"tpkernels_triton": make("triton")} if x.is_cuda else {}
     backend = "cublaslt" if x.is_cuda else "cpu"
-    if extension.has(x.device.type):
+    if extension.has(x.device.type) and not (backend == "cublaslt" and gelu == "none"):  # cuBLASLt: tanh only
         providers[f"tpkernels_{backend}"] = make(backend)
     return providers
 
@@ -371,8 +429,9 @@ def check(op, provider, fn):
         ref = _flatten(op.gemm_reference())
         eager = [r.double() for r in ref]
     else:
-        ref = op.view_for(provider, _flatten(op.reference()))
-        eager = op.view_for(provider, _flatten(op.run("eager")()))
+        if not hasattr(op, "_checked"):  # the same fp64 reference and eager outputs for every provider
+            op._checked = _flatten(op.reference()), _flatten(op.run("eager")())
+        ref, eager = (op.view_for(provider, outputs) for outputs in op._checked)
     if len(got) != len(ref):
         return f"{len(got)} outputs, expected {len(ref)}"
     for index, (g, e, r) in enumerate(zip(got, eager, ref)):
@@ -388,37 +447,157 @@ def check(op, provider, fn):
     return None
 
 
-def time_gpu(fn, graph):
-    if graph:
-        try:
-            ms = triton.testing.do_bench_cudagraph(fn, rep=50, quantiles=[0.5, 0.0, 1.0])
-            return tuple(ms)
-        except Exception:  # not capturable (a host sync or an allocation capture forbids): time it plainly
-            pass
-    return tuple(triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.0, 1.0]))
+class GraphTimer:
+    """Device time of one call: a CUDA graph of `batch` calls rotating over `fns` (one per copy of the
+    operands), replayed between two events. Raises where the calls cannot be captured."""
+
+    name = "graph"
+
+    def __init__(self, fns, batch):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture needs warm calls: allocator pools, lazy init
+            for fn in fns:
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph, self.batch = torch.cuda.CUDAGraph(), batch
+        with torch.cuda.graph(self.graph):
+            for i in range(batch):
+                fns[i % len(fns)]()
+        self.graph.replay()
+        torch.cuda.synchronize()
+
+    def measure(self, replays=3):
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / self.batch)
+        return statistics.median(times)
 
 
-def time_cpu(fn, seconds=0.5, max_reps=20):
+class EventTimer:
+    """The same rotation, issued from the host between two events: for calls a graph cannot capture."""
+
+    name = "events"
+
+    def __init__(self, fns, batch):
+        self.fns, self.batch = fns, batch
+
+    def measure(self, replays=3):
+        times = []
+        for _ in range(replays):
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(self.batch):
+                self.fns[i % len(self.fns)]()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / self.batch)
+        return statistics.median(times)
+
+
+class CpuTimer:
+    """Wall time of one call on the CPU (the smoke run): the median of a few calls."""
+
+    name = "cpu"
+
+    def __init__(self, fns, batch):
+        self.fn = fns[0]
+
+    def measure(self, replays=2):
+        times = []
+        for _ in range(replays):
+            t0 = time.perf_counter()
+            self.fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def make_timer(fns, device, floor_ms):
+    """A GraphTimer where the calls can be captured, else an EventTimer (CpuTimer on the CPU); the batch
+    keeps one replay near a millisecond of work and covers every copy of the operands."""
+    if device.type != "cuda":
+        return CpuTimer(fns, 1)
+    batch = max(len(fns), min(512, math.ceil(1.0 / max(floor_ms, 1e-3))))
+    try:
+        return GraphTimer(fns, batch)
+    except Exception:  # a host sync, a CPU tensor or a collective that capture forbids
+        torch.cuda.synchronize()
+        return EventTimer(fns, batch)
+
+
+def rotation(op, device, l2_bytes):
+    """The op and enough fresh copies that one pass over them reads more than three times the L2."""
+    if device.type != "cuda" or not op.rotatable:
+        return [op]
+    copies = min(64, max(1, math.ceil(3 * l2_bytes / max(op.bytes(), 1))))
+    return [op] + [op.fresh() for _ in range(copies - 1)]
+
+
+def host_times_us(fn, calls):
+    """CPU time of each of `calls` calls issued back to back without waiting for the device, in us."""
     times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (not times or time.perf_counter() - start < seconds):
+    for _ in range(calls):
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
-
-
-def host_overhead_us(fn, calls=20):
-    """CPU time of one call outside a graph: the calls are issued without waiting for the device."""
+        times.append((time.perf_counter() - t0) * 1e6)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    return times
+
+
+_NVML = [None]  # whether torch.cuda's NVML queries work here (None: not tried yet)
+
+
+def telemetry(slow_ok=True):
+    """(SM clock in MHz, power in W) now, through NVML (torch.cuda); where NVML is missing, through
+    nvidia-smi if `slow_ok` (tens of ms a call), else (None, None). Always (None, None) on the CPU."""
+    if not torch.cuda.is_available():
+        return None, None
+    if _NVML[0] is not False:
+        try:
+            sample = float(torch.cuda.clock_rate()), torch.cuda.power_draw() / 1000.0
+            _NVML[0] = True
+            return sample
+        except Exception:  # no pynvml
+            _NVML[0] = False
+    if not slow_ok:
+        return None, None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                              f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, timeout=10)
+        clock, power = (float(v) for v in out.stdout.strip().split(","))
+        return clock, power
+    except Exception:
+        return None, None
+
+
+def paired_ratios(rows):
+    """Give every timed row of one point `ratio_vs_<other>` (the median of the per-round ratios of its
+    time to the other provider's) and `ratio_vs_<other>_band` ([min, max] of them)."""
+    timed = [r for r in rows if r["ms_rounds"]]
+    for r in timed:
+        for other in timed:
+            if other is r or len(other["ms_rounds"]) != len(r["ms_rounds"]):
+                continue
+            ratios = [a / b for a, b in zip(r["ms_rounds"], other["ms_rounds"])]
+            r[f"ratio_vs_{other['provider']}"] = statistics.median(ratios)
+            r[f"ratio_vs_{other['provider']}_band"] = [min(ratios), max(ratios)]
+
+
+def verdict(band, limit, at_most=True):
+    """"met" or "missed" when the whole band [lo, hi] is on one side of `limit`, else "within noise".
+    at_most: the target is ratio <= limit (else ratio >= limit)."""
+    lo, hi = band
+    if at_most:
+        return "met" if hi <= limit else "missed" if lo > limit else "within noise"
+    return "met" if lo >= limit else "missed" if hi < limit else "within noise"
 
 
 def measure_ceilings(device):
@@ -431,30 +610,72 @@ def measure_ceilings(device):
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200)
         return 2 * 8192**3 / (ms * 1e-3), 2 * src.numel() / (copy_ms * 1e-3)
     a = torch.randn(512, 512)
-    ms, _, _ = time_cpu(lambda: a @ a, seconds=0.3)
+    ms = CpuTimer([lambda: a @ a], 1).measure(5)
     src = torch.empty(2**26, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    copy_ms, _, _ = time_cpu(lambda: dst.copy_(src), seconds=0.3)
+    copy_ms = CpuTimer([lambda: dst.copy_(src)], 1).measure(5)
     return 2 * 512**3 / (ms * 1e-3), 2 * src.numel() / (copy_ms * 1e-3)
+
+
+def peak_flops(device_name, dtype, measured):
+    """(peak FLOP/s for the floor, its source): the datasheet's for a known device, else the run's torch.mm."""
+    for (name, dt), peak in PEAK_FLOPS.items():
+        if name in device_name and dt == dtype:
+            return peak, f"{name} datasheet, dense {str(dtype)[6:]}"
+    return measured, "this run's largest torch.mm (bf16)"
 
 
 # ---------------------------------------------------------------------------------------------------
 # Suites, records, output
 
 
-def suite(ops_wanted, shapes, smoke):
-    """The (op, M, K, N) points to run, headline points first."""
+def suite(ops_wanted, shapes, smoke, dtypes, gelus, plan=None):
+    """The (op, M, K, N, dtype, gelu) points to run."""
+    if plan == "headline":
+        return [p for p in HEADLINE if p[0] in ops_wanted]
     if shapes or smoke:
-        return [(op, *shape) for op in ops_wanted for shape in (shapes or SMOKE_SHAPES)]
-    points = [p for p in HEADLINE if p[0] in ops_wanted]
-    for op in ops_wanted:
-        kn = ROW_KN if op == "row_fwd" else COLUMN_KN
-        if op == "mlp_shard":  # (K model width, N hidden shard) of the column shapes
-            kn = [(k, n) for k, n in COLUMN_KN if n < k] or COLUMN_KN
-        if op == "tp_mlp":
-            kn = [(4096, 16384)]
-        points += [(op, M, K, N) for K, N in kn for M in M_VALUES if (op, M, K, N) not in points]
-    return points
+        base = [(op, *shape) for op in ops_wanted for shape in (shapes or SMOKE_SHAPES)]
+    else:
+        base = []
+        for op in ops_wanted:
+            kn = ROW_KN if op == "row_fwd" else COLUMN_KN
+            if op == "mlp_shard":  # (K model width, N hidden shard) of the column shapes
+                kn = [(k, n) for k, n in COLUMN_KN if n < k] or COLUMN_KN
+            if op == "tp_mlp":
+                kn = [(4096, 16384)]
+            base += [(op, M, K, N) for K, N in kn for M in M_VALUES]
+    # row_fwd has no GELU: one form of it
+    return [(*p, dtype, gelu) for p in base for dtype in dtypes for gelu in (gelus if p[0] != "row_fwd" else gelus[:1])]
+
+
+# Providers that apply per op on a GPU, and the distinct autotuned launches (keys) of one of our calls.
+_APPLIES = {"column_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile",
+                           "cublaslt"},
+            "row_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile"},
+            "column_bwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm"},
+            "mlp_shard": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile"},
+            "tp_mlp": {"tpkernels", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "eager"}}
+_AUTOTUNED_LAUNCHES = {"column_fwd": 1, "row_fwd": 1, "column_bwd": 2, "mlp_shard": 6, "tp_mlp": 6}
+
+
+def predicted_seconds(points, providers, rounds, host_calls):
+    """(seconds on a GPU with a warm triton cache, kernel compiles a cold cache adds). Assumed costs: 20 s
+    to start (imports, ceilings); per point, 2 s of autotuning benchmarks per autotuned launch of the
+    first of our providers; 0.3 s per provider for its check and 0.3 s for its graph capture; per round
+    3 replays of about 1 ms plus telemetry; host calls at 0.2 ms. A cold cache compiles every config the
+    autotuner tries (15 per launch and specialization), about 1.5 s each."""
+    total, compiles, seen = 20.0, 0, set()
+    for op, M, K, N, dtype, gelu in points:
+        applying = [p for p in providers if p in _APPLIES[op] and not (p == "cublaslt" and gelu == "none")
+                    and not (p == "tpkernels_cublaslt" and gelu == "none" and op != "row_fwd")]
+        if any(p.startswith("tpkernels") for p in applying):
+            total += 2.0 * _AUTOTUNED_LAUNCHES[op]
+            specialization = (op, dtype, gelu, M == 1, M > 128)  # M = 1 and the TMA kernel compile apart
+            if specialization not in seen:
+                seen.add(specialization)
+                compiles += 15 * _AUTOTUNED_LAUNCHES[op]
+        total += len(applying) * (0.6 + rounds * 0.01 + host_calls * 2e-4)
+    return total, compiles
 
 
 def parse_shapes(values):
@@ -473,99 +694,127 @@ def parse_shapes(values):
 
 def environment(device):
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
+                           text=True).stdout.strip()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = "cpu (triton interpreter)" if ops.INTERPRETED else "cpu (eager fallback)"
-    return dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                git_sha=sha + ("-dirty" if dirty else ""), date=datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds"), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+    return dict(device=name, torch=torch.__version__, triton=triton.__version__, git_sha=sha, git_dirty=bool(dirty),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+
+
+_LIBRARY_PATHS = {
+    "eager": "aten, unfused (autograd)", "torch_mm": "aten mm alone (lower bound: no epilogue)",
+    "compile": "torch.compile of eager", "cublaslt": "torch._addmm_activation (cuBLASLt GELU epilogue)",
+    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C C++ GEMM + epilogue pass",
+    "wrong": "planted error", "no_residual": "planted: skips the residual",
+}
+
+
+def describe(provider, fn):
+    """What `fn` launches: for our Triton paths the kernels and tiles (one call recorded), else the library path."""
+    if provider in _LIBRARY_PATHS:
+        return _LIBRARY_PATHS[provider]
+    with launch.record_launches() as launches:
+        fn()
+    if not launches:
+        return "no Triton launch (eager fallback or the extension)"
+    counts = {}
+    for line in launches:
+        counts[line] = counts.get(line, 0) + 1
+    return "; ".join(f"{n} x {line}" if n > 1 else line for line, n in counts.items())
+
+
+def _key(r):
+    return r["op"], r["M"], r["K"], r["N"], r["dtype"], r["gelu"]
 
 
 def markdown(rows):
-    lines = ["| op | M | K | N | dtype | provider | ms (min-max) | TFLOP/s | GB/s | % of floor | host us | vs tpkernels |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    fused = {(r["op"], r["M"], r["K"], r["N"], r["dtype"]): r["ms"] for r in rows
-             if r["provider"] == "tpkernels" and r["ms"] is not None}
+    lines = ["| op | M | K | N | dtype | gelu | provider | timer | ms (round min-max) | TFLOP/s | % of floor | host us "
+             "| / tpkernels (band) | / torch_mm (band) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ratio(r, other):
+        if f"ratio_vs_{other}" not in r:
+            return "-"
+        lo, hi = r[f"ratio_vs_{other}_band"]
+        return f"{r[f'ratio_vs_{other}']:.3g} ({lo:.3g}-{hi:.3g})"
+
     for r in rows:
+        head = f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {r['dtype']} | {r['gelu']} | {r['provider']} |"
         if r["ms"] is None:
-            lines.append(f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {r['dtype']} | {r['provider']} | "
-                         f"{r['status']} | | | | | |")
+            lines.append(f"{head} | {r['status']} | | | | | | |")
             continue
-        base = fused.get((r["op"], r["M"], r["K"], r["N"], r["dtype"]))
-        ratio = f"{r['ms'] / base:.3g}x" if base else "-"
-        lines.append(
-            f"| {r['op']} | {r['M']} | {r['K']} | {r['N']} | {r['dtype']} | {r['provider']} | "
-            f"{r['ms']:.4g} ({r['ms_min']:.4g}-{r['ms_max']:.4g}) | {r['tflops']:.3g} | {r['gbps']:.3g} | "
-            f"{r['pct_of_floor']:.1f} | {r['host_us']:.1f} | {ratio} |")
+        name = r["provider"] + (" (lower bound)" if r["provider"] == "torch_mm" else "")
+        head = head.replace(f"| {r['provider']} |", f"| {name} |")
+        lines.append(f"{head} {r['timer']} | {r['ms']:.4g} ({r['ms_min']:.4g}-{r['ms_max']:.4g}) | {r['tflops']:.3g} | "
+                     f"{r['pct_of_floor']:.1f} | {r['host_us']:.1f} | {ratio(r, 'tpkernels')} | {ratio(r, 'torch_mm')} |")
     return "\n".join(lines)
+
+
+# (name, op, numerator, denominator, which points, limit, at_most): each is judged per point on the band
+# of the paired ratio numerator / denominator.
+TARGETS = [
+    ("column fwd tpkernels / torch_mm <= 1.0, M <= 64", "column_fwd", "tpkernels", "torch_mm", lambda M: M <= 64, 1.0, True),
+    ("column fwd eager / tpkernels >= 1.2, M <= 64", "column_fwd", "eager", "tpkernels", lambda M: M <= 64, 1.2, False),
+    ("column fwd tpkernels / torch_mm <= 1.05, M >= 2048", "column_fwd", "tpkernels", "torch_mm", lambda M: M >= 2048,
+     1.05, True),
+    ("row fwd tpkernels / tpkernels_cublaslt <= 1.0, M <= 16", "row_fwd", "tpkernels", "tpkernels_cublaslt",
+     lambda M: M <= 16, 1.0, True),
+    ("column bwd tpkernels / eager <= 1.0", "column_bwd", "tpkernels", "eager", lambda M: True, 1.0, True),
+    ("mlp_shard tpkernels / eager <= 1.0", "mlp_shard", "tpkernels", "eager", lambda M: True, 1.0, True),
+]
 
 
 def targets(rows):
-    """Issue 8's targets, each with its measured ratios (GPU rows only)."""
+    """The targets, judged per point on the paired ratio's band: met, missed, or within noise."""
     if all(r["cpu"] for r in rows):
-        return "CPU run: the targets are for GPU rows (bf16 on an H100 or H200), and none are here."
-    timed = {(r["op"], r["M"], r["K"], r["N"], r["dtype"], r["provider"]): r["ms"] for r in rows
-             if r["ms"] and not r["cpu"]}
-
-    def ratios(op, num, den, keep=lambda M, K: True):
-        out = []
-        for (o, M, K, N, dt, p), ms in timed.items():
-            other = timed.get((o, M, K, N, dt, den))
-            if o == op and p == num and other and keep(M, K):
-                out.append(ms / other)
-        return out
-
-    checks = [
-        ("column fused / torch_mm <= 1.05, M >= 2048", ratios("column_fwd", "tpkernels", "torch_mm", lambda M, K: M >= 2048), 1.05, "max"),
-        ("column fused / torch_mm <= 1.15, M <= 256", ratios("column_fwd", "tpkernels", "torch_mm", lambda M, K: M <= 256), 1.15, "max"),
-        ("eager / fused >= 1.08, K = 4096, M >= 2048", [1 / r for r in ratios("column_fwd", "tpkernels", "eager", lambda M, K: K == 4096 and M >= 2048)], 1.08, "min"),
-        ("eager / fused >= 1.3, M <= 64", [1 / r for r in ratios("column_fwd", "tpkernels", "eager", lambda M, K: M <= 64)], 1.3, "min"),
-        ("fused / compile <= 1.0 on 80% of points", ratios("column_fwd", "tpkernels", "compile"), 1.0, "80%"),
-        ("fused / cublaslt <= 1.0 on half", ratios("column_fwd", "tpkernels", "cublaslt"), 1.0, "50%"),
-        ("row fused / torch_mm <= 1.05, M >= 2048", ratios("row_fwd", "tpkernels", "torch_mm", lambda M, K: M >= 2048), 1.05, "max"),
-        ("column backward fused / eager <= 0.9", ratios("column_bwd", "tpkernels", "eager"), 0.9, "max"),
-    ]
-    lines = ["| target | points | measured | met |", "| --- | --- | --- | --- |"]
-    for name, values, limit, how in checks:
-        if not values:
-            lines.append(f"| {name} | 0 | - | no data |")
-            continue
-        if how == "max":
-            measured, met = max(values), max(values) <= limit
-        elif how == "min":
-            measured, met = min(values), min(values) >= limit
-        else:
-            share = sum(v <= limit for v in values) / len(values)
-            measured, met = share, share >= float(how[:-1]) / 100
-        lines.append(f"| {name} | {len(values)} | {measured:.3f} | {'yes' if met else 'NO'} |")
-    return "\n".join(lines)
+        return "CPU run: the targets are for GPU rows, and none are here."
+    lines = ["| target | point | ratio (band) | verdict |", "| --- | --- | --- | --- |"]
+    for name, op, num, den, keep, limit, at_most in TARGETS:
+        for r in rows:
+            if r["op"] == op and r["provider"] == num and keep(r["M"]) and f"ratio_vs_{den}" in r:
+                band = r[f"ratio_vs_{den}_band"]
+                lines.append(f"| {name} | M={r['M']} K={r['K']} N={r['N']} {r['dtype']} {r['gelu']} | "
+                             f"{r[f'ratio_vs_{den}']:.3f} ({band[0]:.3f}-{band[1]:.3f}) | {verdict(band, limit, at_most)} |")
+    return "\n".join(lines) if len(lines) > 2 else "No GPU row has the providers the targets compare."
 
 
 def backend_table(rows, env):
-    """The `tpkernels/backend_table.json` these GPU rows argue for: per dtype, activation (column_fwd:
-    tanh GELU, row_fwd: none) and measured M, cuBLASLt where it beat Triton on most (K, N) points; each
-    rule covers M from its point up to the next measured M."""
-    timed = {(r["op"], r["M"], r["K"], r["N"], r["dtype"], r["provider"]): r["ms"] for r in rows
-             if r["ms"] and not r["cpu"]}
-    votes = {}
-    for (op, M, K, N, dtype, provider), ms in timed.items():
-        activation = {"column_fwd": ops.GELU_TANH, "row_fwd": ops.IDENTITY}.get(op)
-        other = timed.get((op, M, K, N, dtype, "tpkernels_triton"))
-        if provider == "tpkernels_cublaslt" and activation is not None and other:
-            votes.setdefault((dtype, activation), {}).setdefault(M, []).append(ms < other)
+    """The `tpkernels/backend_table.json` these GPU rows argue for. Per dtype and activation (column_fwd:
+    its GELU form; row_fwd: none) and measured M, cuBLASLt wins only where its paired ratio to Triton has
+    its whole band below 1 at every measured (K, N) of that M; a tie or a loss keeps Triton. Each rule
+    covers M from its point up to the next measured M, for every K and N: the file says which (K, N) were
+    measured, and that other shapes are extrapolated."""
+    wins, shapes = {}, set()
+    for r in rows:
+        activation = {"column_fwd": {"tanh": ops.GELU_TANH, "none": ops.GELU}.get(r["gelu"]),
+                      "row_fwd": ops.IDENTITY}.get(r["op"])
+        if r["cpu"] or r["provider"] != "tpkernels_cublaslt" or activation is None:
+            continue
+        band = r.get("ratio_vs_tpkernels_triton_band")
+        if band is None:
+            continue
+        shapes.add((r["op"], r["K"], r["N"]))
+        wins.setdefault((r["dtype"], activation), {}).setdefault(r["M"], []).append(band[1] < 1.0)
     rules = []
-    for (dtype, activation), by_m in sorted(votes.items()):
+    for (dtype, activation), by_m in sorted(wins.items()):
         ms = sorted(by_m)
         for i, M in enumerate(ms):
-            if sum(by_m[M]) * 2 > len(by_m[M]):
+            if all(by_m[M]):
                 rule = {"dtypes": [dtype], "activations": [activation], "min_m": M, "backend": "cublaslt"}
                 if i + 1 < len(ms):
                     rule["max_m"] = ms[i + 1] - 1
                 rules.append(rule)
     rules.append({"backend": "triton"})
-    return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}, `{env['command']}`",
+    measured = ", ".join(f"{op} K={K} N={N}" for op, K, N in sorted(shapes))
+    return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}"
+                      f"{' (dirty)' if env['git_dirty'] else ''}, `{env['command']}`",
+            "shapes": f"measured at {measured}; the M ranges are applied to every K and N (extrapolated)",
+            "rule": "cuBLASLt where its paired ratio band to Triton lies wholly below 1 at every measured shape "
+                    "of that M; otherwise Triton",
             "rules": rules}
 
 
@@ -584,11 +833,11 @@ def plot(rows, path):
         lines = {}
         for r in timed:
             if r["op"] == op:
-                lines.setdefault((r["provider"], r["K"], r["N"], r["dtype"]), []).append((r["M"], r["tflops"]))
-        for (provider, K, N, dtype), points in sorted(lines.items()):
+                lines.setdefault((r["provider"], r["K"], r["N"], r["dtype"], r["gelu"]), []).append((r["M"], r["tflops"]))
+        for (provider, K, N, dtype, gelu), points in sorted(lines.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                    label=f"{provider} K={K} N={N} {dtype}")
+                    label=f"{provider} K={K} N={N} {dtype} {gelu}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("M (tokens)")
         ax.set_ylabel("TFLOP/s")
@@ -614,73 +863,137 @@ def _init_distributed():
     torch.distributed.init_process_group(backend)
 
 
+def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed, l2_bytes):
+    """Every provider's row at one point: checked, then timed in `rounds` shuffled rounds."""
+    op_name, M, K, N, dtype, gelu = point
+    op = OP_CLASSES[op_name](M, K, N, dtype, device, gelu)
+    peak, peak_source = peak_flops(env["device"], dtype, ceilings[0])
+    bandwidth = ceilings[1]
+    floor_s = max(op.flops() / peak, op.bytes() / bandwidth)
+    copies = None
+    rows, timers = {}, {}
+    for provider in providers:
+        row = dict(op=op_name, provider=provider, M=M, K=K, N=N, dtype=str(dtype).replace("torch.", ""), gelu=gelu,
+                   world_size=tpkernels.distributed.get_world_size(), cpu=device.type == "cpu", status=None,
+                   timer=None, rounds=0, ms_rounds=[], order_rounds=[], ms=None, ms_min=None, ms_max=None,
+                   tflops=None, gbps=None, pct_of_floor=None, host_us=None, config=None, floor_ms=floor_s * 1e3,
+                   peak_tflops=peak / 1e12, peak_source=peak_source, bandwidth_gbps=bandwidth / 1e9,
+                   sm_clock_mhz=None, power_w=None, **env)
+        rows[provider] = row
+        fn = op.run(provider)
+        if fn is None:
+            row["status"] = "n/a"
+            continue
+        try:
+            problem = check(op, provider, fn)  # also autotunes and compiles, before any timing
+        except Exception as error:  # a provider that cannot run this point is reported, not fatal
+            problem = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if problem:
+            row["status"] = problem if problem.startswith("failed") else f"wrong: {problem}"
+            continue
+        row["config"] = describe(provider, fn)
+        if copies is None:
+            copies = rotation(op, device, l2_bytes)
+        timers[provider] = make_timer([c.run(provider) for c in copies], device, floor_s * 1e3)
+        row.update(status="ok", timer=timers[provider].name, copies=len(copies))
+    order_rng = random.Random(seed)
+    samples = {p: [] for p in timers}
+    for _ in range(rounds):
+        order = list(timers)
+        order_rng.shuffle(order)
+        for position, provider in enumerate(order):
+            rows[provider]["ms_rounds"].append(timers[provider].measure())
+            rows[provider]["order_rounds"].append(position)
+            samples[provider].append(telemetry(slow_ok=False))
+    for provider in timers:
+        if not any(c is not None for c, _ in samples[provider]):  # no NVML: one nvidia-smi sample, after its rounds
+            samples[provider].append(telemetry())
+        fn = op.run(provider)
+        host = [t for _ in range(rounds) for t in host_times_us(fn, max(1, host_calls // rounds))]
+        ms_rounds = rows[provider]["ms_rounds"]
+        ms = statistics.median(ms_rounds)
+        clocks = [c for c, _ in samples[provider] if c is not None]
+        powers = [w for _, w in samples[provider] if w is not None]
+        rows[provider].update(rounds=len(ms_rounds), ms=ms, ms_min=min(ms_rounds), ms_max=max(ms_rounds),
+                              tflops=op.flops() / (ms * 1e-3) / 1e12, gbps=op.bytes() / (ms * 1e-3) / 1e9,
+                              pct_of_floor=100 * floor_s / (ms * 1e-3), host_us=statistics.median(host),
+                              sm_clock_mhz=statistics.median(clocks) if clocks else None,
+                              power_w=statistics.median(powers) if powers else None)
+        if provider == "torch_mm" and op.extra_epilogue_bytes():
+            # the bare GEMM plus the bytes our epilogue adds, at this run's copy bandwidth
+            rows[provider]["ms_with_epilogue_bytes"] = ms + op.extra_epilogue_bytes() / bandwidth * 1e3
+    paired_ratios(list(rows.values()))
+    return list(rows.values())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS + TEST_PROVIDERS)
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + TEST_PROVIDERS,
+                        help="default: every provider (the headline plan: its own list)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
                         help="default: bfloat16 on a GPU, float32 and float16 on the CPU")
+    parser.add_argument("--gelu", nargs="+", choices=GELU_FORMS, default=["tanh"],
+                        help="GELU forms: tanh (cuBLASLt's, the default) and/or none (exact, the modules' default)")
     parser.add_argument("--shapes", nargs="+", help="M,K,N triples, or 'smoke'; default: the suite")
+    parser.add_argument("--plan", choices=["headline"], help="a fixed set of points (it sets dtypes and GELU per point)")
+    parser.add_argument("--dry-run", action="store_true", help="print the points and the predicted duration, then stop")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes under the interpreter (the CPU default)")
+    parser.add_argument("--rounds", type=int, help="rounds per point (default: 5 on a GPU, 2 on the CPU)")
+    parser.add_argument("--host-calls", type=int, help="calls timed for host_us (default: 200 on a GPU, 2 on the CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="the shuffles' seed")
     parser.add_argument("--out", help="folder for results.jsonl, table.md, plot.png (default: a new temp folder)")
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="start no new point after this many seconds")
     args = parser.parse_args(argv)
 
+    on_gpu = torch.cuda.is_available()
+    providers = args.providers or list(HEADLINE_PROVIDERS if args.plan == "headline" else PROVIDERS)
+    dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else (
+        [torch.bfloat16] if on_gpu else [torch.float32, torch.float16])
+    rounds = args.rounds or (5 if on_gpu else 2)
+    host_calls = args.host_calls or (200 if on_gpu else 2)
+    if rounds < 1 or host_calls < 1:
+        parser.error(f"--rounds ({rounds}) and --host-calls ({host_calls}) must be at least 1")
+    smoke = args.smoke or (not on_gpu and args.plan is None)
+    points = suite(args.ops, parse_shapes(args.shapes), smoke, dtypes, args.gelu, args.plan)
+    points = [(op, M, K, N, DTYPES[dt] if isinstance(dt, str) else dt, gelu) for op, M, K, N, dt, gelu in points]
+    predicted, compiles = predicted_seconds(points, providers, rounds, host_calls)
+    print(f"{len(points)} points x {len(providers)} providers, {rounds} rounds each")
+    if args.dry_run:
+        for op, M, K, N, dtype, gelu in points:
+            print(f"  {op} M={M} K={K} N={N} {str(dtype)[6:]} gelu={gelu}")
+    print(f"predicted: {predicted:.0f} s on a GPU with a warm triton cache; a cold one adds about {compiles} kernel "
+          f"compiles (~{1.5 * compiles:.0f} s)", flush=True)
+    if args.dry_run:
+        return 0
+
     _init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    smoke = args.smoke or device.type == "cpu"
-    dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else (
-        [torch.bfloat16] if device.type == "cuda" else [torch.float32, torch.float16])
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     out = args.out or tempfile.mkdtemp(prefix="tpkernels-bench-")
     if device.type == "cpu" and os.path.realpath(out).startswith(os.path.realpath(RESULTS)):
         parser.error(f"--out {out}: CPU rows are never written under {RESULTS}; results there are GPU runs")
     os.makedirs(out, exist_ok=True)
     env = environment(device)
-    peak, bandwidth = measure_ceilings(device)
-    points = [(op, M, K, N, dtype) for op, M, K, N in suite(args.ops, parse_shapes(args.shapes), smoke)
-              for dtype in dtypes]
+    ceilings = measure_ceilings(device)
+    l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if on_gpu else 0
     if rank == 0:
-        print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']} | "
-              f"peak {peak / 1e12:.3g} TFLOP/s, copy {bandwidth / 1e9:.3g} GB/s | {len(points)} points -> {out}",
-              flush=True)
+        print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}"
+              f"{' (dirty)' if env['git_dirty'] else ''} | torch.mm {ceilings[0] / 1e12:.3g} TFLOP/s, copy "
+              f"{ceilings[1] / 1e9:.3g} GB/s | {len(points)} points -> {out}", flush=True)
     rows, start = [], time.time()
-    progress = _progress(total=len(points) * len(args.providers), disable=rank != 0)
-    for op_name, M, K, N, dtype in points:
+    progress = _progress(total=len(points), disable=rank != 0)
+    for index, point in enumerate(points):
         if time.time() - start > args.max_seconds:
             if rank == 0:
-                print(f"--max-seconds {args.max_seconds:g} reached: {len(rows)} rows done, the rest skipped", flush=True)
+                print(f"--max-seconds {args.max_seconds:g} reached: {index} of {len(points)} points done", flush=True)
             break
-        op = OP_CLASSES[op_name](M, K, N, dtype, device)
-        floor_s = max(op.flops() / peak, op.bytes() / bandwidth)
-        for provider in args.providers:
-            progress.set_description(f"{op_name} M={M} K={K} N={N} {str(dtype)[6:]} {provider}")
-            row = dict(op=op_name, provider=provider, M=M, K=K, N=N, dtype=str(dtype).replace("torch.", ""),
-                       world_size=tpkernels.distributed.get_world_size(), cpu=device.type == "cpu", ms=None,
-                       ms_min=None, ms_max=None, tflops=None, gbps=None, pct_of_floor=None, host_us=None,
-                       floor_ms=floor_s * 1e3, **env)
-            fn = op.run(provider)
-            if fn is None:
-                row["status"] = "n/a"
-            else:
-                try:
-                    problem = check(op, provider, fn)  # also runs the autotuner and compiles, before timing
-                except Exception as error:  # a provider that cannot run this point is reported, not fatal
-                    problem = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-                if problem:
-                    row["status"] = f"wrong: {problem}" if not problem.startswith("failed") else problem
-                else:
-                    if device.type == "cuda":
-                        ms, ms_min, ms_max = time_gpu(fn, graph=M <= 256)
-                    else:
-                        ms, ms_min, ms_max = time_cpu(fn)
-                    row.update(status="ok", ms=ms, ms_min=ms_min, ms_max=ms_max,
-                               tflops=op.flops() / (ms * 1e-3) / 1e12, gbps=op.bytes() / (ms * 1e-3) / 1e9,
-                               pct_of_floor=100 * floor_s / (ms * 1e-3), host_us=host_overhead_us(fn))
-            rows.append(row)
-            progress.update()
+        op, M, K, N, dtype, gelu = point
+        progress.set_description(f"{op} M={M} K={K} N={N} {str(dtype)[6:]} {gelu}")
+        rows += run_point(point, providers, device, env, ceilings, rounds, host_calls, args.seed + index, l2_bytes)
+        progress.update()
     progress.close()
     if rank != 0:
         return 0
@@ -689,9 +1002,10 @@ def main(argv=None):
     table = markdown(rows)
     summary = targets(rows)
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']} | {env['date']}\n\n"
-                f"`{env['command']}`\n\npeak {peak / 1e12:.4g} TFLOP/s (torch.mm), copy {bandwidth / 1e9:.4g} GB/s\n\n"
-                f"{table}\n\n## Targets\n\n{summary}\n")
+        f.write(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}"
+                f"{' (dirty)' if env['git_dirty'] else ''} | {env['date']}\n\n`{env['command']}`\n\n"
+                f"torch.mm {ceilings[0] / 1e12:.4g} TFLOP/s, copy {ceilings[1] / 1e9:.4g} GB/s; {rounds} rounds a point; "
+                f"torch_mm is a lower bound (no epilogue)\n\n{table}\n\n## Targets\n\n{summary}\n")
     plotted = plot(rows, os.path.join(out, "plot.png"))
     if not all(r["cpu"] for r in rows) and any(r["provider"] == "tpkernels_cublaslt" and r["ms"] for r in rows):
         with open(os.path.join(out, "backend_table.json"), "w") as f:
@@ -701,7 +1015,7 @@ def main(argv=None):
     print(summary)
     wrong = [r for r in rows if r["status"].startswith(("wrong", "failed"))]
     print(f"{len(rows)} rows, {sum(r['status'] == 'ok' for r in rows)} timed, {len(wrong)} wrong or failed -> "
-          f"{out}/results.jsonl, table.md{', plot.png' if plotted else ''}")
+          f"{out}/results.jsonl, table.md{', plot.png' if plotted else ''}; {time.time() - start:.0f} s")
     return 0
 
 

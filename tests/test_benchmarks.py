@@ -1,15 +1,21 @@
-"""The benchmark harness's CPU smoke run: every op and CPU provider, the JSON schema, the correctness
-gate (a deliberately wrong provider is caught and not timed), the table and the plot."""
+"""The benchmark harness's CPU smoke run: every op and CPU provider, the JSON schema, shuffled rounds and
+paired ratios with their bands, the correctness gate (a deliberately wrong provider, and one that skips the
+row stage's residual, are caught and not timed), the table and the plot; the verdicts, compare.py, the
+headline plan's dry run and the backend table's rule."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 RUN = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "run.py")
-FIELDS = {"op", "provider", "M", "K", "N", "dtype", "ms", "ms_min", "ms_max", "tflops", "gbps", "pct_of_floor",
-          "host_us", "device", "torch", "triton", "git_sha", "date", "command", "status", "cpu", "floor_ms"}
+FIELDS = {"op", "provider", "M", "K", "N", "dtype", "gelu", "ms", "ms_min", "ms_max", "tflops", "gbps", "pct_of_floor",
+          "host_us", "device", "torch", "triton", "git_sha", "git_dirty", "date", "command", "status", "cpu", "floor_ms",
+          "timer", "rounds", "ms_rounds", "order_rounds", "config", "peak_tflops", "peak_source", "bandwidth_gbps",
+          "sm_clock_mhz", "power_w"}
+COMPARE = os.path.join(os.path.dirname(RUN), "compare.py")
 CPU_PROVIDERS = {"tpkernels", "tpkernels_cpu", "eager", "torch_mm", "compile"}
 
 
@@ -18,7 +24,8 @@ def smoke(tmp_path_factory):
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("smoke")
     result = subprocess.run(
-        [sys.executable, RUN, "--smoke", "--out", str(out), "--providers", *sorted(CPU_PROVIDERS), "cublaslt", "wrong"],
+        [sys.executable, RUN, "--smoke", "--out", str(out), "--providers", *sorted(CPU_PROVIDERS), "cublaslt", "wrong",
+         "no_residual"],
         capture_output=True, text=True, timeout=1200, env=dict(os.environ, TRITON_INTERPRET="1"))
     assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -45,14 +52,104 @@ def test_smoke_rows_cover_every_op_and_provider_with_the_schema(smoke):
     for r in rows:
         if r["status"] == "ok":
             assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["tflops"] > 0 and r["pct_of_floor"] > 0
-            assert r["host_us"] > 0
+            assert r["host_us"] > 0 and r["timer"] == "cpu" and r["rounds"] == 2 == len(r["ms_rounds"])
+            assert r["ms"] == statistics.median(r["ms_rounds"]) and r["config"]
+            assert r["sm_clock_mhz"] is None and r["power_w"] is None  # no GPU telemetry on the CPU
+        else:
+            assert r["ms_rounds"] == [] and r["ms"] is None
+    assert any("pointer 32x32x32" in r["config"] for r in rows if r["provider"] == "tpkernels" and r["config"])
+
+
+def _points(rows):
+    points = {}
+    for r in rows:
+        points.setdefault((r["op"], r["M"], r["K"], r["N"], r["dtype"], r["gelu"]), []).append(r)
+    return points
+
+
+def test_rounds_are_shuffled_and_ratios_paired(smoke):
+    """Each round runs the providers in a new order; a row's ratio to another is the median of the
+    round-by-round ratios of their times, and its band their min and max."""
+    _, rows, _ = smoke
+    reordered = 0
+    for point, group in _points(rows).items():
+        timed = [r for r in group if r["ms_rounds"]]
+        orders = [sorted(timed, key=lambda r: r["order_rounds"][i]) for i in range(2)]
+        reordered += [r["provider"] for r in orders[0]] != [r["provider"] for r in orders[1]]
+        for r in timed:
+            assert f"ratio_vs_{r['provider']}" not in r
+            for other in timed:
+                if other is r:
+                    continue
+                ratios = [a / b for a, b in zip(r["ms_rounds"], other["ms_rounds"])]
+                assert r[f"ratio_vs_{other['provider']}"] == pytest.approx(statistics.median(ratios)), point
+                assert r[f"ratio_vs_{other['provider']}_band"] == pytest.approx([min(ratios), max(ratios)])
+    assert reordered, "the providers ran in the same order in every round of every point"
+
+
+def test_verdicts_need_the_whole_band_on_one_side():
+    sys.path.insert(0, os.path.dirname(RUN))
+    import run
+
+    assert run.verdict([0.90, 0.98], 1.0) == "met" and run.verdict([1.02, 1.10], 1.0) == "missed"
+    assert run.verdict([0.95, 1.05], 1.0) == "within noise"
+    assert run.verdict([1.25, 1.4], 1.2, at_most=False) == "met"
+    assert run.verdict([1.1, 1.3], 1.2, at_most=False) == "within noise"
 
 
 def test_a_wrong_provider_is_caught_and_not_timed(smoke):
     _, rows, _ = smoke
     wrong = [r for r in rows if r["provider"] == "wrong"]
     assert wrong and all(r["status"].startswith("wrong:") and r["ms"] is None for r in wrong)
-    assert not any(r["status"].startswith(("wrong", "failed")) for r in rows if r["provider"] != "wrong")
+    # a baseline that skips part of the work (the row stage's residual) fails the same fp64 check
+    skipped = [r for r in rows if r["provider"] == "no_residual"]
+    assert {r["status"][:6] for r in skipped if r["op"] == "row_fwd"} == {"wrong:"}
+    assert all(r["status"] == "n/a" for r in skipped if r["op"] != "row_fwd")
+    planted = ("wrong", "no_residual")
+    assert not any(r["status"].startswith(("wrong", "failed")) for r in rows if r["provider"] not in planted)
+
+
+def test_compare_judges_changes_against_their_noise(smoke, tmp_path):
+    out, rows, _ = smoke
+    same = subprocess.run([sys.executable, COMPARE, str(out / "results.jsonl"), str(out / "results.jsonl")],
+                          capture_output=True, text=True, timeout=120)
+    assert same.returncode == 0, same.stderr
+    timed = sum(1 for r in rows if r["ms"])
+    assert f"{timed} points in both runs: 0 faster, 0 slower, {timed} within noise" in same.stdout
+    # planted: the new run's tpkernels twice as fast in every round, its noise unchanged
+    old = [dict(r, ms_rounds=[1.0, 1.1], ms=1.05, ms_min=1.0, ms_max=1.1) for r in rows if r["ms"]]
+    new = []
+    for r in old:
+        scale = 0.5 if r["provider"] == "tpkernels" else 1.0
+        new.append(dict(r, ms=r["ms"] * scale, ms_min=r["ms_min"] * scale, ms_max=r["ms_max"] * scale))
+    sys.path.insert(0, os.path.dirname(RUN))
+    import run
+
+    for group in (old, new):
+        for point in _points(group).values():
+            for r in point:
+                r["ms_rounds"] = [t * r["ms"] / 1.05 for t in r["ms_rounds"]]
+            run.paired_ratios(point)
+    for name, group in (("old", old), ("new", new)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in group))
+    result = subprocess.run([sys.executable, COMPARE, str(tmp_path / "old.jsonl"), str(tmp_path / "new.jsonl")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    verdicts = {line.split("|")[7].strip(): line.split("|")[-2].strip() for line in result.stdout.splitlines()
+                if line.startswith("| ") and not line.startswith("| op") and not line.startswith("| ---")}
+    assert verdicts["tpkernels"] == "faster" and verdicts["eager"] == "within noise"
+
+
+def test_headline_plan_dry_run_fits_five_minutes():
+    result = subprocess.run([sys.executable, RUN, "--plan", "headline", "--dry-run"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    points = [line for line in lines if line.startswith("  ")]
+    assert len(points) == 25 and sum("tp_mlp" in p for p in points) == 1
+    assert sum("gelu=none" in p for p in points) == 2 and sum(" float16 " in p for p in points) == 2
+    (predicted,) = [line for line in lines if line.startswith("predicted: ")]
+    assert int(predicted.split()[1]) < 300
 
 
 def test_table_and_plot_are_written(smoke):
@@ -79,19 +176,21 @@ def test_bad_shapes_are_refused():
 
 
 def test_backend_table_follows_the_faster_backend():
-    """The auto table the GPU rows write: cuBLASLt exactly where it beat Triton on most points."""
+    """The auto table the GPU rows write: cuBLASLt only where its paired ratio band to Triton lies wholly
+    below 1 at every measured shape of an M; a band that straddles 1 keeps Triton."""
     sys.path.insert(0, os.path.dirname(RUN))
     import run
 
-    def row(op, M, K, provider, ms):
-        return dict(op=op, M=M, K=K, N=4096, dtype="bfloat16", provider=provider, ms=ms, cpu=False)
+    def row(op, M, K, band):
+        return dict(op=op, M=M, K=K, N=4096, dtype="bfloat16", gelu="tanh", provider="tpkernels_cublaslt", ms=1.0,
+                    cpu=False, ratio_vs_tpkernels_triton=sum(band) / 2, ratio_vs_tpkernels_triton_band=band)
 
-    rows = [row("column_fwd", 64, 4096, "tpkernels_triton", 1.0), row("column_fwd", 64, 4096, "tpkernels_cublaslt", 1.2),
-            row("column_fwd", 4096, 4096, "tpkernels_triton", 1.0), row("column_fwd", 4096, 4096, "tpkernels_cublaslt", 0.9),
-            row("column_fwd", 4096, 8192, "tpkernels_triton", 1.0), row("column_fwd", 4096, 8192, "tpkernels_cublaslt", 0.8),
-            row("row_fwd", 4096, 4096, "tpkernels_triton", 1.0), row("row_fwd", 4096, 4096, "tpkernels_cublaslt", 1.1)]
-    env = dict(device="NVIDIA H100", date="today", git_sha="abc", command="run.py")
+    rows = [row("column_fwd", 64, 4096, [1.1, 1.3]),     # slower: Triton
+            row("column_fwd", 256, 4096, [0.95, 1.02]),  # a tie: Triton
+            row("column_fwd", 4096, 4096, [0.85, 0.95]), row("column_fwd", 4096, 8192, [0.7, 0.8]),  # cuBLASLt
+            row("row_fwd", 4096, 4096, [1.05, 1.2])]
+    env = dict(device="NVIDIA H100", date="today", git_sha="abc", git_dirty=False, command="run.py")
     table = run.backend_table(rows, env)
     assert table["rules"] == [{"dtypes": ["bfloat16"], "activations": [2], "min_m": 4096, "backend": "cublaslt"},
                               {"backend": "triton"}]
-    assert "NVIDIA H100" in table["source"]
+    assert "NVIDIA H100" in table["source"] and "K=8192" in table["shapes"] and "extrapolated" in table["shapes"]

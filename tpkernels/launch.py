@@ -39,13 +39,14 @@ from tpkernels.kernels import (
     prune,
 )
 
-__all__ = ["MATMUL_KERNELS", "autotuner", "dgelu", "matmul", "pin_config", "runs_triton", "sync_autotuning",
-           "use_matmul_kernel", "use_tma"]
+__all__ = ["MATMUL_KERNELS", "autotuner", "dgelu", "matmul", "pin_config", "record_launches", "runs_triton",
+           "sync_autotuning", "use_matmul_kernel", "use_tma"]
 
 INT32_LIMIT = 2**31
 MATMUL_KERNELS = ("auto", "pointer", "tma")
 _PINNED_CONFIG = contextvars.ContextVar("tpkernels_pinned_config", default=None)
 _MATMUL_KERNEL = contextvars.ContextVar("tpkernels_matmul_kernel", default="auto")
+_RECORDED = contextvars.ContextVar("tpkernels_recorded_launches", default=None)
 
 # "auto" launches the persistent TMA kernel only above this many rows. Measured on an H200 (bf16 column
 # forward, K = 4096; benchmarks/results/NVIDIA-H200-2026-11-25-kernel-choice.jsonl):
@@ -85,6 +86,29 @@ def use_matmul_kernel(kernel):
     if kernel not in MATMUL_KERNELS:
         raise ValueError(f"use_matmul_kernel: kernel must be one of {', '.join(MATMUL_KERNELS)}, got {kernel!r}")
     return _setting(_MATMUL_KERNEL, kernel)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect, inside the block, one line per kernel launched: the kernel ("pointer", "tma", "dgelu") and
+    the config it ran (the autotuner's pick, or the pinned one). For benchmarks: what a row measured."""
+    launches = []
+    token = _RECORDED.set(launches)
+    try:
+        yield launches
+    finally:
+        _RECORDED.reset(token)
+
+
+def _record(kind, config):
+    launches = _RECORDED.get()
+    if launches is not None:
+        if not isinstance(config, MatmulConfig):  # an autotuner: the config it picked for this launch
+            config = getattr(config, "best_config", None)
+            config = None if config is None else MatmulConfig.from_triton(config)
+        launches.append(kind if config is None else
+                        f"{kind} {config.block_m}x{config.block_n}x{config.block_k} warps={config.num_warps} "
+                        f"stages={config.num_stages} subtile={config.epilogue_subtile}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -306,10 +330,12 @@ def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
         if config is None:
-            autotuner("pointer", device_capability(a.device.index))[grid](*args, **meta)
+            config = autotuner("pointer", device_capability(a.device.index))
+            config[grid](*args, **meta)
         else:
             _matmul_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
                                  num_stages=config.num_stages)
+        _record("pointer", config)
 
 
 def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
@@ -328,11 +354,13 @@ def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
         return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     if config is None:
-        autotuner("tma", device_capability(a.device.index))[grid](*args, **meta)
-        return
-    _set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
-    _matmul_tma_persistent_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
-                                        num_stages=config.num_stages)
+        config = autotuner("tma", device_capability(a.device.index))
+        config[grid](*args, **meta)
+    else:
+        _set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
+        _matmul_tma_persistent_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
+                                            num_stages=config.num_stages)
+    _record("tma", config)
 
 
 def dgelu(grad, z, activation, need_db):
@@ -352,6 +380,7 @@ def dgelu(grad, z, activation, need_db):
                 EMULATE_BF16=INTERPRETED and z.dtype == torch.bfloat16,
                 BLOCK_M=DGELU_BLOCK_M, BLOCK_N=DGELU_BLOCK_N, num_warps=DGELU_NUM_WARPS,
             )
+        _record(f"dgelu {DGELU_BLOCK_M}x{DGELU_BLOCK_N} warps={DGELU_NUM_WARPS}", None)
     if not need_db:
         return dz, None
     db = colsum.sum(0) if M else torch.zeros(N, dtype=torch.float32, device=z.device)
