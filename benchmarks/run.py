@@ -5,6 +5,7 @@ fp64 before it is timed, in shuffled rounds with paired ratios; JSON lines, a ma
     python benchmarks/run.py --plan headline --dry-run      # its points and predicted duration, then stop
     python benchmarks/run.py --out DIR                     # a GPU: the full suite
     python benchmarks/run.py --smoke --out DIR             # the CPU smoke run (the default without a GPU)
+    python benchmarks/run.py --cpu-results --out DIR       # the CPU backends as results, no interpreter
     python benchmarks/run.py --ops column_fwd --providers tpkernels torch_mm --dtypes bfloat16 --gelu none \\
         --shapes 2048,4096,8192 --rounds 7 --out DIR
 
@@ -39,8 +40,9 @@ its ratio to every other provider is computed round by round: `ratio_vs_<provide
 side of it; otherwise it is within noise. host_us is the median CPU time of one call issued without
 waiting for the device (200 calls over the rounds on a GPU). Each row also says what ran (`config`: the
 kernel and tile, or the library path), the SM clock and power sampled while it ran (null on the CPU),
-the floor's peak and bandwidth, the git sha and whether the tree was dirty. CPU rows are labelled
-(device "cpu ...") and are never written under benchmarks/results/.
+the floor's peak and bandwidth, the git sha and whether the tree was dirty. Smoke rows are labelled
+(device "cpu (triton interpreter)") and are never written under benchmarks/results/; `--cpu-results`
+rows name the CPU (model, cores, threads) and are results, with a CPU auto table beside them.
 """
 import argparse
 import datetime
@@ -59,8 +61,9 @@ RESULTS = os.path.join(HERE, "results")
 
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
-    # Without a GPU the kernels run under the interpreter, which triton reads as it decorates them.
+if not torch.cuda.is_available() and "--cpu-results" not in sys.argv:
+    # Without a GPU the kernels run under the interpreter, which triton reads as it decorates them; CPU
+    # results time the CPU backends in their normal state, without it.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
@@ -94,6 +97,13 @@ HEADLINE = (
     + [("column_fwd", M, 4096, 8192, _FP16, "tanh") for M in (16, 8192)]
     + [("tp_mlp", 4096, 4096, 16384, _BF16, "tanh")]
 )
+# `--cpu-results`: the CPU backends as real results on the machine at hand, decode and prefill shapes,
+# fp32 and bf16, exact GELU (the modules' default) and the row stage with fp32 partials.
+CPU_RESULTS = ([("column_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
+                for M, K, N in ((1, 4096, 2048), (16, 4096, 2048), (64, 1024, 4096), (512, 1024, 4096))]
+               + [("row_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
+                  for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))])
+CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_cpu", "eager", "torch_mm")
 HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
                       "tpkernels_overlap")
 # Datasheet dense peaks (FLOP/s) by device name and dtype, for the floor; a device not listed uses the
@@ -503,27 +513,32 @@ class EventTimer:
 
 
 class CpuTimer:
-    """Wall time of one call on the CPU (the smoke run): the median of a few calls."""
+    """Wall time of one call on the CPU: the median of `calls` calls a round (2 in the smoke run; for
+    CPU results, enough calls for about 0.2 s, at least 5)."""
 
     name = "cpu"
 
-    def __init__(self, fns, batch):
-        self.fn = fns[0]
+    def __init__(self, fns, calls):
+        self.fn, self.calls = fns[0], calls
 
-    def measure(self, replays=2):
+    def measure(self, replays=None):
         times = []
-        for _ in range(replays):
+        for _ in range(replays or self.calls):
             t0 = time.perf_counter()
             self.fn()
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
 
-def make_timer(fns, device, floor_ms):
+def make_timer(fns, device, floor_ms, cpu_calls=2):
     """A GraphTimer where the calls can be captured, else an EventTimer (CpuTimer on the CPU); the batch
     keeps one replay near a millisecond of work and covers every copy of the operands."""
     if device.type != "cuda":
-        return CpuTimer(fns, 1)
+        if cpu_calls is None:  # CPU results: calibrate on one call
+            t0 = time.perf_counter()
+            fns[0]()
+            cpu_calls = min(200, max(5, math.ceil(0.2 / max(time.perf_counter() - t0, 1e-6))))
+        return CpuTimer(fns, cpu_calls)
     batch = max(len(fns), min(512, math.ceil(1.0 / max(floor_ms, 1e-3))))
     try:
         return GraphTimer(fns, batch)
@@ -610,10 +625,10 @@ def measure_ceilings(device):
         copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200)
         return 2 * 8192**3 / (ms * 1e-3), 2 * src.numel() / (copy_ms * 1e-3)
     a = torch.randn(512, 512)
-    ms = CpuTimer([lambda: a @ a], 1).measure(5)
+    ms = CpuTimer([lambda: a @ a], 5).measure()
     src = torch.empty(2**26, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    copy_ms = CpuTimer([lambda: dst.copy_(src)], 1).measure(5)
+    copy_ms = CpuTimer([lambda: dst.copy_(src)], 5).measure()
     return 2 * 512**3 / (ms * 1e-3), 2 * src.numel() / (copy_ms * 1e-3)
 
 
@@ -633,6 +648,8 @@ def suite(ops_wanted, shapes, smoke, dtypes, gelus, plan=None):
     """The (op, M, K, N, dtype, gelu) points to run."""
     if plan == "headline":
         return [p for p in HEADLINE if p[0] in ops_wanted]
+    if plan == "cpu-results":
+        return [p for p in CPU_RESULTS if p[0] in ops_wanted]
     if shapes or smoke:
         base = [(op, *shape) for op in ops_wanted for shape in (shapes or SMOKE_SHAPES)]
     else:
@@ -698,11 +715,25 @@ def environment(device):
                            text=True).stdout.strip()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+    elif ops.INTERPRETED:
+        name = "cpu (triton interpreter)"
     else:
-        name = "cpu (triton interpreter)" if ops.INTERPRETED else "cpu (eager fallback)"
+        name = f"cpu {cpu_model()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return dict(device=name, torch=torch.__version__, triton=triton.__version__, git_sha=sha, git_dirty=bool(dirty),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+
+
+def cpu_model():
+    """The CPU's model name (lscpu's "Model name"), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return "unknown model"
 
 
 _LIBRARY_PATHS = {
@@ -754,32 +785,40 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-# (name, op, numerator, denominator, which points, limit, at_most): each is judged per point on the band
+# (name, op, numerator, denominator, which rows, limit, at_most): each is judged per point on the band
 # of the paired ratio numerator / denominator.
 TARGETS = [
-    ("column fwd tpkernels / torch_mm <= 1.0, M <= 64", "column_fwd", "tpkernels", "torch_mm", lambda M: M <= 64, 1.0, True),
-    ("column fwd eager / tpkernels >= 1.2, M <= 64", "column_fwd", "eager", "tpkernels", lambda M: M <= 64, 1.2, False),
-    ("column fwd tpkernels / torch_mm <= 1.05, M >= 2048", "column_fwd", "tpkernels", "torch_mm", lambda M: M >= 2048,
-     1.05, True),
+    ("column fwd tpkernels / torch_mm <= 1.0, M <= 64", "column_fwd", "tpkernels", "torch_mm",
+     lambda r: r["M"] <= 64, 1.0, True),
+    ("column fwd eager / tpkernels >= 1.2, M <= 64", "column_fwd", "eager", "tpkernels", lambda r: r["M"] <= 64, 1.2,
+     False),
+    ("column fwd tpkernels / torch_mm <= 1.05, M >= 2048", "column_fwd", "tpkernels", "torch_mm",
+     lambda r: r["M"] >= 2048, 1.05, True),
     ("row fwd tpkernels / tpkernels_cublaslt <= 1.0, M <= 16", "row_fwd", "tpkernels", "tpkernels_cublaslt",
-     lambda M: M <= 16, 1.0, True),
-    ("column bwd tpkernels / eager <= 1.0", "column_bwd", "tpkernels", "eager", lambda M: True, 1.0, True),
-    ("mlp_shard tpkernels / eager <= 1.0", "mlp_shard", "tpkernels", "eager", lambda M: True, 1.0, True),
+     lambda r: r["M"] <= 16, 1.0, True),
+    ("column bwd tpkernels / eager <= 1.0", "column_bwd", "tpkernels", "eager", lambda r: True, 1.0, True),
+    ("mlp_shard tpkernels / eager <= 1.0", "mlp_shard", "tpkernels", "eager", lambda r: True, 1.0, True),
+]
+CPU_TARGETS = [
+    ("eager / auto >= 1.0", None, "eager", "tpkernels", lambda r: True, 1.0, False),
+    ("eager / extension >= 1.1, M >= 64, fp32", "column_fwd", "eager", "tpkernels_cpu",
+     lambda r: r["M"] >= 64 and r["dtype"] == "float32", 1.1, False),
 ]
 
 
 def targets(rows):
     """The targets, judged per point on the paired ratio's band: met, missed, or within noise."""
-    if all(r["cpu"] for r in rows):
-        return "CPU run: the targets are for GPU rows, and none are here."
+    if all(r["cpu"] for r in rows) and all("interpreter" in r["device"] for r in rows):
+        return "CPU smoke run (the interpreter): the targets are for GPU rows and CPU results, and none are here."
+    checks = CPU_TARGETS if all(r["cpu"] for r in rows) else TARGETS
     lines = ["| target | point | ratio (band) | verdict |", "| --- | --- | --- | --- |"]
-    for name, op, num, den, keep, limit, at_most in TARGETS:
+    for name, op, num, den, keep, limit, at_most in checks:
         for r in rows:
-            if r["op"] == op and r["provider"] == num and keep(r["M"]) and f"ratio_vs_{den}" in r:
+            if (op is None or r["op"] == op) and r["provider"] == num and keep(r) and f"ratio_vs_{den}" in r:
                 band = r[f"ratio_vs_{den}_band"]
-                lines.append(f"| {name} | M={r['M']} K={r['K']} N={r['N']} {r['dtype']} {r['gelu']} | "
+                lines.append(f"| {name} | {r['op']} M={r['M']} K={r['K']} N={r['N']} {r['dtype']} {r['gelu']} | "
                              f"{r[f'ratio_vs_{den}']:.3f} ({band[0]:.3f}-{band[1]:.3f}) | {verdict(band, limit, at_most)} |")
-    return "\n".join(lines) if len(lines) > 2 else "No GPU row has the providers the targets compare."
+    return "\n".join(lines) if len(lines) > 2 else "No row has the providers the targets compare."
 
 
 def backend_table(rows, env):
@@ -815,6 +854,38 @@ def backend_table(rows, env):
             "shapes": f"measured at {measured}; the M ranges are applied to every K and N (extrapolated)",
             "rule": "cuBLASLt where its paired ratio band to Triton lies wholly below 1 at every measured shape "
                     "of that M; otherwise Triton",
+            "rules": rules}
+
+
+def cpu_backend_table(rows, env):
+    """The `tpkernels/backend_table_cpu.json` these CPU rows argue for: per dtype and activation, the
+    extension ("cpu") only where its paired ratio to eager has its whole band below 1 at every measured
+    shape of that M (each rule from that M up to the next measured one); eager everywhere else."""
+    wins, shapes = {}, set()
+    for r in rows:
+        activation = {"column_fwd": {"tanh": ops.GELU_TANH, "none": ops.GELU}.get(r["gelu"]),
+                      "row_fwd": ops.IDENTITY}.get(r["op"])
+        band = r.get("ratio_vs_eager_band")
+        if r["provider"] != "tpkernels_cpu" or activation is None or band is None:
+            continue
+        shapes.add((r["op"], r["M"], r["K"], r["N"], r["dtype"]))
+        wins.setdefault((r["dtype"], activation), {}).setdefault(r["M"], []).append(band[1] < 1.0)
+    rules = []
+    for (dtype, activation), by_m in sorted(wins.items()):
+        ms = sorted(by_m)
+        for i, M in enumerate(ms):
+            if all(by_m[M]):
+                rule = {"dtypes": [dtype], "activations": [activation], "min_m": M, "backend": "cpu"}
+                if i + 1 < len(ms):
+                    rule["max_m"] = ms[i + 1] - 1
+                rules.append(rule)
+    rules.append({"backend": "eager"})
+    measured = ", ".join(f"{op} M={M} K={K} N={N} {dt}" for op, M, K, N, dt in sorted(shapes))
+    return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}"
+                      f"{' (dirty)' if env['git_dirty'] else ''}, `{env['command']}`",
+            "shapes": f"measured at {measured}; the M ranges are applied to every K and N and every CPU (extrapolated)",
+            "rule": "the extension where its paired ratio band to eager lies wholly below 1 at every measured shape of "
+                    "that M; otherwise eager",
             "rules": rules}
 
 
@@ -863,7 +934,7 @@ def _init_distributed():
     torch.distributed.init_process_group(backend)
 
 
-def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed, l2_bytes):
+def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed, l2_bytes, cpu_calls=2):
     """Every provider's row at one point: checked, then timed in `rounds` shuffled rounds."""
     op_name, M, K, N, dtype, gelu = point
     op = OP_CLASSES[op_name](M, K, N, dtype, device, gelu)
@@ -894,7 +965,7 @@ def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed,
         row["config"] = describe(provider, fn)
         if copies is None:
             copies = rotation(op, device, l2_bytes)
-        timers[provider] = make_timer([c.run(provider) for c in copies], device, floor_s * 1e3)
+        timers[provider] = make_timer([c.run(provider) for c in copies], device, floor_s * 1e3, cpu_calls)
         row.update(status="ok", timer=timers[provider].name, copies=len(copies))
     order_rng = random.Random(seed)
     samples = {p: [] for p in timers}
@@ -940,6 +1011,9 @@ def main(argv=None):
     parser.add_argument("--plan", choices=["headline"], help="a fixed set of points (it sets dtypes and GELU per point)")
     parser.add_argument("--dry-run", action="store_true", help="print the points and the predicted duration, then stop")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes under the interpreter (the CPU default)")
+    parser.add_argument("--cpu-results", action="store_true",
+                        help="the CPU backends as results on this machine, without the interpreter: decode and "
+                             "prefill shapes, fp32 and bf16, written with the CPU's name; also a CPU auto table")
     parser.add_argument("--rounds", type=int, help="rounds per point (default: 5 on a GPU, 2 on the CPU)")
     parser.add_argument("--host-calls", type=int, help="calls timed for host_us (default: 200 on a GPU, 2 on the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="the shuffles' seed")
@@ -948,12 +1022,19 @@ def main(argv=None):
                         help="start no new point after this many seconds")
     args = parser.parse_args(argv)
 
-    on_gpu = torch.cuda.is_available()
-    providers = args.providers or list(HEADLINE_PROVIDERS if args.plan == "headline" else PROVIDERS)
+    on_gpu = torch.cuda.is_available() and not args.cpu_results
+    if args.cpu_results:
+        if ops.INTERPRETED:
+            parser.error("--cpu-results times the CPU backends in their normal state: unset TRITON_INTERPRET")
+        if args.plan:
+            parser.error("--cpu-results is a plan of its own; drop --plan")
+        args.plan = "cpu-results"
+    default_providers = {"headline": HEADLINE_PROVIDERS, "cpu-results": CPU_RESULTS_PROVIDERS}.get(args.plan, PROVIDERS)
+    providers = args.providers or list(default_providers)
     dtypes = [DTYPES[d] for d in args.dtypes] if args.dtypes else (
         [torch.bfloat16] if on_gpu else [torch.float32, torch.float16])
-    rounds = args.rounds or (5 if on_gpu else 2)
-    host_calls = args.host_calls or (200 if on_gpu else 2)
+    rounds = args.rounds or (5 if on_gpu or args.cpu_results else 2)
+    host_calls = args.host_calls or (200 if on_gpu else 10 if args.cpu_results else 2)
     if rounds < 1 or host_calls < 1:
         parser.error(f"--rounds ({rounds}) and --host-calls ({host_calls}) must be at least 1")
     smoke = args.smoke or (not on_gpu and args.plan is None)
@@ -964,17 +1045,21 @@ def main(argv=None):
     if args.dry_run:
         for op, M, K, N, dtype, gelu in points:
             print(f"  {op} M={M} K={K} N={N} {str(dtype)[6:]} gelu={gelu}")
-    print(f"predicted: {predicted:.0f} s on a GPU with a warm triton cache; a cold one adds about {compiles} kernel "
-          f"compiles (~{1.5 * compiles:.0f} s)", flush=True)
+    if not args.cpu_results:
+        print(f"predicted: {predicted:.0f} s on a GPU with a warm triton cache; a cold one adds about {compiles} "
+              f"kernel compiles (~{1.5 * compiles:.0f} s)", flush=True)
     if args.dry_run:
         return 0
 
     _init_distributed()
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        torch.manual_seed(0)
     out = args.out or tempfile.mkdtemp(prefix="tpkernels-bench-")
-    if device.type == "cpu" and os.path.realpath(out).startswith(os.path.realpath(RESULTS)):
-        parser.error(f"--out {out}: CPU rows are never written under {RESULTS}; results there are GPU runs")
+    if device.type == "cpu" and not args.cpu_results and os.path.realpath(out).startswith(os.path.realpath(RESULTS)):
+        parser.error(f"--out {out}: smoke rows are never written under {RESULTS}; results there are GPU runs and "
+                     f"--cpu-results")
     os.makedirs(out, exist_ok=True)
     env = environment(device)
     ceilings = measure_ceilings(device)
@@ -992,7 +1077,8 @@ def main(argv=None):
             break
         op, M, K, N, dtype, gelu = point
         progress.set_description(f"{op} M={M} K={K} N={N} {str(dtype)[6:]} {gelu}")
-        rows += run_point(point, providers, device, env, ceilings, rounds, host_calls, args.seed + index, l2_bytes)
+        rows += run_point(point, providers, device, env, ceilings, rounds, host_calls, args.seed + index, l2_bytes,
+                          cpu_calls=None if args.cpu_results else 2)
         progress.update()
     progress.close()
     if rank != 0:
@@ -1011,6 +1097,10 @@ def main(argv=None):
         with open(os.path.join(out, "backend_table.json"), "w") as f:
             json.dump(backend_table(rows, env), f, indent=2)
         print(f"backend table from these rows: {out}/backend_table.json (commit it as tpkernels/backend_table.json)")
+    if args.cpu_results:
+        with open(os.path.join(out, "backend_table_cpu.json"), "w") as f:
+            json.dump(cpu_backend_table(rows, env), f, indent=2)
+        print(f"CPU auto table from these rows: {out}/backend_table_cpu.json (commit it as tpkernels/backend_table_cpu.json)")
     print(table)
     print(summary)
     wrong = [r for r in rows if r["status"].startswith(("wrong", "failed"))]

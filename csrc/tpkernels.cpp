@@ -11,67 +11,29 @@
 // The same contract as the Triton ops `tpkernels::fused_linear(_backward)`; Python registers their fake
 // implementations and autograd. activation: 0 identity, 1 exact GELU, 2 tanh GELU.
 //
-// CPU: the GEMM through ATen (fp32 accumulation), then the epilogue in one vectorized (at::vec),
-// parallel (at::parallel_for) pass over its fp32 output, cast once at the store. The backward's dZ =
-// dY * act'(z) is one such pass too; db is then a column sum of dZ. CUDA kernels (cuBLASLt epilogues) register in
-// csrc/cuda/ when the CUDA part is built.
+// CPU: the GEMM in the operands' own dtype through ATen (addmm: oneDNN or MKL, the bias added by the
+// GEMM itself), then the epilogue in place on that output with ATen's own vectorized, parallel kernels
+// (gelu_, add_). ATen compiles those per CPU capability (AVX2, AVX-512) and picks one at run time; this
+// extension is built once with default flags, where at::vec falls back to a scalar std::erf per element,
+// several times slower than eager's GELU (measured: 2x slower in fp32). Nothing is converted per call
+// but 16-bit operands whose output is asked for in fp32 (the row stage's fp32 partials: ATen's CPU GEMM
+// writes only its operands' dtype, and partials must not be rounded on the way). Eager does the
+// same math with one more buffer per call; which of the two is faster, per shape, is the CPU table's
+// business (tpkernels/backend_table_cpu.json). CUDA kernels (cuBLASLt epilogues) register in csrc/cuda/
+// when the CUDA part is built.
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <tuple>
 
 namespace tpkernels {
 namespace {
 
 using at::Tensor;
-using Vec = at::vec::Vectorized<float>;
 
-constexpr float kSqrt1_2 = 0.7071067811865476f;
-constexpr float kSqrt2OverPi = 0.7978845608028654f;
-constexpr float kInvSqrt2Pi = 0.3989422804014327f;
-constexpr float kKappa = 0.044715f;
-
-// ---- GELU and its derivative, scalar and vectorized (the same formulas as the Triton kernels) -----
-
-inline float act(float x, int64_t activation) {
-  if (activation == 1) return 0.5f * x * (1.0f + std::erf(x * kSqrt1_2));
-  if (activation == 2) return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + kKappa * x * x * x)));
-  return x;
-}
-
-inline float act_grad(float x, int64_t activation) {
-  if (activation == 1) {
-    return 0.5f * (1.0f + std::erf(x * kSqrt1_2)) + x * std::exp(-0.5f * x * x) * kInvSqrt2Pi;
-  }
-  const float t = std::tanh(kSqrt2OverPi * (x + kKappa * x * x * x));
-  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kKappa * x * x);
-}
-
-inline Vec act(Vec x, int64_t activation) {
-  const Vec half(0.5f), one(1.0f);
-  if (activation == 1) return half * x * (one + (x * Vec(kSqrt1_2)).erf());
-  if (activation == 2) {
-    const Vec inner = Vec(kSqrt2OverPi) * (x + Vec(kKappa) * x * x * x);
-    return half * x * (one + inner.tanh());
-  }
-  return x;
-}
-
-inline Vec act_grad(Vec x, int64_t activation) {
-  const Vec half(0.5f), one(1.0f);
-  if (activation == 1) {
-    const Vec cdf = half * (one + (x * Vec(kSqrt1_2)).erf());
-    return cdf + x * (Vec(-0.5f) * x * x).exp() * Vec(kInvSqrt2Pi);
-  }
-  const Vec x2 = x * x;
-  const Vec t = (Vec(kSqrt2OverPi) * (x + Vec(kKappa) * x2 * x)).tanh();
-  return half * (one + t) + half * x * (one - t * t) * Vec(kSqrt2OverPi) * (one + Vec(3.0f * kKappa) * x2);
-}
+c10::string_view approximate(int64_t activation) { return activation == 2 ? "tanh" : "none"; }
 
 // ---- checks ---------------------------------------------------------------------------------------
 
@@ -88,62 +50,28 @@ void check_linear(const Tensor& x, const Tensor& weight, const c10::optional<Ten
   }
 }
 
-// The GEMM in fp32: 16-bit operands are widened first, so the epilogue sees an unrounded accumulator.
-Tensor gemm_fp32(const Tensor& a, const Tensor& b) {
-  if (a.scalar_type() == at::kFloat) return at::mm(a, b);
-  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
-}
-
-// Rows [begin, end) of an [M, N] fp32 matrix through f(row pointer, row index), in parallel.
-template <typename F>
-void for_rows(int64_t rows, int64_t cols, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) f(i);
-  });
-}
-
 // ---- forward ---------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
                                                const c10::optional<Tensor>& residual, int64_t activation, bool owner,
                                                at::ScalarType out_dtype, bool store_preact) {
   check_linear(x, weight, bias);
-  const int64_t M = x.size(0), N = weight.size(0);
-  Tensor acc = gemm_fp32(x, weight.t()).contiguous();  // [M, N] fp32, written once more below in place
-  const bool add_bias = owner && bias.has_value();
   const bool add_residual = owner && residual.has_value();
-  Tensor bias32 = add_bias ? bias->to(at::kFloat).contiguous() : Tensor();
-  Tensor residual32 = add_residual ? residual->to(at::kFloat).contiguous() : Tensor();
-  Tensor preact = store_preact ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-  Tensor preact32 = store_preact ? at::empty({M, N}, x.options().dtype(at::kFloat)) : Tensor();
-  const float* b = add_bias ? bias32.data_ptr<float>() : nullptr;
-  const float* r = add_residual ? residual32.data_ptr<float>() : nullptr;
-  float* p = store_preact ? preact32.data_ptr<float>() : nullptr;
-  float* a = acc.data_ptr<float>();
-  const int64_t vec_end = N - N % Vec::size();
-  for_rows(M, N, [&](int64_t i) {
-    float* row = a + i * N;
-    int64_t j = 0;
-    for (; j < vec_end; j += Vec::size()) {
-      Vec v = Vec::loadu(row + j);
-      if (b) v = v + Vec::loadu(b + j);
-      if (p) v.store(p + i * N + j);
-      v = act(v, activation);
-      if (r) v = v + Vec::loadu(r + i * N + j);
-      v.store(row + j);
-    }
-    for (; j < N; ++j) {
-      float v = row[j];
-      if (b) v += b[j];
-      if (p) p[i * N + j] = v;
-      v = act(v, activation);
-      if (r) v += r[i * N + j];
-      row[j] = v;
-    }
-  });
-  if (store_preact) preact.copy_(preact32);
-  Tensor out = out_dtype == at::kFloat ? acc : acc.to(out_dtype);
+  // fp32 partials of 16-bit operands must not be rounded to 16 bits on the way: ATen's CPU GEMM writes
+  // only its operands' dtype, so those (and only those) widen the operands first, as eager does.
+  const bool widen = out_dtype != x.scalar_type();
+  const Tensor& a = widen ? x.to(out_dtype) : x;
+  const Tensor& w = widen ? weight.to(out_dtype) : weight;
+  // z = x @ W.T + b, b inside the GEMM (w.t() is a view: no copy of the weight)
+  Tensor z = owner && bias.has_value() ? at::addmm(widen ? bias->to(out_dtype) : *bias, a, w.t()) : at::mm(a, w.t());
+  Tensor out = z;
+  if (activation != 0) {
+    out = store_preact ? at::gelu(z, approximate(activation)) : at::gelu_(z, approximate(activation));
+  } else if (store_preact) {
+    out = z.clone();  // z is returned as the pre-activation; the output is its own tensor
+  }
+  if (add_residual) out.add_(*residual);
+  Tensor preact = store_preact ? (widen ? z.to(x.scalar_type()) : z) : at::empty({0}, x.options());
   return {out, preact};
 }
 
@@ -152,41 +80,22 @@ std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& we
 std::tuple<Tensor, Tensor, Tensor> epilogue_linear_backward_cpu(const Tensor& grad, const Tensor& x, const Tensor& weight,
                                                                 const c10::optional<Tensor>& preact, int64_t activation,
                                                                 bool need_dx, bool need_dw, bool need_db) {
-  const int64_t M = grad.size(0), N = grad.size(1);
   TORCH_CHECK(activation == 0 || preact.has_value(), "tpkernels::epilogue_linear_backward: activation ", activation,
               " needs the stored pre-activation");
-  Tensor dz;
-  Tensor db32;
-  if (activation == 0) {
-    dz = grad.to(x.scalar_type());
-    if (need_db) db32 = grad.sum(0, /*keepdim=*/false, at::kFloat);
-  } else {
-    // dZ = dY * act'(z) in one vectorized pass over fp32 copies; db is its column sum afterwards.
-    Tensor dy32 = grad.to(at::kFloat).contiguous();
-    Tensor z32 = preact->to(at::kFloat).contiguous();
-    Tensor dz32 = at::empty({M, N}, grad.options().dtype(at::kFloat));
-    const float* dy = dy32.data_ptr<float>();
-    const float* z = z32.data_ptr<float>();
-    float* out = dz32.data_ptr<float>();
-    const int64_t vec_end = N - N % Vec::size();
-    for_rows(M, N, [&](int64_t i) {
-      int64_t j = 0;
-      for (; j < vec_end; j += Vec::size()) {
-        (Vec::loadu(dy + i * N + j) * act_grad(Vec::loadu(z + i * N + j), activation)).store(out + i * N + j);
-      }
-      for (; j < N; ++j) out[i * N + j] = dy[i * N + j] * act_grad(z[i * N + j], activation);
-    });
-    if (need_db) db32 = dz32.sum(0);
-    dz = dz32.to(x.scalar_type());
-  }
+  // dZ = dY * act'(z) (ATen's gelu_backward), in x's dtype; db its column sums, accumulated in fp32. An
+  // fp32 gradient of fp32 partials is summed as it is, and the GEMMs run in x's dtype.
+  Tensor dz = grad.scalar_type() == x.scalar_type() ? grad : grad.to(x.scalar_type());
+  if (activation != 0) dz = at::gelu_backward(dz, *preact, approximate(activation));
+  const Tensor& summed = activation == 0 ? grad : dz;
   Tensor empty = at::empty({0}, x.options());
+  Tensor db = need_db ? summed.sum(0, /*keepdim=*/false, at::kFloat).to(x.scalar_type()) : empty.clone();
   Tensor dx = need_dx ? at::mm(dz, weight) : empty;
   Tensor dw = need_dw ? at::mm(dz.t(), x) : empty.clone();
-  Tensor db = need_db ? db32.to(x.scalar_type()) : empty.clone();
   return {dx, dw, db};
 }
 
-// dZ = (dY @ W) * act'(z) and db = its column sums: the MLP backward's dH GEMM with the dGELU epilogue.
+// dZ = (dY @ W) * act'(z) and db = its column sums: the MLP backward's dH GEMM, then ATen's dGELU on its
+// output.
 std::tuple<Tensor, Tensor> epilogue_dgelu_linear_cpu(const Tensor& grad, const Tensor& weight, const Tensor& preact,
                                                      int64_t activation, bool need_db) {
   TORCH_CHECK(grad.dim() == 2 && weight.dim() == 2 && grad.size(1) == weight.size(0),
@@ -195,20 +104,12 @@ std::tuple<Tensor, Tensor> epilogue_dgelu_linear_cpu(const Tensor& grad, const T
   const int64_t M = grad.size(0), H = weight.size(1);
   TORCH_CHECK(preact.dim() == 2 && preact.size(0) == M && preact.size(1) == H,
               "tpkernels::epilogue_dgelu_linear: preact is ", preact.sizes(), ", expected [", M, ", ", H, "]");
-  Tensor acc = gemm_fp32(grad.to(weight.scalar_type()), weight).contiguous();
-  Tensor z32 = preact.to(at::kFloat).contiguous();
-  float* a = acc.data_ptr<float>();
-  const float* z = z32.data_ptr<float>();
-  const int64_t vec_end = H - H % Vec::size();
-  for_rows(M, H, [&](int64_t i) {
-    int64_t j = 0;
-    for (; j < vec_end; j += Vec::size()) {
-      (Vec::loadu(a + i * H + j) * act_grad(Vec::loadu(z + i * H + j), activation)).store(a + i * H + j);
-    }
-    for (; j < H; ++j) a[i * H + j] *= act_grad(z[i * H + j], activation);
-  });
-  Tensor db = need_db ? acc.sum(0).to(preact.scalar_type()) : at::empty({0}, preact.options());
-  return {acc.to(preact.scalar_type()), db};
+  Tensor dh = at::mm(grad.scalar_type() == weight.scalar_type() ? grad : grad.to(weight.scalar_type()), weight);
+  Tensor dz = at::gelu_backward(dh, preact.scalar_type() == dh.scalar_type() ? preact : preact.to(dh.scalar_type()),
+                                approximate(activation));
+  if (dz.scalar_type() != preact.scalar_type()) dz = dz.to(preact.scalar_type());
+  Tensor db = need_db ? dz.sum(0, /*keepdim=*/false, at::kFloat).to(preact.scalar_type()) : at::empty({0}, preact.options());
+  return {dz, db};
 }
 
 }  // namespace

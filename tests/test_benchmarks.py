@@ -194,3 +194,28 @@ def test_backend_table_follows_the_faster_backend():
     assert table["rules"] == [{"dtypes": ["bfloat16"], "activations": [2], "min_m": 4096, "backend": "cublaslt"},
                               {"backend": "triton"}]
     assert "NVIDIA H100" in table["source"] and "K=8192" in table["shapes"] and "extrapolated" in table["shapes"]
+
+
+def test_cpu_results_mode_refuses_the_interpreter_and_writes_a_cpu_table():
+    """--cpu-results times the CPU backends in their normal state (no interpreter), and its CPU auto table
+    picks the extension only where its paired ratio band to eager lies wholly below 1."""
+    result = subprocess.run([sys.executable, RUN, "--cpu-results", "--dry-run"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert result.returncode != 0 and "unset TRITON_INTERPRET" in result.stderr
+    sys.path.insert(0, os.path.dirname(RUN))
+    import run
+
+    def row(M, dtype, band, gelu="none", op="column_fwd"):
+        return dict(op=op, M=M, K=1024, N=4096, dtype=dtype, gelu=gelu, provider="tpkernels_cpu", ms=1.0, cpu=True,
+                    ratio_vs_eager=sum(band) / 2, ratio_vs_eager_band=band)
+
+    rows = [row(1, "float32", [0.97, 1.03]), row(64, "float32", [0.8, 0.9]), row(512, "float32", [0.85, 0.95]),
+            row(64, "bfloat16", [1.1, 1.3]), row(64, "float32", [0.9, 0.99], op="row_fwd")]
+    env = dict(device="cpu AMD EPYC (2 cores, 2 threads)", date="today", git_sha="abc", git_dirty=True, command="run.py")
+    table = run.cpu_backend_table(rows, env)
+    assert table["rules"] == [
+        {"dtypes": ["float32"], "activations": [0], "min_m": 64, "backend": "cpu"},
+        {"dtypes": ["float32"], "activations": [1], "min_m": 64, "backend": "cpu", "max_m": 511},
+        {"dtypes": ["float32"], "activations": [1], "min_m": 512, "backend": "cpu"},
+        {"backend": "eager"}]
+    assert "(dirty)" in table["source"] and "AMD EPYC" in table["source"]

@@ -233,20 +233,36 @@ def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
     assert len(launches) == 4
 
 
-def test_cpu_without_the_interpreter_runs_the_extension_or_eager():
+def test_cpu_auto_follows_the_cpu_table():
+    """Without the interpreter, auto on CPU tensors runs what tpkernels/backend_table_cpu.json chose: the
+    extension exactly inside its rules (where it was measured faster than eager), eager elsewhere, and
+    eager without the extension. Not a timing: the table's rules, one point inside each and one outside."""
     code = (
-        "import torch, tpkernels, tpkernels.ops as ops\n"
+        "import json, os, torch, tpkernels, tpkernels.ops as ops\n"
         "from tpkernels import extension, reference\n"
         "assert not ops.INTERPRETED\n"
+        "table = json.load(open(os.path.join(os.path.dirname(ops.__file__), 'backend_table_cpu.json')))\n"
+        "cpu = extension.has('cpu')\n"
+        "def expected(dtype, M, activation):  # the table read by hand: its first matching, available rule\n"
+        "    for r in table['rules']:\n"
+        "        if dtype in r.get('dtypes', [dtype]) and activation in r.get('activations', [activation]) \\\n"
+        "                and r.get('min_m', 0) <= M <= r.get('max_m', M) and (cpu or r['backend'] != 'cpu'):\n"
+        "            return r['backend']\n"
+        "    return 'eager'\n"
+        "for rule in table['rules']:\n"
+        "    for M in {rule.get('min_m', 1), rule.get('max_m', 1 << 20), rule.get('max_m', 1 << 20) + 1}:\n"
+        "        for dtype in rule.get('dtypes', ['float32', 'bfloat16']):\n"
+        "            for activation in rule.get('activations', [0, 1, 2]):\n"
+        "                got = ops.auto_backend('cpu', getattr(torch, dtype), M, 64, 64, activation)\n"
+        "                assert got == expected(dtype, M, activation), (rule, M, dtype, activation, got)\n"
+        "assert ops.auto_backend('cpu', torch.float64, 8, 64, 64, 1) == 'eager'  # no rule names float64\n"
         "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
-        "expected = 'cpu' if extension.has('cpu') else 'eager'\n"
-        "assert ops.auto_backend('cpu', x.dtype, 5, 3, 7, 1) == expected\n"
         "torch.testing.assert_close(tpkernels.linear_gelu(x, w, b), reference.linear_gelu(x, w, b))\n"
         "assert torch.equal(tpkernels.linear_gelu(x, w, b, backend='eager'), reference.linear_gelu(x, w, b))\n"
         "assert torch.equal(tpkernels.linear_partial(x, w, b, backend='eager'), torch.nn.functional.linear(x, w, b))\n"
-        "print('eager')\n"
+        "print('ok')\n"
     )
-    assert run_python(code) == "eager"
+    assert run_python(code) == "ok"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -539,7 +555,8 @@ def test_backend_choice_and_refusals(monkeypatch):
     monkeypatch.setattr(extension, "has", lambda device_type: False)
     assert ops.auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "triton"
     report = tpkernels.backends()
-    assert set(report) == {"extension", "triton", "table", "auto"} and "cpu" in report["auto"]
+    assert set(report) == {"extension", "triton", "table", "cpu_table", "auto"}
+    assert "cpu float32 M=1" in report["auto"] and "cpu bfloat16 M=4096" in report["auto"]
 
 
 def test_the_package_works_without_its_extension():

@@ -37,31 +37,38 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backends
 
 BACKENDS = ("auto", "triton", "cublaslt", "cpu", "eager")
-_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
-
-
-with open(_TABLE_PATH) as _table_file:
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Read once: torch.compile traces the backend choice. backend_table.json: CUDA, written by the harness
+# from a GPU run; backend_table_cpu.json: CPU tensors, from `run.py --cpu-results` on a CPU machine.
+with open(os.path.join(_HERE, "backend_table.json")) as _table_file:
     _BACKEND_TABLE = json.load(_table_file)
+with open(os.path.join(_HERE, "backend_table_cpu.json")) as _table_file:
+    _CPU_TABLE = json.load(_table_file)
+
+
+def _first_rule(table, dtype, M, activation, available):
+    """The backend of the table's first rule matching (dtype, M, activation) whose backend is available."""
+    name = str(dtype).replace("torch.", "")
+    for rule in table["rules"]:
+        if (name in rule.get("dtypes", [name]) and activation in rule.get("activations", [activation])
+                and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and available(rule["backend"])):
+            return rule["backend"]
+    return None
 
 
 def auto_backend(device_type, dtype, M, N, K, activation):
-    """What backend="auto" runs: the committed table's first matching rule on CUDA, else the CPU order.
-    A pure function of the shape, the dtype and the build, so every rank of a group chooses alike."""
+    """What backend="auto" runs: on CUDA the first matching rule of the GPU table (cuBLASLt only where the
+    extension has CUDA kernels), else Triton; on CPU tensors Triton under the interpreter, else the CPU
+    table's first matching rule (the extension only where it was measured faster than eager), else
+    eager. A pure function of the shape, the dtype and the build, so every rank of a group chooses alike."""
     if device_type == "cpu":
         if INTERPRETED:
             return "triton"  # how the CPU tests reach the Triton code
-        return "cpu" if extension.has("cpu") else "eager"
+        return _first_rule(_CPU_TABLE, dtype, M, activation, lambda b: b != "cpu" or extension.has("cpu")) or "eager"
     if device_type != "cuda":
         return "eager"
-    for rule in _BACKEND_TABLE["rules"]:
-        if (str(dtype).replace("torch.", "") in rule.get("dtypes", [str(dtype).replace("torch.", "")])
-                and activation in rule.get("activations", [activation])
-                and rule.get("min_m", 0) <= M and M <= rule.get("max_m", M)):
-            backend = rule["backend"]
-            if backend == "cublaslt" and not extension.has("cuda"):
-                continue
-            return backend
-    return "triton"
+    return _first_rule(_BACKEND_TABLE, dtype, M, activation,
+                       lambda b: b != "cublaslt" or extension.has("cuda")) or "triton"
 
 
 def _resolve_backend(name, backend, x, N, K, activation):
@@ -91,23 +98,27 @@ def backends():
     """What was built and what each op runs by default.
 
     Returns:
-        {"extension": status, "triton": status, "table": the auto table's source, "auto": {device:
-        {op: backend}}} for a bf16 call with M=4096 (CUDA) and an fp32 call (CPU).
+        {"extension": status, "triton": status, "table" and "cpu_table": the auto tables' sources,
+        "auto": {"<device> <dtype> M=<M>": {op: backend}}} for M = 1 and 4096 (K = N = 4096), bf16 on
+        CUDA, fp32 and bf16 on the CPU.
     """
-    devices = {"cpu": torch.float32}
+    devices = {"cpu": (torch.float32, torch.bfloat16)}
     if torch.cuda.is_available():
-        devices["cuda"] = torch.bfloat16
+        devices["cuda"] = (torch.bfloat16,)
     auto = {}
-    for device, dtype in devices.items():
-        auto[device] = {
-            "linear_gelu (exact)": auto_backend(device, dtype, 4096, 4096, 4096, GELU),
-            "linear_gelu (tanh)": auto_backend(device, dtype, 4096, 4096, 4096, GELU_TANH),
-            "linear_partial": auto_backend(device, dtype, 4096, 4096, 4096, IDENTITY),
-        }
+    for device, dtypes in devices.items():
+        for dtype in dtypes:
+            for M in (1, 4096):
+                auto[f"{device} {str(dtype)[6:]} M={M}"] = {
+                    "linear_gelu (exact)": auto_backend(device, dtype, M, 4096, 4096, GELU),
+                    "linear_gelu (tanh)": auto_backend(device, dtype, M, 4096, 4096, GELU_TANH),
+                    "linear_partial": auto_backend(device, dtype, M, 4096, 4096, IDENTITY),
+                }
     return {
         "extension": extension.status(),
         "triton": f"{triton.__version__}" + (" (interpreter: TRITON_INTERPRET=1)" if INTERPRETED else ""),
         "table": _BACKEND_TABLE["source"],
+        "cpu_table": _CPU_TABLE["source"],
         "auto": auto,
     }
 
