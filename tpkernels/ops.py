@@ -15,11 +15,13 @@ Backends (`backend=`): "triton" (these kernels: CUDA tensors, or CPU tensors und
 TRITON_INTERPRET=1 was set before triton was imported), "cublaslt" and "cpu" (the native extension
 `tpkernels._C`, where built), "eager" (`tpkernels.reference`); "auto" picks by `auto_backend`.
 """
+import functools
 import json
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from tpkernels import custom_ops, extension, reference
@@ -44,14 +46,18 @@ with open(os.path.join(_HERE, "backend_table.json")) as _table_file:
     _BACKEND_TABLE = json.load(_table_file)
 with open(os.path.join(_HERE, "backend_table_cpu.json")) as _table_file:
     _CPU_TABLE = json.load(_table_file)
+_TABLES = {"cuda": _BACKEND_TABLE, "cpu": _CPU_TABLE}
+_NOTHING, _NO_CPU_EXTENSION, _NO_CUBLASLT = frozenset(), frozenset({"cpu"}), frozenset({"cublaslt"})
 
 
-def _first_rule(table, dtype, M, activation, available):
-    """The backend of the table's first rule matching (dtype, M, activation) whose backend is available."""
+@functools.lru_cache(maxsize=4096)
+def _first_rule(table_name, dtype, M, activation, unavailable):
+    """The backend of the table's first rule matching (dtype, M, activation) whose backend is not in
+    `unavailable` (a frozenset). Cached: it runs on every call's host path."""
     name = str(dtype).replace("torch.", "")
-    for rule in table["rules"]:
+    for rule in _TABLES[table_name]["rules"]:
         if (name in rule.get("dtypes", [name]) and activation in rule.get("activations", [activation])
-                and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and available(rule["backend"])):
+                and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and rule["backend"] not in unavailable):
             return rule["backend"]
     return None
 
@@ -64,11 +70,12 @@ def auto_backend(device_type, dtype, M, N, K, activation):
     if device_type == "cpu":
         if INTERPRETED:
             return "triton"  # how the CPU tests reach the Triton code
-        return _first_rule(_CPU_TABLE, dtype, M, activation, lambda b: b != "cpu" or extension.has("cpu")) or "eager"
+        unavailable = _NOTHING if extension.has("cpu") else _NO_CPU_EXTENSION
+        return _first_rule("cpu", dtype, M, activation, unavailable) or "eager"
     if device_type != "cuda":
         return "eager"
-    return _first_rule(_BACKEND_TABLE, dtype, M, activation,
-                       lambda b: b != "cublaslt" or extension.has("cuda")) or "triton"
+    unavailable = _NOTHING if extension.has("cuda") else _NO_CUBLASLT
+    return _first_rule("cuda", dtype, M, activation, unavailable) or "triton"
 
 
 def _resolve_backend(name, backend, x, N, K, activation):
@@ -129,6 +136,8 @@ def _linear(name, x, weight, bias, residual, activation, owner, out_dtype, backe
     chosen = _resolve_backend(name, backend, x, N, K, activation)
     store = _needs_grad(x, weight, bias, residual)
     if chosen == "eager":
+        if residual is None and out_dtype == x.dtype:  # the plain unfused call, nothing around it
+            return reference.activation(F.linear(x, weight, bias if owner else None), activation)
         return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
     if chosen == "triton" and not store and direct_call_ok(x, weight, bias, residual):
         return custom_ops.fused_linear_impl(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
