@@ -821,52 +821,16 @@ def targets(rows):
     return "\n".join(lines) if len(lines) > 2 else "No row has the providers the targets compare."
 
 
-def backend_table(rows, env):
-    """The `tpkernels/backend_table.json` these GPU rows argue for. Per dtype and activation (column_fwd:
-    its GELU form; row_fwd: none) and measured M, cuBLASLt wins only where its paired ratio to Triton has
-    its whole band below 1 at every measured (K, N) of that M; a tie or a loss keeps Triton. Each rule
-    covers M from its point up to the next measured M, for every K and N: the file says which (K, N) were
-    measured, and that other shapes are extrapolated."""
+def _rules_from_bands(rows, provider, baseline, backend, default, keep):
+    """(rules, measured shapes): per dtype and activation (column_fwd: its GELU form; row_fwd: none),
+    `backend` from each measured M where `provider`'s paired ratio to `baseline` has its whole band below
+    1 at every measured shape of that M, up to the next measured M; then `default` for everything else."""
     wins, shapes = {}, set()
     for r in rows:
         activation = {"column_fwd": {"tanh": ops.GELU_TANH, "none": ops.GELU}.get(r["gelu"]),
                       "row_fwd": ops.IDENTITY}.get(r["op"])
-        if r["cpu"] or r["provider"] != "tpkernels_cublaslt" or activation is None:
-            continue
-        band = r.get("ratio_vs_tpkernels_triton_band")
-        if band is None:
-            continue
-        shapes.add((r["op"], r["K"], r["N"]))
-        wins.setdefault((r["dtype"], activation), {}).setdefault(r["M"], []).append(band[1] < 1.0)
-    rules = []
-    for (dtype, activation), by_m in sorted(wins.items()):
-        ms = sorted(by_m)
-        for i, M in enumerate(ms):
-            if all(by_m[M]):
-                rule = {"dtypes": [dtype], "activations": [activation], "min_m": M, "backend": "cublaslt"}
-                if i + 1 < len(ms):
-                    rule["max_m"] = ms[i + 1] - 1
-                rules.append(rule)
-    rules.append({"backend": "triton"})
-    measured = ", ".join(f"{op} K={K} N={N}" for op, K, N in sorted(shapes))
-    return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}"
-                      f"{' (dirty)' if env['git_dirty'] else ''}, `{env['command']}`",
-            "shapes": f"measured at {measured}; the M ranges are applied to every K and N (extrapolated)",
-            "rule": "cuBLASLt where its paired ratio band to Triton lies wholly below 1 at every measured shape "
-                    "of that M; otherwise Triton",
-            "rules": rules}
-
-
-def cpu_backend_table(rows, env):
-    """The `tpkernels/backend_table_cpu.json` these CPU rows argue for: per dtype and activation, the
-    extension ("cpu") only where its paired ratio to eager has its whole band below 1 at every measured
-    shape of that M (each rule from that M up to the next measured one); eager everywhere else."""
-    wins, shapes = {}, set()
-    for r in rows:
-        activation = {"column_fwd": {"tanh": ops.GELU_TANH, "none": ops.GELU}.get(r["gelu"]),
-                      "row_fwd": ops.IDENTITY}.get(r["op"])
-        band = r.get("ratio_vs_eager_band")
-        if r["provider"] != "tpkernels_cpu" or activation is None or band is None:
+        band = r.get(f"ratio_vs_{baseline}_band")
+        if r["provider"] != provider or activation is None or band is None or not keep(r):
             continue
         shapes.add((r["op"], r["M"], r["K"], r["N"], r["dtype"]))
         wins.setdefault((r["dtype"], activation), {}).setdefault(r["M"], []).append(band[1] < 1.0)
@@ -875,18 +839,37 @@ def cpu_backend_table(rows, env):
         ms = sorted(by_m)
         for i, M in enumerate(ms):
             if all(by_m[M]):
-                rule = {"dtypes": [dtype], "activations": [activation], "min_m": M, "backend": "cpu"}
+                rule = {"dtypes": [dtype], "activations": [activation], "min_m": M, "backend": backend}
                 if i + 1 < len(ms):
                     rule["max_m"] = ms[i + 1] - 1
                 rules.append(rule)
-    rules.append({"backend": "eager"})
-    measured = ", ".join(f"{op} M={M} K={K} N={N} {dt}" for op, M, K, N, dt in sorted(shapes))
+    rules.append({"backend": default})
+    return rules, ", ".join(f"{op} M={M} K={K} N={N} {dt}" for op, M, K, N, dt in sorted(shapes))
+
+
+def _table(rules, measured, env, scope, rule):
     return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}"
                       f"{' (dirty)' if env['git_dirty'] else ''}, `{env['command']}`",
-            "shapes": f"measured at {measured}; the M ranges are applied to every K and N and every CPU (extrapolated)",
-            "rule": "the extension where its paired ratio band to eager lies wholly below 1 at every measured shape of "
-                    "that M; otherwise eager",
-            "rules": rules}
+            "shapes": f"measured at {measured}; the M ranges are applied to every K and N{scope} (extrapolated)",
+            "rule": rule, "rules": rules}
+
+
+def backend_table(rows, env):
+    """The `tpkernels/backend_table.json` these GPU rows argue for: cuBLASLt only where its paired ratio
+    to Triton lies wholly below 1 at every measured shape of an M; a tie or a loss keeps Triton. The
+    file says which shapes were measured, and that the others are extrapolated."""
+    rules, measured = _rules_from_bands(rows, "tpkernels_cublaslt", "tpkernels_triton", "cublaslt", "triton",
+                                        keep=lambda r: not r["cpu"])
+    return _table(rules, measured, env, "", "cuBLASLt where its paired ratio band to Triton lies wholly below 1 at "
+                                            "every measured shape of that M; otherwise Triton")
+
+
+def cpu_backend_table(rows, env):
+    """The `tpkernels/backend_table_cpu.json` these CPU rows argue for: the extension ("cpu") only where
+    its paired ratio to eager lies wholly below 1 at every measured shape of an M; eager elsewhere."""
+    rules, measured = _rules_from_bands(rows, "tpkernels_cpu", "eager", "cpu", "eager", keep=lambda r: True)
+    return _table(rules, measured, env, " and every CPU", "the extension where its paired ratio band to eager lies "
+                                                          "wholly below 1 at every measured shape of that M; otherwise eager")
 
 
 def plot(rows, path):
