@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from tpkernels import overlap
+from tpkernels import overlap as chunked  # the chunked (overlapped) schedules; `overlap` is an option
 from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_rank, get_world_size, reduce_from,
                                    reduce_scatter_sequence, scatter_to, sequence_sizes, shard_range)
 from tpkernels.ops import BACKENDS, linear_gelu, linear_partial, mlp_shard
@@ -257,15 +257,16 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
-            if overlap.overlapping(self.overlap, x, sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1),
-                            self.in_features, self.out_features, self.world_size):
-                h = overlap.column_sequence(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
+            tokens = sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1)
+            if chunked.overlapping(self.overlap, x, tokens, self.in_features, self.out_features, self.world_size):
+                h = chunked.column_sequence(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
             else:
                 h = self._shard_forward(gather_sequence(x, sizes, dim, self.process_group))
-        elif overlap.overlapping(self.overlap, x, x[..., 0].numel(), self.in_features, self.out_features, self.world_size):
+        elif chunked.overlapping(self.overlap, x, x[..., 0].numel(), self.in_features, self.out_features,
+                                 self.world_size):
             # The forward needs no collective; the backward all-reduces each chunk's input gradient
             # while the other chunks' backward GEMMs run.
-            h = overlap.rows(x, self.process_group, self._shard_forward, copy_in=True, reduce_out=False)
+            h = chunked.rows(x, self.process_group, self._shard_forward, copy_in=True, reduce_out=False)
         else:
             h = self._shard_forward(copy_to(x, self.process_group))
         if self.gather_output:
@@ -340,10 +341,10 @@ class RowParallelLinear(_ParallelLinear):
                                   backend=self.backend)
 
         group = self.process_group
-        if overlap.overlapping(self.overlap, x, x[..., 0].numel(), self.out_features, self.in_features, self.world_size):
+        if chunked.overlapping(self.overlap, x, x[..., 0].numel(), self.out_features, self.in_features, self.world_size):
             if self.sequence_parallel:
-                return overlap.row_sequence(x, dim, group, self.world_size, self.rank, partial).to(x.dtype)
-            return overlap.rows(x, group, partial).to(x.dtype)
+                return chunked.row_sequence(x, dim, group, self.world_size, self.rank, partial).to(x.dtype)
+            return chunked.rows(x, group, partial).to(x.dtype)
         if self.sequence_parallel:
             return reduce_scatter_sequence(partial(x), dim, group).to(x.dtype)
         return reduce_from(partial(x), group).to(x.dtype)
@@ -426,12 +427,12 @@ class TensorParallelMLP(nn.Module):
             dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, group, "TensorParallelMLP")
             tokens = sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1)
-            if overlap.overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
-                return overlap.mlp_sequence(x, sizes, dim, group, fc1.rank, shards).to(x.dtype)
+            if chunked.overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
+                return chunked.mlp_sequence(x, sizes, dim, group, fc1.rank, shards).to(x.dtype)
             partial = shards(gather_sequence(x, sizes, dim, group))
             return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
-        if overlap.overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
-            return overlap.rows(x, group, shards, copy_in=True).to(x.dtype)
+        if chunked.overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
+            return chunked.rows(x, group, shards, copy_in=True).to(x.dtype)
         return reduce_from(shards(copy_to(x, group)), group).to(x.dtype)
 
     def full_state_dict(self):
