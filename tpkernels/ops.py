@@ -50,16 +50,23 @@ _TABLES = {"cuda": _BACKEND_TABLE, "cpu": _CPU_TABLE}
 _NOTHING, _NO_CPU_EXTENSION, _NO_CUBLASLT = frozenset(), frozenset({"cpu"}), frozenset({"cublaslt"})
 
 
-@functools.lru_cache(maxsize=4096)
-def _first_rule(table_name, dtype, M, activation, unavailable):
+def _rule_lookup(table_name, dtype, M, activation, unavailable):
     """The backend of the table's first rule matching (dtype, M, activation) whose backend is not in
-    `unavailable` (a frozenset). Cached: it runs on every call's host path."""
+    `unavailable` (a frozenset)."""
     name = str(dtype).replace("torch.", "")
     for rule in _TABLES[table_name]["rules"]:
         if (name in rule.get("dtypes", [name]) and activation in rule.get("activations", [activation])
                 and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and rule["backend"] not in unavailable):
             return rule["backend"]
     return None
+
+
+_cached_rule_lookup = functools.lru_cache(maxsize=4096)(_rule_lookup)  # on every eager call's host path
+
+
+def _first_rule(*key):
+    # torch.compile traces the plain lookup (it would warn about, and skip, the cache wrapper anyway).
+    return _rule_lookup(*key) if torch.compiler.is_compiling() else _cached_rule_lookup(*key)
 
 
 def auto_backend(device_type, dtype, M, N, K, activation):
