@@ -13,6 +13,11 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+# How many tests `pytest tests -m gpu` collects: the GPU suite's size, stated once and checked on the CPU
+# (test_suite.py), so that a change adding GPU cases says so, and the GPU run's time stays in view.
+GPU_TESTS = 269
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
 
