@@ -745,22 +745,17 @@ _LIBRARY_PATHS = {
 }
 
 
-def describe(provider, fn):
-    """What `fn` launches: for our Triton paths the kernels and tiles (one call recorded), else the library path."""
+def describe(provider, launches):
+    """What a provider ran: for our Triton paths the kernels and tiles of one call (`launches`, recorded
+    during its check), else the library path."""
     if provider in _LIBRARY_PATHS:
         return _LIBRARY_PATHS[provider]
-    with launch.record_launches() as launches:
-        fn()
     if not launches:
         return "no Triton launch (eager fallback or the extension)"
     counts = {}
     for line in launches:
         counts[line] = counts.get(line, 0) + 1
     return "; ".join(f"{n} x {line}" if n > 1 else line for line, n in counts.items())
-
-
-def _key(r):
-    return r["op"], r["M"], r["K"], r["N"], r["dtype"], r["gelu"]
 
 
 def markdown(rows):
@@ -939,14 +934,15 @@ def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed,
         if fn is None:
             row["status"] = "n/a"
             continue
-        try:
-            problem = check(op, provider, fn)  # also autotunes and compiles, before any timing
+        try:  # the check also autotunes and compiles, before any timing; its one call is what a row ran
+            with launch.record_launches() as launches:
+                problem = check(op, provider, fn)
         except Exception as error:  # a provider that cannot run this point is reported, not fatal
             problem = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
         if problem:
             row["status"] = problem if problem.startswith("failed") else f"wrong: {problem}"
             continue
-        row["config"] = describe(provider, fn)
+        row["config"] = describe(provider, launches)
         if copies is None:
             copies = rotation(op, device, l2_bytes)
         # torch.compile guards on the tensors its closure captures: one compiled copy, not a recompile per

@@ -330,7 +330,7 @@ def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
         if config is None:
-            config = autotuner("pointer", device_capability(a.device.index))
+            config = autotuner("pointer", device_capability(a.device.index))  # _record reads its pick
             config[grid](*args, **meta)
         else:
             _matmul_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
@@ -354,7 +354,7 @@ def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
         return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     if config is None:
-        config = autotuner("tma", device_capability(a.device.index))
+        config = autotuner("tma", device_capability(a.device.index))  # _record reads its pick
         config[grid](*args, **meta)
     else:
         _set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
