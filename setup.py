@@ -73,7 +73,7 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tpkernels", "tpkernels.*"]),
-    package_data={"tpkernels": ["backend_table.json", "backend_table_cpu.json"]},
+    package_data={"tpkernels": ["backend_table.json", "backend_table_cpu.json", "kernel_table.json"]},
     python_requires=">=3.10",
     # numpy: triton's interpreter (TRITON_INTERPRET=1, the CPU path) imports it, and so does the kernels'
     # module, which checks whether it was decorated under the interpreter.

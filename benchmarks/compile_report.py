@@ -52,6 +52,7 @@ from tpkernels.kernels import (  # noqa: E402
     IDENTITY,
     _dgelu_kernel,
     _matmul_kernel,
+    _matmul_splitk_kernel,
     _matmul_tma_persistent_kernel,
     configs,
 )
@@ -77,7 +78,9 @@ MODES = {
     "wgrad": dict(a=("1", "D"), b=("D", "1"), c=("D", "1"), meta={}),
     "dgrad_dgelu": dict(a=("D", "1"), b=("D", "1"), c=("D", "1"), z=("D", "1"), meta=dict(GRAD_ACTIVATION=GELU)),
 }
-KERNELS = ("matmul", "matmul_tma", "dgelu")
+KERNELS = ("matmul", "matmul_tma", "matmul_splitk", "dgelu")
+# The split-K kernel serves decode shapes: every launch but dW, whose K (the tokens) is never long there.
+SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu")
 EPILOGUE_DEFAULTS = dict(ACTIVATION=IDENTITY, GRAD_ACTIVATION=IDENTITY, HAS_BIAS=False, HAS_RESIDUAL=False,
                          STORE_PREACT=False, INT64_OFFSETS=False, EMULATE_BF16=False)
 
@@ -97,6 +100,10 @@ def kernel_configs(kernel, mode, dtype, target):
         return configs.prune(configs.TMA_CONFIGS, ELEMENT_SIZE[dtype], limit,
                              store_element_size=ELEMENT_SIZE[spec.get("out", dtype)],
                              grad_activation="GRAD_ACTIVATION" in spec["meta"])
+    if kernel == "matmul_splitk":
+        if mode not in SPLITK_MODES:
+            return []
+        return configs.prune(configs.splitk_configs(capability), ELEMENT_SIZE[dtype], limit)
     return configs.prune(configs.matmul_configs(capability), ELEMENT_SIZE[dtype], limit)
 
 
@@ -117,6 +124,14 @@ def _signature(fn, values, pointer_types, descriptors=()):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def _layout(spec):
+    """launch.layout_code of a mode's A and B: 0 row-major, 1 column-major, 2 neither; A plus 3x B."""
+    def one(pair):
+        return 0 if pair[1] == "1" else 1 if pair[0] == "1" else 2
+
+    return one(spec["a"]) + 3 * one(spec["b"])
+
+
 def _stride_values(names, spec):
     """Constexpr values for the unit strides and the unused operands' zero strides."""
     values = {}
@@ -127,16 +142,17 @@ def _stride_values(names, spec):
     return values
 
 
-def _matmul_source(mode, dtype, config):
+def _matmul_source(mode, dtype, config, kernel=_matmul_kernel):
     spec = MODES[mode]
-    values = dict(EPILOGUE_DEFAULTS, **spec["meta"], **config.kwargs(),
+    values = dict(EPILOGUE_DEFAULTS, **spec["meta"], **config.kwargs(), LAYOUT=_layout(spec),
                   INPUT_PRECISION="ieee" if dtype == "fp32" else "tf32")
     values.update(_stride_values(
         [("stride_am", "stride_ak"), ("stride_bk", "stride_bn"), ("stride_cm", "stride_cn"),
          ("stride_rm", "stride_rn"), ("stride_pm", "stride_pn"), ("stride_zm", "stride_zn")],
         [spec["a"], spec["b"], spec["c"], spec.get("r"), spec.get("p"), spec.get("z")]))
     out = spec.get("out", dtype)
-    return _signature(_matmul_kernel, values, dict(default=dtype, c_ptr=out, residual_ptr=out, bias_ptr=dtype))
+    return _signature(kernel, values, dict(default=dtype, c_ptr=out, residual_ptr=out, bias_ptr=dtype,
+                                           workspace_ptr="fp32", counter_ptr="i32"))
 
 
 def _layout_flags(spec):
@@ -162,7 +178,7 @@ def _matmul_tma_source(mode, dtype, config):
     spec = MODES[mode]
     a_trans, b_trans = _layout_flags(spec)
     values = dict(EPILOGUE_DEFAULTS, **spec["meta"], **config.kwargs(), A_TRANS=a_trans, B_TRANS=b_trans,
-                  NUM_SMS=NUM_SMS, INPUT_PRECISION="tf32")
+                  NUM_SMS=NUM_SMS, INPUT_PRECISION="tf32", LAYOUT=_layout(spec))
     values.update(_stride_values([("stride_rm", "stride_rn"), ("stride_pm", "stride_pn"), ("stride_zm", "stride_zn")],
                                  [spec.get("r"), spec.get("p"), spec.get("z")]))
     out = spec.get("out", dtype)
@@ -320,6 +336,8 @@ def _source(kernel, mode, dtype, config):
         return _matmul_source(mode, dtype, config)
     if kernel == "matmul_tma":
         return _matmul_tma_source(mode, dtype, config)
+    if kernel == "matmul_splitk":
+        return _matmul_source(mode, dtype, config, _matmul_splitk_kernel)
     return _dgelu_source(dtype)
 
 

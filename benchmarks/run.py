@@ -71,11 +71,14 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import tpkernels  # noqa: E402
-from tpkernels import extension, launch, ops  # noqa: E402
+from tpkernels import autotune, extension, launch, ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
 PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
-             "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap")
+             "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "tpkernels_pointer",
+             "tpkernels_splitk", "tpkernels_tma")
+# The Triton backend on one kernel by name (GPU, the forward ops): what the kernel table is measured from.
+KERNEL_PROVIDERS = {"tpkernels_pointer": "pointer", "tpkernels_splitk": "splitk", "tpkernels_tma": "tma"}
 TEST_PROVIDERS = ("wrong", "no_residual")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -106,7 +109,7 @@ CPU_RESULTS = ([("column_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloa
                   for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))])
 CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_cpu", "eager", "torch_mm")
 HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
-                      "tpkernels_overlap")
+                      "tpkernels_overlap", "tpkernels_pointer", "tpkernels_splitk", "tpkernels_tma")
 # Datasheet dense peaks (FLOP/s) by device name and dtype, for the floor; a device not listed uses the
 # run's own large torch.mm. Bandwidth is always the run's own measured copy.
 PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
@@ -190,6 +193,8 @@ class ColumnForward(Op):
             "tpkernels": lambda: tpkernels.linear_gelu(x, w, b, approximate=gelu),
             **_native(lambda backend: (lambda: tpkernels.linear_gelu(x, w, b, approximate=gelu, backend=backend)),
                       x, gelu),
+            **_kernel_choices(lambda: tpkernels.linear_gelu(x, w, b, approximate=gelu, backend="triton"), x,
+                              self.M),
             "eager": eager,
             "wrong": lambda: eager() * 1.1,
             "torch_mm": lambda: x @ w.t(),
@@ -223,6 +228,8 @@ class RowForward(ColumnForward):
             "tpkernels": lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32),
             **_native(lambda backend: (lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32,
                                                                         backend=backend)), x, "none"),
+            **_kernel_choices(lambda: tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32,
+                                                               backend="triton"), x, self.M),
             "eager": eager,
             "wrong": lambda: eager() + 0.5,
             "no_residual": lambda: _linear_fp32(x, w) + b.float(),
@@ -415,6 +422,27 @@ def _native(make, x, gelu):
     if extension.has(x.device.type) and not (backend == "cublaslt" and gelu == "none"):  # cuBLASLt: tanh only
         providers[f"tpkernels_{backend}"] = make(backend)
     return providers
+
+
+# The kernel providers run at decode sizes, where the kernel choice is open; above, the TMA / pointer
+# choice rests on the kernel-choice run of 2026-11-25 (launch.TMA_MIN_M), and the slot is short.
+KERNEL_CHOICE_MAX_M = 256
+
+
+def _kernel_choices(fn, x, M):
+    """`fn` (a call on the Triton backend) on each kernel by name, as KERNEL_PROVIDERS: {name: callable}.
+    GPU only, M <= KERNEL_CHOICE_MAX_M: under the interpreter the kernels are the tests' business. The
+    kernel is chosen as the call is made (or captured into a graph), so the setting wraps the call."""
+    if not x.is_cuda or M > KERNEL_CHOICE_MAX_M:
+        return {}
+
+    def on(kernel):
+        def run():
+            with launch.use_matmul_kernel(kernel):
+                return fn()
+        return run
+
+    return {name: on(kernel) for name, kernel in KERNEL_PROVIDERS.items()}
 
 
 def _compiled(fn):
@@ -668,8 +696,9 @@ def suite(ops_wanted, shapes, smoke, dtypes, gelus, plan=None):
 
 # Providers that apply per op on a GPU, and the distinct autotuned launches (keys) of one of our calls.
 _APPLIES = {"column_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile",
-                           "cublaslt"},
-            "row_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile"},
+                           "cublaslt", *KERNEL_PROVIDERS},
+            "row_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile",
+                        *KERNEL_PROVIDERS},
             "column_bwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm"},
             "mlp_shard": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile"},
             "tp_mlp": {"tpkernels", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "eager"}}
@@ -679,19 +708,22 @@ _AUTOTUNED_LAUNCHES = {"column_fwd": 1, "row_fwd": 1, "column_bwd": 2, "mlp_shar
 def predicted_seconds(points, providers, rounds, host_calls):
     """(seconds on a GPU with a warm triton cache, kernel compiles a cold cache adds). Assumed costs: 20 s
     to start (imports, ceilings); per point, 2 s of autotuning benchmarks per autotuned launch of the
-    first of our providers; 0.3 s per provider for its check and 0.3 s for its graph capture; per round
-    3 replays of about 1 ms plus telemetry; host calls at 0.2 ms. A cold cache compiles every config the
-    autotuner tries (15 per launch and specialization), about 1.5 s each."""
+    first of our providers, and as much again for each kernel provider (each kernel tunes its own); 0.3 s
+    per provider for its check and 0.3 s for its graph capture; per round 3 replays of about 1 ms plus
+    telemetry; host calls at 0.2 ms. A cold cache compiles every config the autotuner tries (15 per
+    launch and specialization, and per kernel provider), about 1.5 s each."""
     total, compiles, seen = 20.0, 0, set()
     for op, M, K, N, dtype, gelu in points:
         applying = [p for p in providers if p in _APPLIES[op] and not (p == "cublaslt" and gelu == "none")
-                    and not (p == "tpkernels_cublaslt" and gelu == "none" and op != "row_fwd")]
+                    and not (p == "tpkernels_cublaslt" and gelu == "none" and op != "row_fwd")
+                    and not (p in KERNEL_PROVIDERS and M > KERNEL_CHOICE_MAX_M)]
         if any(p.startswith("tpkernels") for p in applying):
-            total += 2.0 * _AUTOTUNED_LAUNCHES[op]
+            tuners = 1 + sum(p in KERNEL_PROVIDERS for p in applying)
+            total += 2.0 * _AUTOTUNED_LAUNCHES[op] * tuners
             specialization = (op, dtype, gelu, M == 1, M > 128)  # M = 1 and the TMA kernel compile apart
             if specialization not in seen:
                 seen.add(specialization)
-                compiles += 15 * _AUTOTUNED_LAUNCHES[op]
+                compiles += 15 * _AUTOTUNED_LAUNCHES[op] * tuners
         total += len(applying) * (0.6 + rounds * 0.01 + host_calls * 2e-4)
     return total, compiles
 
@@ -792,6 +824,15 @@ TARGETS = [
      lambda r: r["M"] >= 2048, 1.05, True),
     ("row fwd tpkernels / tpkernels_cublaslt <= 1.0, M <= 16", "row_fwd", "tpkernels", "tpkernels_cublaslt",
      lambda r: r["M"] <= 16, 1.0, True),
+    # Issue 17, the Triton kernels themselves at decode ("tpkernels" may run cuBLASLt there, by the table).
+    ("column fwd Triton / torch_mm <= 1.0, M <= 64", "column_fwd", "tpkernels_triton", "torch_mm",
+     lambda r: r["M"] <= 64, 1.0, True),
+    ("column fwd eager / Triton >= 1.2, M <= 64", "column_fwd", "eager", "tpkernels_triton", lambda r: r["M"] <= 64,
+     1.2, False),
+    ("row fwd Triton / tpkernels_cublaslt <= 1.0, M <= 16", "row_fwd", "tpkernels_triton", "tpkernels_cublaslt",
+     lambda r: r["M"] <= 16, 1.0, True),
+    ("split-K / pointer kernel <= 1.0, M <= 64", None, "tpkernels_splitk", "tpkernels_pointer",
+     lambda r: r["M"] <= 64, 1.0, True),
     ("column bwd tpkernels / eager <= 1.0", "column_bwd", "tpkernels", "eager", lambda r: True, 1.0, True),
     ("mlp_shard tpkernels / eager <= 1.0", "mlp_shard", "tpkernels", "eager", lambda r: True, 1.0, True),
 ]
@@ -814,7 +855,38 @@ def targets(rows):
                 band = r[f"ratio_vs_{den}_band"]
                 lines.append(f"| {name} | {r['op']} M={r['M']} K={r['K']} N={r['N']} {r['dtype']} {r['gelu']} | "
                              f"{r[f'ratio_vs_{den}']:.3f} ({band[0]:.3f}-{band[1]:.3f}) | {verdict(band, limit, at_most)} |")
+    lines += _decode_targets(rows)
     return "\n".join(lines) if len(lines) > 2 else "No row has the providers the targets compare."
+
+
+# Issue 17's two targets that are not paired time ratios.
+STREAMING_TARGET = 0.85  # the Triton column forward at N = 8192, M <= 64: this share of the run's copy bandwidth
+HOST_TARGET = 1.5  # the Triton path's host time per call against torch.mm's, same point and run
+
+
+def _decode_targets(rows):
+    """Weight streaming (bytes over time against the run's copy bandwidth; the band from the fastest and
+    slowest round) and host time (medians only: no band) at the decode points, for the Triton backend."""
+    lines = []
+    if all(r["cpu"] for r in rows):
+        return lines
+    mm_host = {(r["op"], r["M"], r["K"], r["N"], r["dtype"], r["gelu"]): r["host_us"] for r in rows
+               if r["provider"] == "torch_mm" and r["host_us"]}
+    for r in rows:
+        if r["provider"] != "tpkernels_triton" or not r["ms"] or r["M"] > 64:
+            continue
+        point = f"{r['op']} M={r['M']} K={r['K']} N={r['N']} {r['dtype']} {r['gelu']}"
+        if r["op"] == "column_fwd" and r["N"] == 8192:
+            share = [r["gbps"] * r["ms"] / ms / r["bandwidth_gbps"] for ms in (r["ms_max"], r["ms_min"])]
+            lines.append(f"| weight streaming >= {STREAMING_TARGET:.0%} of copy bandwidth | {point} | "
+                         f"{r['gbps'] / r['bandwidth_gbps']:.3f} ({share[0]:.3f}-{share[1]:.3f}) | "
+                         f"{verdict(share, STREAMING_TARGET, at_most=False)} |")
+        mm = mm_host.get((r["op"], r["M"], r["K"], r["N"], r["dtype"], r["gelu"]))
+        if mm:
+            ratio = r["host_us"] / mm
+            lines.append(f"| host time / torch_mm's <= {HOST_TARGET} (medians, no band) | {point} | {ratio:.3f} | "
+                         f"{'met' if ratio <= HOST_TARGET else 'missed'} |")
+    return lines
 
 
 def _rules_from_bands(rows, provider, baseline, backend, default, keep):
@@ -868,6 +940,33 @@ def cpu_backend_table(rows, env):
                                                           "wholly below 1 at every measured shape of that M; otherwise eager")
 
 
+def kernel_table(rows, env, sms=None, capability=None):
+    """The `tpkernels/kernel_table.json` these GPU rows argue for: at each measured forward point, the
+    kernel with the lowest median time (as its row's recorded launches name it) when its paired ratio
+    band to each other kernel's row lies wholly below 1 and `launch.rule_kernel` would pick another."""
+    by_point, entries = {}, []
+    for r in rows:
+        if r["provider"] in KERNEL_PROVIDERS and r["ms"] and not r["cpu"] and r["op"] in ("column_fwd", "row_fwd"):
+            by_point.setdefault((r["op"], r["M"], r["K"], r["N"], r["dtype"], r["gelu"]), []).append(r)
+    if sms is None:  # the run's device
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        capability = torch.cuda.get_device_capability(torch.cuda.current_device())
+    for (op, M, K, N, dtype, gelu), group in sorted(by_point.items()):
+        ran = {(r["config"] or "").split()[0]: r for r in group}  # a "tma" row may have run the pointer kernel
+        best = min(group, key=lambda r: r["ms"])
+        kernel = (best["config"] or "").split()[0]
+        wins = all(best.get(f"ratio_vs_{r['provider']}_band", [2, 2])[1] < 1 for r in group if r is not best)
+        if kernel in KERNEL_PROVIDERS.values() and wins and kernel != launch.rule_kernel(M, N, K, sms, capability,
+                                                                                         "tma" in ran):
+            entry = {"layout": 3, "dtype": dtype, "m_bucket": autotune.bucket(M), "n": N, "k": K, "kernel": kernel}
+            if entry not in entries:
+                entries.append(entry)
+    measured = ", ".join(f"{op} M={M} K={K} N={N} {dt} {g}" for op, M, K, N, dt, g in sorted(by_point))
+    return {"source": f"measured: {env['device']}, {env['date']}, git {env['git_sha']}"
+                      f"{' (dirty)' if env['git_dirty'] else ''}, `{env['command']}`; at {measured}",
+            "rule": launch.KERNEL_TABLE["rule"], "entries": entries}
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -911,6 +1010,34 @@ def _init_distributed():
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     torch.distributed.init_process_group(backend)
+
+
+def precompile(points, providers, device, verbose=True):
+    """Compile, in parallel, every kernel and config our providers' calls at these points could launch
+    (`launch.precompiling` under triton's AsyncCompileMode, a thread per core): on a cold cache the
+    compiles are most of a run, and one at a time they would not fit a short GPU slot. Nothing runs; a
+    call that fails here fails again, reported, at its point."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    start, calls = time.time(), 0
+    with ThreadPoolExecutor(os.cpu_count() or 4) as executor:
+        with AsyncCompileMode(executor, ignore_errors=True), launch.precompiling():
+            for op_name, M, K, N, dtype, gelu in points:
+                op = OP_CLASSES[op_name](M, K, N, dtype, device, gelu)
+                for provider in providers:
+                    fn = op.run(provider) if provider.startswith("tpkernels") else None
+                    if fn is None:
+                        continue
+                    try:
+                        fn()
+                        calls += 1
+                    except Exception:  # noqa: BLE001 (reported when the point runs)
+                        pass
+                del op
+    if verbose:
+        print(f"precompiled the kernels of {calls} calls in {time.time() - start:.0f} s", flush=True)
 
 
 def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed, l2_bytes, cpu_calls=2):
@@ -992,6 +1119,9 @@ def main(argv=None):
                         help="GELU forms: tanh (cuBLASLt's, the default) and/or none (exact, the modules' default)")
     parser.add_argument("--shapes", nargs="+", help="M,K,N triples, or 'smoke'; default: the suite")
     parser.add_argument("--plan", choices=["headline"], help="a fixed set of points (it sets dtypes and GELU per point)")
+    parser.add_argument("--no-precompile", action="store_true",
+                        help="on a GPU, compile each kernel when its point first runs it, one at a time, instead "
+                             "of all of them in parallel first")
     parser.add_argument("--dry-run", action="store_true", help="print the points and the predicted duration, then stop")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes under the interpreter (the CPU default)")
     parser.add_argument("--cpu-results", action="store_true",
@@ -1052,6 +1182,8 @@ def main(argv=None):
               f"{' (dirty)' if env['git_dirty'] else ''} | torch.mm {ceilings[0] / 1e12:.3g} TFLOP/s, copy "
               f"{ceilings[1] / 1e9:.3g} GB/s | {len(points)} points -> {out}", flush=True)
     rows, start = [], time.time()
+    if on_gpu and not args.no_precompile:
+        precompile(points, providers, device, verbose=rank == 0)
     progress = _progress(total=len(points), disable=rank != 0)
     for index, point in enumerate(points):
         if time.time() - start > args.max_seconds:
@@ -1080,6 +1212,10 @@ def main(argv=None):
         with open(os.path.join(out, "backend_table.json"), "w") as f:
             json.dump(backend_table(rows, env), f, indent=2)
         print(f"backend table from these rows: {out}/backend_table.json (commit it as tpkernels/backend_table.json)")
+    if any(r["provider"] in KERNEL_PROVIDERS and r["ms"] for r in rows):
+        with open(os.path.join(out, "kernel_table.json"), "w") as f:
+            json.dump(kernel_table(rows, env), f, indent=2)
+        print(f"kernel table from these rows: {out}/kernel_table.json (commit it as tpkernels/kernel_table.json)")
     if args.cpu_results:
         with open(os.path.join(out, "backend_table_cpu.json"), "w") as f:
             json.dump(cpu_backend_table(rows, env), f, indent=2)

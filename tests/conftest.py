@@ -15,7 +15,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 
 # How many tests `pytest tests -m gpu` collects: the GPU suite's size, stated once and checked on the CPU
 # (test_suite.py), so that a change adding GPU cases says so, and the GPU run's time stays in view.
-GPU_TESTS = 269
+GPU_TESTS = 271
 
 
 def pytest_configure(config):
@@ -36,6 +36,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _unbound_launches():
+    """Every test starts and ends with no bound launches (`bound.BOUND`): one bound in another test, or
+    around a patched kernel, would skip the path a test means to check."""
+    from tpkernels import bound
+
+    bound.BOUND.clear()
+    yield
+    bound.BOUND.clear()
+
+
 @pytest.fixture
 def monkeypatch(monkeypatch):
     """pytest's monkeypatch, except that patching a tpkernels module's name that no tpkernels code reads
@@ -49,6 +60,9 @@ def monkeypatch(monkeypatch):
                 and not looked_up(target, name):
             pytest.fail(f"monkeypatch.setattr({target.__name__}, {name!r}, ...) changes nothing: no tpkernels code "
                         f"reads {name} through {target.__name__}; patch the module whose code looks it up")
+        from tpkernels import bound
+
+        bound.BOUND.clear()  # a launch bound before the patch would not see it
         return setattr_(target, name, *args, **kwargs)
 
     monkeypatch.setattr = checked_setattr

@@ -55,6 +55,33 @@ def assert_close_to_ref(out, eager, ref, name="output"):
     )
 
 
+def fp64(*tensors):
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+
+
+def _grads(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, wanted, grad_out)
+
+
+def check_forward_backward(fused_fn, eager_fn, inputs, names):
+    """Compare fused_fn with eager_fn (same dtype) and eager_fn in fp64, outputs and gradients."""
+    out = fused_fn(*inputs)
+    eager = eager_fn(*inputs)
+    ref = eager_fn(*fp64(*inputs))
+    assert_close_to_ref(out, eager, ref)
+    grad_out = randn(*out.shape, dtype=out.dtype, device=out.device)
+    ref_inputs = fp64(*inputs)
+    ref = eager_fn(*ref_inputs)
+    for name, g, e, r in zip(
+        [n for n, t in zip(names, inputs) if t is not None and t.requires_grad],
+        _grads(out, inputs, grad_out),
+        _grads(eager, inputs, grad_out),
+        _grads(ref, ref_inputs, grad_out.double()),
+    ):
+        assert_close_to_ref(g, e, r, f"grad of {name}")
+
+
 def same_everywhere(*shape, seed):
     """The same random fp32 tensor on every rank."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))

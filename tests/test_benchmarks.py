@@ -219,3 +219,34 @@ def test_cpu_results_mode_refuses_the_interpreter_and_writes_a_cpu_table():
         {"dtypes": ["float32"], "activations": [1], "min_m": 512, "backend": "cpu"},
         {"backend": "eager"}]
     assert "(dirty)" in table["source"] and "AMD EPYC" in table["source"]
+
+
+def test_kernel_table_takes_a_kernel_only_where_it_wins():
+    """The kernel table the GPU rows write: at a point, the kernel whose row (by its recorded launches) is
+    fastest, only when its band to every other kernel's row lies wholly below 1 and the rule picks another."""
+    sys.path.insert(0, os.path.dirname(RUN))
+    import run
+
+    def row(M, N, provider, ms, bands, config=None):
+        kernel = run.KERNEL_PROVIDERS[provider]
+        r = dict(op="column_fwd", M=M, K=4096, N=N, dtype="bfloat16", gelu="tanh", provider=provider, ms=ms,
+                 cpu=False, config=config or f"{kernel} 16x64x128 warps=4 stages=4 subtile=1")
+        r.update({f"ratio_vs_{other}_band": band for other, band in bands.items()})
+        return r
+
+    rows = [  # M = 1: the pointer kernel wins beyond the noise where the rule splits K
+        row(1, 2048, "tpkernels_pointer", 5.0, {"tpkernels_splitk": [0.8, 0.9], "tpkernels_tma": [0.5, 0.6]}),
+        row(1, 2048, "tpkernels_splitk", 6.0, {"tpkernels_pointer": [1.1, 1.2], "tpkernels_tma": [0.6, 0.7]}),
+        row(1, 2048, "tpkernels_tma", 9.0, {"tpkernels_pointer": [1.7, 1.9], "tpkernels_splitk": [1.4, 1.6]}),
+        # M = 16: split-K is fastest, but within noise of the pointer kernel: no entry
+        row(16, 2048, "tpkernels_pointer", 6.1, {"tpkernels_splitk": [0.98, 1.05]}),
+        row(16, 2048, "tpkernels_splitk", 6.0, {"tpkernels_pointer": [0.95, 1.02]}),
+        # M = 64: split-K wins and the rule splits there anyway: no entry
+        row(64, 2048, "tpkernels_pointer", 9.0, {"tpkernels_splitk": [1.4, 1.6]}),
+        row(64, 2048, "tpkernels_splitk", 6.0, {"tpkernels_pointer": [0.6, 0.7]}),
+    ]
+    env = dict(device="NVIDIA H200", date="today", git_sha="abc", git_dirty=False, command="run.py")
+    table = run.kernel_table(rows, env, sms=132, capability=(9, 0))
+    assert table["entries"] == [{"layout": 3, "dtype": "bfloat16", "m_bucket": 1, "n": 2048, "k": 4096,
+                                 "kernel": "pointer"}]
+    assert "NVIDIA H200" in table["source"] and "M=16" in table["source"]

@@ -7,7 +7,7 @@ import torch
 
 from spawn import check_scenario, run_ranks, run_scenarios
 from tpkernels import distributed as tpd
-from tpkernels import launch, ops
+from tpkernels import autotune, launch, ops
 
 WORLD_SIZES = [1, 2, 3, 4]
 FEATURES = 11  # divides by none of the world sizes above but 1
@@ -118,8 +118,8 @@ def autotune_sync(rank, world):
         launch.autotuner("pointer", (10, 0)).cache[("k4",)] = launch.autotuner("pointer", (10, 0)).configs[1]
         launch.autotuner("tma", (9, 0)).cache[("k5",)] = launch.autotuner("tma", (9, 0)).configs[2]
     taken = ops.sync_autotuning()
-    picked = {key: launch.config_identity(config) for key, config in tuner.cache.items()}
-    others = {kind: {key: launch.config_identity(c) for key, c in launch.autotuner(*kind).cache.items()}
+    picked = {key: autotune.config_identity(config) for key, config in tuner.cache.items()}
+    others = {kind: {key: autotune.config_identity(c) for key, c in launch.autotuner(*kind).cache.items()}
               for kind in (("pointer", (10, 0)), ("tma", (9, 0)))}
     return taken, picked, others
 
@@ -128,11 +128,11 @@ def autotune_sync(rank, world):
 def test_sync_autotuning_gives_every_rank_rank_0s_configs(world_size):
     results = run_ranks(autotune_sync, world_size)
     configs = launch.autotuner("pointer", (9, 0)).configs
-    expected = {("k1",): launch.config_identity(configs[0]), ("k2",): launch.config_identity(configs[3]),
-                ("k3",): launch.config_identity(configs[5])}
+    expected = {("k1",): autotune.config_identity(configs[0]), ("k2",): autotune.config_identity(configs[3]),
+                ("k3",): autotune.config_identity(configs[5])}
     sm100, tma = launch.autotuner("pointer", (10, 0)).configs, launch.autotuner("tma", (9, 0)).configs
-    others = {("pointer", (10, 0)): {("k4",): launch.config_identity(sm100[1])},
-              ("tma", (9, 0)): {("k5",): launch.config_identity(tma[2])}}
+    others = {("pointer", (10, 0)): {("k4",): autotune.config_identity(sm100[1])},
+              ("tma", (9, 0)): {("k5",): autotune.config_identity(tma[2])}}
     for rank, (taken, picked, theirs) in enumerate(results):
         assert taken == 5, rank
         assert picked == expected, rank

@@ -13,8 +13,9 @@ import triton.language as tl
 
 from numerics import DEVICES, assert_close_to_ref, randn
 from spawn import run_python
-from tpkernels import MatmulConfig, launch, ops, pin_config
-from tpkernels.kernels import GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, TMA_CONFIGS, matmul
+from tpkernels import MatmulConfig, autotune, launch, ops, pin_config
+from tpkernels.kernels import (GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, SPLITK_CONFIGS, TMA_CONFIGS,
+                               matmul)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
 import compile_report  # noqa: E402  (importable under the interpreter: it compiles only in main())
@@ -244,14 +245,14 @@ def test_int64_offsets_on_a_tensor_past_2_31_elements():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["pointer", "tma"])
-@pytest.mark.parametrize("config", GPU_CONFIGS, ids=str)  # TMA_CONFIGS is a subset of these
+@pytest.mark.parametrize("kernel,config", [("pointer", c) for c in GPU_CONFIGS]  # TMA_CONFIGS is a subset
+                         + [("tma", c) for c in TMA_CONFIGS] + [("splitk", c) for c in SPLITK_CONFIGS], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_autotune_config(kernel, config, dtype):
-    """Every config either kernel can autotune to, pinned, on the forward, dGELU and dW launches; each
-    launch is recorded, so a case that silently ran the other kernel fails."""
-    if kernel == "tma" and (config not in TMA_CONFIGS or torch.cuda.get_device_capability()[0] != 9):
-        pytest.skip("the TMA kernel runs its own configs, on Hopper")
+    """Every config each kernel can autotune to, pinned, on the forward, dGELU and dW launches; each
+    launch is recorded, so a case that silently ran another kernel fails."""
+    if kernel == "tma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA kernel runs on Hopper")
     M, K, N = 300, 520, 272
     a = randn(M, K, dtype=dtype, device="cuda")
     b = randn(N, K, dtype=dtype, device="cuda", scale=K**-0.5).t()
@@ -351,15 +352,15 @@ def test_mainloop_finder_on_a_listing():
 
 def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
     """The autotuner never launches a config whose pipeline exceeds the device's shared memory."""
-    monkeypatch.setattr(launch, "device_shared_memory", lambda index: 166912)  # an A100
+    monkeypatch.setattr(autotune, "device_shared_memory", lambda index: 166912)  # an A100
     configs = [c.to_triton() for c in GPU_CONFIGS]
     for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
-        kept = launch.pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=dtype)})
+        kept = autotune.pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=dtype)})
         assert kept, dtype
         assert all(MatmulConfig.from_triton(c).shared_bytes(size) <= 166912 for c in kept)
         assert (len(kept) < len(configs)) == (dtype == torch.float32)  # fp32 loses its deep pipelines
     # TMA: the staging buffer of C counts too, sliced as the dGELU epilogue slices it
-    monkeypatch.setattr(launch, "device_shared_memory", lambda index: 232448)
+    monkeypatch.setattr(autotune, "device_shared_memory", lambda index: 232448)
 
     class Desc:
         def __init__(self, dtype):
@@ -367,13 +368,13 @@ def test_autotune_prunes_configs_that_cannot_fit_shared_memory(monkeypatch):
 
     tma = [c.to_triton() for c in TMA_CONFIGS]
     for grad in (IDENTITY, GELU):
-        kept = launch.pruner("a_desc", store_operand="c_desc")(
+        kept = autotune.pruner("a_desc", store_operand="c_desc")(
             tma, {"a_desc": Desc(torch.bfloat16), "c_desc": Desc(torch.bfloat16)}, GRAD_ACTIVATION=grad)
         for c in map(MatmulConfig.from_triton, kept):
             assert c.shared_bytes(2, 2, c.epilogue_slices(grad != IDENTITY)) <= 232448
     # when nothing fits, the smallest config is kept, so that a launch has something to run
-    monkeypatch.setattr(launch, "device_shared_memory", lambda index: 1024)
-    (smallest,) = launch.pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=torch.float32)})
+    monkeypatch.setattr(autotune, "device_shared_memory", lambda index: 1024)
+    (smallest,) = autotune.pruner("a_ptr")(configs, {"a_ptr": torch.empty(1, dtype=torch.float32)})
     assert MatmulConfig.from_triton(smallest).shared_bytes(4) == min(c.shared_bytes(4) for c in GPU_CONFIGS)
 
 
@@ -381,13 +382,13 @@ def test_autotuned_configs_persist_across_runs(monkeypatch):
     """Both autotuners ask triton to keep their results on disk, unless TPKERNELS_AUTOTUNE_CACHE=0."""
     seen = []
     real = triton.autotune
-    monkeypatch.setattr(launch.triton, "autotune", lambda **kw: seen.append(kw.get("cache_results")) or real(**kw))
+    monkeypatch.setattr(autotune.triton, "autotune", lambda **kw: seen.append(kw.get("cache_results")) or real(**kw))
     for setting, expected in ((None, True), ("0", False)):
         if setting is None:
             monkeypatch.delenv("TPKERNELS_AUTOTUNE_CACHE", raising=False)
         else:
             monkeypatch.setenv("TPKERNELS_AUTOTUNE_CACHE", setting)
-        launch.make_autotuner(launch._matmul_kernel, configs=[INTERPRETER_CONFIG.to_triton()])
+        autotune.make_autotuner(launch._matmul_kernel, configs=[INTERPRETER_CONFIG.to_triton()])
         assert seen[-1] is expected
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import tpkernels
-from numerics import DEVICES, DTYPES, assert_close_to_ref, linear_inputs, randn
+from numerics import DEVICES, DTYPES, assert_close_to_ref, check_forward_backward, fp64, linear_inputs, randn
 from spawn import run_python
 from tpkernels import custom_ops, extension, launch, ops, reference
 
@@ -15,33 +15,6 @@ SHAPES = [  # (leading dims, in_features K, out_features N)
     ((3, 5), 24, 70),
     ((2, 3, 4), 7, 40),
 ]
-
-
-def _fp64(*tensors):
-    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
-
-
-def _grads(out, inputs, grad_out):
-    wanted = [t for t in inputs if t is not None and t.requires_grad]
-    return torch.autograd.grad(out, wanted, grad_out)
-
-
-def _check_forward_backward(fused_fn, eager_fn, inputs, names):
-    """Compare fused_fn with eager_fn (same dtype) and eager_fn in fp64, outputs and gradients."""
-    out = fused_fn(*inputs)
-    eager = eager_fn(*inputs)
-    ref = eager_fn(*_fp64(*inputs))
-    assert_close_to_ref(out, eager, ref)
-    grad_out = randn(*out.shape, dtype=out.dtype, device=out.device)
-    ref_inputs = _fp64(*inputs)
-    ref = eager_fn(*ref_inputs)
-    for name, g, e, r in zip(
-        [n for n, t in zip(names, inputs) if t is not None and t.requires_grad],
-        _grads(out, inputs, grad_out),
-        _grads(eager, inputs, grad_out),
-        _grads(ref, ref_inputs, grad_out.double()),
-    ):
-        assert_close_to_ref(g, e, r, f"grad of {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,7 +31,7 @@ def test_linear_gelu_matches_eager(device, dtype, lead, K, N, approximate, bias)
     def eager(x, w, b):
         return reference.linear_gelu(x, w, b, approximate=approximate)
 
-    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
+    check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,12 +54,12 @@ def test_linear_partial_matches_eager(device, dtype, lead, K, N, owner, residual
         return reference.linear_partial(x, w, b, residual=r, owner=owner, out_dtype=out_dtype)
 
     if owner:
-        _check_forward_backward(fused, eager, (x, w, b, r), ("x", "weight", "bias", "residual"))
+        check_forward_backward(fused, eager, (x, w, b, r), ("x", "weight", "bias", "residual"))
         return
     # Not the owner: no bias or residual in the partial, yet the replicated bias and residual still get
     # the full gradient, sum(dY) and dY, so that every rank's replica stays the same.
     out = fused(x, w, b, r)
-    assert_close_to_ref(out, eager(x, w, None, None), eager(*_fp64(x, w, None, None)))
+    assert_close_to_ref(out, eager(x, w, None, None), eager(*fp64(x, w, None, None)))
     grad_out = randn(*out.shape, dtype=out.dtype, device=device)
     grads = torch.autograd.grad(out, [t for t in (b, r) if t is not None], grad_out)
     torch.testing.assert_close(grads[0].double(), grad_out.double().flatten(0, -2).sum(0), rtol=1e-2, atol=1e-2)
@@ -101,21 +74,21 @@ def test_non_contiguous_inputs_run_without_a_copy(device, monkeypatch):
     w = randn(50, 45, device=device, scale=50**-0.5).t()  # [45, 50], column-major
     b = randn(90, device=device)[::2]
     seen = []
-    real_matmul = launch.matmul
+    real_linear = launch.linear
 
-    def spy(a, b_, c, **kwargs):
+    def spy(a, weight, c, **kwargs):
         seen.append(a.data_ptr())
-        return real_matmul(a, b_, c, **kwargs)
+        return real_linear(a, weight, c, **kwargs)
 
-    monkeypatch.setattr(launch, "matmul", spy)
+    monkeypatch.setattr(launch, "linear", spy)
     out = tpkernels.linear_gelu(x, w, b)
     assert seen == [x.data_ptr()], "a 2-D strided x must reach the kernel as it is"
     eager = reference.linear_gelu(x, w, b)
-    assert_close_to_ref(out, eager, reference.linear_gelu(*_fp64(x, w, b)))
+    assert_close_to_ref(out, eager, reference.linear_gelu(*fp64(x, w, b)))
     # 3-D, transposed in its leading dims: a copy is unavoidable, and the result is still right
     x3 = randn(6, 5, 50, device=device).transpose(0, 1)
     out = tpkernels.linear_partial(x3, w, b)
-    assert_close_to_ref(out, reference.linear_partial(x3, w, b), reference.linear_partial(*_fp64(x3, w, b)))
+    assert_close_to_ref(out, reference.linear_partial(x3, w, b), reference.linear_partial(*fp64(x3, w, b)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,7 +96,7 @@ def test_non_contiguous_inputs_run_without_a_copy(device, monkeypatch):
 def test_out_buffer_and_in_place_residual(device, dtype):
     x, w, b = linear_inputs((4, 9), 30, 21, dtype, device)
     r = randn(4, 9, 21, dtype=torch.float32, device=device)
-    ref = reference.linear_partial(*_fp64(x, w, b), residual=r.double())
+    ref = reference.linear_partial(*fp64(x, w, b), residual=r.double())
     eager = reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
 
     buffer = torch.full((4, 9, 21), float("nan"), dtype=torch.float32, device=device)
@@ -138,7 +111,7 @@ def test_out_buffer_and_in_place_residual(device, dtype):
     not_owner = torch.full_like(buffer, float("nan"))
     tpkernels.linear_partial(x, w, b, residual=r, owner=False, out=not_owner)
     eager = reference.linear_partial(x, w, None, out_dtype=torch.float32)
-    assert_close_to_ref(not_owner, eager, reference.linear_partial(*_fp64(x, w, None)), "owner=False")
+    assert_close_to_ref(not_owner, eager, reference.linear_partial(*fp64(x, w, None)), "owner=False")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,12 +122,12 @@ def test_nan_and_inf_propagate_like_the_fp64_reference(device, approximate):
     x[5, 0] = float("inf")
     x[7, 9] = float("-inf")
     w[4, 0] = 0.0  # inf * 0 = NaN in one column of row 5
-    ref = reference.linear_gelu(*_fp64(x, w, b), approximate=approximate)
+    ref = reference.linear_gelu(*fp64(x, w, b), approximate=approximate)
     out = tpkernels.linear_gelu(x, w, b, approximate=approximate)
     assert ref.isnan().any() and ref.isinf().any()
     assert_close_to_ref(out, reference.linear_gelu(x, w, b, approximate=approximate), ref)
     partial = tpkernels.linear_partial(x, w, b, out_dtype=torch.float32)
-    assert_close_to_ref(partial, reference.linear_partial(x, w, b), reference.linear_partial(*_fp64(x, w, b)))
+    assert_close_to_ref(partial, reference.linear_partial(x, w, b), reference.linear_partial(*fp64(x, w, b)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,6 +163,7 @@ def test_bad_input_is_refused_before_launch(monkeypatch):
         raise AssertionError("a kernel launched on bad input")
 
     monkeypatch.setattr(launch, "matmul", no_launch)
+    monkeypatch.setattr(launch, "linear", no_launch)
     x, w, b = linear_inputs((8,), 16, 12, torch.float32, "cpu")
     cases = [
         (ValueError, r"in_features=17 .* in_features=16", lambda: tpkernels.linear_gelu(randn(8, 17), w, b)),
@@ -222,15 +196,14 @@ def test_bad_input_is_refused_before_launch(monkeypatch):
 
 @pytest.mark.skipif(not ops.INTERPRETED, reason="needs TRITON_INTERPRET=1")
 def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
-    launches = []
-    real_matmul = launch.matmul
-    monkeypatch.setattr(launch, "matmul", lambda *a, **k: launches.append(1) or real_matmul(*a, **k))
     monkeypatch.setattr(reference, "fused_linear", lambda *a, **k: pytest.fail("the eager fallback ran"))
     x, w, b = linear_inputs((8,), 16, 12, torch.float32, "cpu", requires_grad=True)
-    tpkernels.linear_gelu(x, w, b).sum().backward()
-    assert len(launches) == 3  # forward, dX, dW with db
-    tpkernels.linear_partial(x, w, b)
-    assert len(launches) == 4
+    with launch.record_launches() as launches:
+        tpkernels.linear_gelu(x, w, b).sum().backward()
+        kinds = [line.split()[0] for line in launches]
+        assert kinds == ["pointer", "dgelu", "pointer", "pointer"], launches  # forward; dZ and db, dX, dW
+        tpkernels.linear_partial(x, w, b)
+    assert len(launches) == 5 and launches[-1].startswith("pointer")
 
 
 def test_cpu_auto_follows_the_cpu_table():
@@ -304,7 +277,7 @@ def test_inference_runs_the_op_directly_only_in_plain_eager(device, monkeypatch)
     x, w1, b1 = linear_inputs((5,), 24, 40, torch.float32, device)
     _, w2, b2 = linear_inputs((1,), 40, 24, torch.float32, device)
     calls = []
-    for name in ("fused_linear_impl", "mlp_shard_impl"):
+    for name in ("fused_linear_inference", "mlp_shard_impl"):
         real = getattr(custom_ops, name)
         monkeypatch.setattr(custom_ops, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
 
@@ -315,7 +288,8 @@ def test_inference_runs_the_op_directly_only_in_plain_eager(device, monkeypatch)
 
     with torch.no_grad():
         direct = model(x)
-    assert calls == ["fused_linear_impl", "fused_linear_impl", "mlp_shard_impl"]
+    # linear_gelu, linear_partial, then mlp_shard (whose two stages are the same function)
+    assert calls == ["fused_linear_inference"] * 2 + ["mlp_shard_impl"] + ["fused_linear_inference"] * 2
     torch.testing.assert_close(direct[0], direct[1])
     expected = reference.linear_partial(reference.linear_gelu(x, w1, b1), w2, b2)
     assert_close_to_ref(direct[0], expected, reference.linear_partial(
@@ -360,10 +334,10 @@ def test_mlp_shard_matches_eager(device, dtype, approximate, owner, residual, fp
         return reference.linear_partial(h, w2, b2, residual=r, out_dtype=out_dtype)
 
     if owner:
-        _check_forward_backward(fused, eager, (x, w1, b1, w2, b2, r), ("x", "w1", "b1", "w2", "b2", "residual"))
+        check_forward_backward(fused, eager, (x, w1, b1, w2, b2, r), ("x", "w1", "b1", "w2", "b2", "residual"))
         return
     out = fused(x, w1, b1, w2, b2, r)
-    assert_close_to_ref(out, eager(x, w1, b1, w2, b2, r), eager(*_fp64(x, w1, b1, w2, b2, r)))
+    assert_close_to_ref(out, eager(x, w1, b1, w2, b2, r), eager(*fp64(x, w1, b1, w2, b2, r)))
     grad_out = randn(*out.shape, dtype=out.dtype, device=device)
     db2, dr = torch.autograd.grad(out, [b2, r], grad_out)  # replicated: the full gradient on every rank
     torch.testing.assert_close(db2.double(), grad_out.double().flatten(0, -2).sum(0), rtol=1e-2, atol=2e-2)
@@ -376,8 +350,9 @@ def test_mlp_shard_backward_launches_plain_gemms(device, monkeypatch):
     if not launch.runs_triton(torch.empty(0, device=device)):
         pytest.skip("CPU tensors run eager without TRITON_INTERPRET=1")
     launches = []
-    real_matmul = launch.matmul
+    real_matmul, real_linear = launch.matmul, launch.linear
     monkeypatch.setattr(launch, "matmul", lambda *a, **k: launches.append(k.get("grad_activation", 0)) or real_matmul(*a, **k))
+    monkeypatch.setattr(launch, "linear", lambda *a, **k: launches.append(0) or real_linear(*a, **k))
     monkeypatch.setattr(launch, "dgelu", lambda *a, **k: pytest.fail("the MLP backward must not run a dGELU pass"))
     x, w1, b1 = linear_inputs((8,), 16, 12, torch.float32, device, requires_grad=True)
     _, w2, b2 = linear_inputs((1,), 12, 10, torch.float32, device, requires_grad=True)
@@ -386,7 +361,8 @@ def test_mlp_shard_backward_launches_plain_gemms(device, monkeypatch):
 
 
 def test_mlp_shard_bad_input_is_refused_before_launch(monkeypatch):
-    monkeypatch.setattr(launch, "matmul", lambda *a, **k: pytest.fail("a kernel launched on bad input"))
+    for name in ("matmul", "linear"):
+        monkeypatch.setattr(launch, name, lambda *a, **k: pytest.fail("a kernel launched on bad input"))
     x, w1, b1 = linear_inputs((8,), 16, 12, torch.float32, "cpu")
     _, w2, b2 = linear_inputs((1,), 12, 10, torch.float32, "cpu")
     cases = [
@@ -419,11 +395,8 @@ def test_mlp_shard_ops_pass_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
+def test_mlp_shard_on_the_tma_kernel(device, dtype):
     """The persistent TMA kernel behind the autograd op, forward and backward (every layout it takes)."""
-    launched = []
-    use_tma = launch.use_tma
-    monkeypatch.setattr(launch, "use_tma", lambda *a: launched.append(use_tma(*a)) or launched[-1])
     x, w1, b1 = linear_inputs((2, 9), 24, 40, dtype, device, requires_grad=True)
     _, w2, b2 = linear_inputs((1,), 40, 16, dtype, device, requires_grad=True)
 
@@ -434,10 +407,10 @@ def test_mlp_shard_on_the_tma_kernel(device, dtype, monkeypatch):
     def eager(x, w1, b1, w2, b2):
         return reference.linear_partial(reference.linear_gelu(x, w1, b1, approximate="tanh"), w2, b2)
 
-    with ops.use_matmul_kernel("tma"):
-        _check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
+    with ops.use_matmul_kernel("tma"), launch.record_launches() as launches:
+        check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
     if launch.runs_triton(x):
-        assert launched == [True] * 6, launched  # fc1, fc2; dW2, dZ, dX, dW1
+        assert [line.split()[0] for line in launches] == ["tma"] * 6, launches  # fc1, fc2; dW2, dZ, dX, dW1
 
 
 needs_extension = pytest.mark.skipif(not extension.has("cpu"), reason="the native extension is not built")
@@ -453,7 +426,7 @@ def _check_both_functions_on(backend, approximate, x, w, b, r):
     def eager(x, w, b):
         return reference.linear_gelu(x, w, b, approximate=approximate)
 
-    _check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
+    check_forward_backward(fused, eager, (x, w, b), ("x", "weight", "bias"))
 
     def fused_partial(x, w, b, r):
         return tpkernels.linear_partial(x, w, b, residual=r, out_dtype=torch.float32, backend=backend)
@@ -463,7 +436,7 @@ def _check_both_functions_on(backend, approximate, x, w, b, r):
             return reference.linear_partial(x, w, b, residual=r)
         return reference.linear_partial(x, w, b, residual=r, out_dtype=torch.float32)
 
-    _check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
+    check_forward_backward(fused_partial, eager_partial, (x, w, b, r), ("x", "weight", "bias", "residual"))
 
 
 @needs_extension
@@ -492,7 +465,7 @@ def test_native_mlp_shard_matches_eager(dtype, approximate):
     def eager(x, w1, b1, w2, b2):
         return reference.linear_partial(reference.linear_gelu(x, w1, b1, approximate=approximate), w2, b2)
 
-    _check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
+    check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
 
 
 @needs_extension
@@ -522,7 +495,8 @@ def test_out_buffer_calls_resolve_their_backend(monkeypatch):
         with pytest.raises(ValueError, match=message):
             tpkernels.linear_partial(x, w, b, residual=residual, out=out, backend=backend)
     assert out.isnan().all(), "a refused call wrote into out"
-    monkeypatch.setattr(launch, "matmul", lambda *a, **k: pytest.fail("backend='eager' launched a kernel"))
+    for name in ("matmul", "linear"):
+        monkeypatch.setattr(launch, name, lambda *a, **k: pytest.fail("backend='eager' launched a kernel"))
     result = tpkernels.linear_partial(x, w, b, residual=residual, out=out, backend="eager")
     assert result is out
     torch.testing.assert_close(out, reference.linear_partial(x, w, b, residual=residual))
@@ -601,4 +575,4 @@ def test_cublaslt_backend_matches_eager(dtype):
     def eager_mlp(x, w, b, w2, b2):
         return reference.linear_partial(reference.linear_gelu(x, w, b, approximate="tanh"), w2, b2)
 
-    _check_forward_backward(fused_mlp, eager_mlp, (x, w, b, w2, b2), ("x", "w1", "b1", "w2", "b2"))
+    check_forward_backward(fused_mlp, eager_mlp, (x, w, b, w2, b2), ("x", "w1", "b1", "w2", "b2"))

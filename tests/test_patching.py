@@ -9,7 +9,7 @@ def test_reads_through_a_module_are_found():
     assert looked_up(launch, "matmul")  # custom_ops calls launch.matmul
     assert looked_up(launch, "INT32_LIMIT")  # a global of launch's own functions
     assert looked_up(extension, "has")  # ops calls extension.has
-    assert looked_up(custom_ops, "fused_linear_impl")
+    assert looked_up(custom_ops, "fused_linear_inference")
     assert looked_up(nn, "linear_gelu")  # nn's own binding, imported from ops
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from tpkernels import extension, launch, reference
 from tpkernels.kernels import IDENTITY
 
-__all__ = ["fused_linear_impl", "mlp_shard_impl"]
+__all__ = ["fused_linear_impl", "fused_linear_inference", "mlp_shard_impl"]
 
 
 def fused_linear_impl(
@@ -48,16 +48,21 @@ def fused_linear_impl(
     """(act(x @ weight.T + bias) + residual, preact); bias and residual only where `owner`."""
     if not launch.runs_triton(x):
         return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, store_preact)
-    out = torch.empty((x.shape[0], weight.shape[0]), dtype=out_dtype, device=x.device)
-    preact = torch.empty_like(out, dtype=x.dtype) if store_preact else x.new_empty(0)
-    launch.matmul(
-        x, weight.t(), out,
-        bias=bias.contiguous() if owner and bias is not None else None,
-        residual=residual if owner else None,
-        preact=preact if store_preact else None,
-        activation=activation,
-    )
-    return out, preact
+    preact = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device) if store_preact \
+        else x.new_empty(0)
+    return fused_linear_inference(x, weight, bias, residual, activation, owner, out_dtype,
+                                  preact if store_preact else None), preact
+
+
+def fused_linear_inference(x, weight, bias, residual, activation, owner, out_dtype, preact=None):
+    """act(x @ weight.T + bias) + residual on the Triton kernels (bias and residual only where `owner`),
+    with no autograd: the body of `fused_linear`, and what an inference call in plain eager runs
+    directly (`ops.direct_call_ok`). `preact`, when given, receives x @ weight.T + bias."""
+    shape = (x.shape[0], weight.shape[0])
+    out = x.new_empty(shape) if out_dtype == x.dtype else x.new_empty(shape, dtype=out_dtype)
+    launch.linear(x, weight, out, bias=bias.contiguous() if owner and bias is not None else None,
+                  residual=residual if owner else None, preact=preact, activation=activation)
+    return out
 
 
 _fused_linear = torch.library.custom_op("tpkernels::fused_linear", mutates_args=())(fused_linear_impl)
@@ -77,11 +82,8 @@ def _fused_linear_out(
     if not launch.runs_triton(x):
         out.copy_(reference.fused_linear(x, weight, bias, residual, IDENTITY, owner, out.dtype, False)[0])
         return
-    launch.matmul(
-        x, weight.t(), out,
-        bias=bias.contiguous() if owner and bias is not None else None,
-        residual=residual if owner else None,
-    )
+    launch.linear(x, weight, out, bias=bias.contiguous() if owner and bias is not None else None,
+                  residual=residual if owner else None)
 
 
 @_fused_linear_out.register_fake
@@ -212,14 +214,10 @@ def mlp_shard_impl(
         return out, (h if store_for_backward else x.new_empty(0)), z
     if not launch.runs_triton(x):
         return reference.mlp_shard(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward)
-    h = torch.empty((x.shape[0], w1.shape[0]), dtype=x.dtype, device=x.device)
-    z = torch.empty_like(h) if store_for_backward else x.new_empty(0)
-    launch.matmul(x, w1.t(), h, bias=None if b1 is None else b1.contiguous(), preact=z if store_for_backward else None,
-            activation=activation)
-    out = torch.empty((x.shape[0], w2.shape[0]), dtype=out_dtype, device=x.device)
-    launch.matmul(h, w2.t(), out, bias=b2.contiguous() if owner and b2 is not None else None,
-            residual=residual if owner else None)
-    return out, (h if store_for_backward else x.new_empty(0)), z
+    z = x.new_empty((x.shape[0], w1.shape[0])) if store_for_backward else None
+    h = fused_linear_inference(x, w1, b1, None, activation, True, x.dtype, z)
+    out = fused_linear_inference(h, w2, b2, residual, IDENTITY, owner, out_dtype)
+    return out, (h if store_for_backward else x.new_empty(0)), (z if store_for_backward else x.new_empty(0))
 
 
 _mlp_shard = torch.library.custom_op("tpkernels::mlp_shard", mutates_args=())(mlp_shard_impl)

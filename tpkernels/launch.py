@@ -3,25 +3,36 @@ autotuners' sync across ranks. No `torch.library` here (`custom_ops` wraps these
 (the public functions in `ops` check before anything launches).
 
     matmul(a, b, c, ...)   c = act(a @ b + bias) * act'(z) + residual    a [M, K], b [K, N], c [M, N]
+    linear(x, w, out, ...) the same with b = w.T, without building the view on the hot path
     dgelu(grad, z, ...)    dZ = dY * act'(z), and db = the column sums of dZ, in one elementwise pass
 
-Kernel choice: the persistent TMA kernel (`kernels.matmul_tma`) on Hopper for 16-bit operands and
-output whose views a descriptor can cover, above `TMA_MIN_M` rows; the pointer kernel otherwise. GPU
-launches autotune (one autotuner per kernel kind and compute capability, keyed on power-of-two size
-buckets); the interpreter runs `INTERPRETER_CONFIG`. `pin_config` and `use_matmul_kernel` change that
-for a block: they are context variables, so each thread and asyncio task sees its own setting.
+Kernel choice (`kernel_for`): on a GPU, the kernel table's entry for the shape (`kernel_table.json`,
+written by a GPU run), else the rule (`rule_kernel`): the split-K kernel (`kernels.matmul_splitk`) at
+decode sizes, where one program per output tile would leave SMs idle; the persistent TMA kernel
+(`kernels.matmul_tma`) on Hopper for 16-bit operands and output whose views a descriptor can cover,
+above `TMA_MIN_M` rows; the pointer kernel otherwise. GPU launches autotune (one autotuner per kernel
+kind and compute capability, keyed on power-of-two size buckets and the operand layout); the
+interpreter runs `INTERPRETER_CONFIG`, and "auto" there always means the pointer kernel (tests choose
+the others by name). `pin_config` and `use_matmul_kernel` change that for a block: they are context
+variables, so each thread and asyncio task sees its own setting.
+
+The hot path: the first call of a launch key (`_launch_key`: device, dtypes, shapes, strides, pointer
+alignment, epilogue, the block's settings) takes the full path above and binds what it launched
+(`_Bound`); later calls of the key go straight to the compiled kernel's launcher. The TMA kernel is not
+bound (its descriptors hold the operands); it runs above 128 rows, where the kernel outlasts the host.
+`precompiling` compiles instead of launching, for a benchmark's cold cache.
 """
 import contextlib
-import contextvars
 import functools
-import inspect
+import json
 import os
-import threading
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from tpkernels import autotune, bound
+from tpkernels.autotune import AUTOTUNERS, autotuner, bucket, set_block_shapes
 from tpkernels.kernels import (
     DGELU_BLOCK_M,
     DGELU_BLOCK_N,
@@ -29,24 +40,31 @@ from tpkernels.kernels import (
     IDENTITY,
     INTERPRETED,
     INTERPRETER_CONFIG,
-    TMA_CONFIGS,
     MatmulConfig,
     _dgelu_kernel,
     _matmul_kernel,
+    _matmul_splitk_kernel,
     _matmul_tma_persistent_kernel,
-    epilogue_slices,
-    matmul_configs,
-    prune,
+    split_k,
+    splitk_configs,
+)
+from tpkernels.settings import (
+    MATMUL_KERNEL,
+    MATMUL_KERNELS,
+    PINNED_CONFIG,
+    PRECOMPILING,
+    picked,
+    pin_config,
+    precompiling,
+    record,
+    record_launches,
+    use_matmul_kernel,
 )
 
-__all__ = ["MATMUL_KERNELS", "autotuner", "dgelu", "matmul", "pin_config", "record_launches", "runs_triton",
-           "sync_autotuning", "use_matmul_kernel", "use_tma"]
+__all__ = ["AUTOTUNERS", "MATMUL_KERNELS", "autotuner", "dgelu", "kernel_for", "linear", "matmul", "pin_config",
+           "precompiling", "record_launches", "runs_triton", "sync_autotuning", "use_matmul_kernel", "use_tma"]
 
 INT32_LIMIT = 2**31
-MATMUL_KERNELS = ("auto", "pointer", "tma")
-_PINNED_CONFIG = contextvars.ContextVar("tpkernels_pinned_config", default=None)
-_MATMUL_KERNEL = contextvars.ContextVar("tpkernels_matmul_kernel", default="auto")
-_RECORDED = contextvars.ContextVar("tpkernels_recorded_launches", default=None)
 
 # "auto" launches the persistent TMA kernel only above this many rows. Measured on an H200 (bf16 column
 # forward, K = 4096; benchmarks/results/NVIDIA-H200-2026-11-25-kernel-choice.jsonl):
@@ -54,150 +72,19 @@ _RECORDED = contextvars.ContextVar("tpkernels_recorded_launches", default=None)
 # M = 128 they tied, and from M = 256 up the TMA kernel was 2 to 15% faster (one pass, no noise bands).
 TMA_MIN_M = 128
 
-
-@contextlib.contextmanager
-def _setting(var, value):
-    token = var.set(value)
-    try:
-        yield
-    finally:
-        var.reset(token)
-
-
-def pin_config(config):
-    """Launch every kernel inside the block with one `MatmulConfig` instead of autotuning.
-
-    Args:
-        config: a `tpkernels.MatmulConfig`, e.g. one of `tpkernels.kernels.GPU_CONFIGS`.
-    """
-    if not isinstance(config, MatmulConfig):
-        raise TypeError(f"pin_config takes a tpkernels.MatmulConfig, got {type(config).__name__}")
-    return _setting(_PINNED_CONFIG, config)
-
-
-def use_matmul_kernel(kernel):
-    """Run every matmul inside the block on one kernel: "auto" (the persistent TMA kernel on Hopper where
-    the operands allow it, the pointer kernel elsewhere), "pointer", or "tma" (wherever the operands
-    allow it, the interpreter included). For tests and benchmarks.
-
-    Args:
-        kernel: "auto", "pointer" or "tma".
-    """
-    if kernel not in MATMUL_KERNELS:
-        raise ValueError(f"use_matmul_kernel: kernel must be one of {', '.join(MATMUL_KERNELS)}, got {kernel!r}")
-    return _setting(_MATMUL_KERNEL, kernel)
-
-
-@contextlib.contextmanager
-def record_launches():
-    """Collect, inside the block, one line per kernel launched: the kernel ("pointer", "tma", "dgelu") and
-    the config it ran (the autotuner's pick, or the pinned one). For benchmarks: what a row measured."""
-    launches = []
-    token = _RECORDED.set(launches)
-    try:
-        yield launches
-    finally:
-        _RECORDED.reset(token)
-
-
-def _record(kind, config):
-    launches = _RECORDED.get()
-    if launches is not None:
-        if not isinstance(config, MatmulConfig):  # an autotuner: the config it picked for this launch
-            config = getattr(config, "best_config", None)
-            config = None if config is None else MatmulConfig.from_triton(config)
-        launches.append(kind if config is None else
-                        f"{kind} {config.block_m}x{config.block_n}x{config.block_k} warps={config.num_warps} "
-                        f"stages={config.num_stages} subtile={config.epilogue_subtile}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Autotuning
-
-
-def _bucket(n):
-    # Autotune keys on powers of two, so a new sequence length reuses the tuning of its bucket.
-    return 1 << (max(n, 1) - 1).bit_length()
-
-
-AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "ACTIVATION", "GRAD_ACTIVATION", "HAS_RESIDUAL", "STORE_PREACT"]
-_AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
-
-
-def device_shared_memory(device_index):
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-
-
-def pruner(operand, store_operand=None):
-    """An early_config_prune that keeps the configs fitting the device's shared memory (`prune`)."""
-
-    def early_config_prune(configs, named_args, **kwargs):
-        a = named_args[operand]
-        a = getattr(a, "base", a)  # a TensorDescriptor holds its tensor as .base
-        store = getattr(named_args[store_operand], "base", None) if store_operand else None
-        grad_activation = kwargs.get("GRAD_ACTIVATION", named_args.get("GRAD_ACTIVATION", IDENTITY)) != IDENTITY
-        kept = prune([MatmulConfig.from_triton(c) for c in configs], a.element_size(),
-                     device_shared_memory(a.device.index),
-                     store_element_size=0 if store is None else store.element_size(), grad_activation=grad_activation)
-        return [c for c in configs if MatmulConfig.from_triton(c) in kept]
-
-    return early_config_prune
-
-
-def make_autotuner(kernel, **options):
-    # Tuned configs persist across runs in triton's cache, keyed by the kernel, triton's version, the
-    # device and the autotune key (TPKERNELS_AUTOTUNE_CACHE=0 turns that off).
-    if _AUTOTUNE_CAN_CACHE:
-        options["cache_results"] = os.environ.get("TPKERNELS_AUTOTUNE_CACHE", "1") != "0"
-    return triton.autotune(key=AUTOTUNE_KEY, **options)(kernel)
-
-
-def _set_block_shapes(nargs):
-    # Descriptors are built before the autotuner picks a tile; each config sets their block shapes.
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_TRANS"] else [bm, bk]
-    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_TRANS"] else [bk, bn]
-    slices = epilogue_slices(nargs["EPILOGUE_SUBTILE"], nargs["GRAD_ACTIVATION"] != IDENTITY)
-    nargs["c_desc"].block_shape = [bm, bn // slices]
-
-
-# Every autotuner this process made, by (kernel kind, compute capability): what `sync_autotuning` sends.
-AUTOTUNERS = {}
-_AUTOTUNERS_LOCK = threading.Lock()
-
-
-def autotuner(kind, capability):
-    """The autotuned kernel of this kind ("pointer" or "tma") for devices of this compute capability."""
-    key = (kind, tuple(capability))
-    with _AUTOTUNERS_LOCK:
-        if key not in AUTOTUNERS:
-            if kind == "pointer":
-                AUTOTUNERS[key] = make_autotuner(
-                    _matmul_kernel, configs=[c.to_triton() for c in matmul_configs(key[1])],
-                    prune_configs_by={"early_config_prune": pruner("a_ptr")},
-                    # The output may be the residual itself (in-place add); tuning runs must not compound it.
-                    restore_value=["c_ptr"])
-            elif kind == "tma":
-                AUTOTUNERS[key] = make_autotuner(
-                    _matmul_tma_persistent_kernel, configs=[c.to_triton(pre_hook=_set_block_shapes) for c in TMA_CONFIGS],
-                    prune_configs_by={"early_config_prune": pruner("a_desc", store_operand="c_desc")})
-            else:
-                raise ValueError(f"autotuner: kind must be 'pointer' or 'tma', got {kind!r}")
-        return AUTOTUNERS[key]
-
-
-def config_identity(config):
-    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+# "auto" launches the split-K kernel when a grid of SPLITK_RULE_TILE tiles would not fill one wave of
+# SMs and K holds at least SPLITK_MIN_K_TILES such K-tiles: at decode sizes the time is the weights'
+# streaming, and an idle SM streams nothing. A rule from the arithmetic of the grid, not yet from a GPU
+# table (benchmarks/NOTES.md holds its predictions).
+SPLITK_RULE_TILE = (64, 64, 64)
+SPLITK_MIN_K_TILES = 8
 
 
 def sync_autotuning(process_group=None):
     """Make every rank of the group use rank 0's autotuned configs (a collective: call it on every rank).
 
-    The autotuner times configs on each rank, and ranks may pick differently; a different tile sums in a
-    different order, so replicated results (the row bias's gradient, say) would differ in their last
-    bits. Call this after a warm-up step, which tunes every shape the model uses: each rank then takes
-    rank 0's config for every shape rank 0 has tuned. Tuned configs also persist across runs in
-    triton's cache (`TPKERNELS_AUTOTUNE_CACHE=0` turns that off).
+    See `autotune.sync_autotuning`; the launches bound so far, which hold this rank's own picks, are
+    dropped, so the next call of each shape launches with rank 0's.
 
     Args:
         process_group: the tensor-parallel group; None is the default group.
@@ -205,27 +92,9 @@ def sync_autotuning(process_group=None):
     Returns:
         The number of (kernel, shape) entries taken from rank 0.
     """
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return 0
-    group = dist.group.WORLD if process_group is None else process_group
-    if dist.get_world_size(group) == 1:
-        return 0
-    with _AUTOTUNERS_LOCK:
-        mine = sorted(AUTOTUNERS.items())
-    entries = [[(kind_capability, key, config_identity(config)) for kind_capability, tuner in mine
-                for key, config in tuner.cache.items()]]
-    dist.broadcast_object_list(entries, src=dist.get_global_rank(group, 0), group=group)
-    for (kind, capability), key, identity in entries[0]:
-        tuner = autotuner(kind, capability)  # made here if rank 0 ran a kernel this rank has not
-        config = next((c for c in tuner.configs if config_identity(c) == identity), None)
-        if config is None:
-            raise RuntimeError(f"sync_autotuning: rank 0's config {identity} for the {kind} kernel on sm_"
-                               f"{capability[0]}{capability[1]} is not among this rank's; every rank must run "
-                               f"the same tpkernels and triton")
-        tuner.cache[key] = config
-    return len(entries[0])
+    taken = autotune.sync_autotuning(process_group)
+    bound.BOUND.clear()
+    return taken
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,15 +146,97 @@ def tma_layout(t):
 
 def use_tma(a, b, c, residual):
     """Whether `matmul` runs the persistent TMA kernel for these operands."""
-    choice = _MATMUL_KERNEL.get()
-    if choice == "pointer" or a.dtype not in (torch.float16, torch.bfloat16) or c.dtype != a.dtype:
-        return False
-    if choice == "auto" and not (a.is_cuda and not INTERPRETED and device_capability(a.device.index)[0] == 9
-                                 and a.shape[0] > TMA_MIN_M):
+    return kernel_for(a, b, c, residual) == "tma"
+
+
+def _tma_possible(a, b, c, residual):
+    if a.dtype not in (torch.float16, torch.bfloat16) or c.dtype != a.dtype:
         return False
     if residual is not None and residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr():
         return False  # in place (out=residual): the autotuner must restore c, which a descriptor hides
     return tma_layout(a) is not None and tma_layout(b) is not None and tma_layout(c) == "rows"
+
+
+def splitk_pays(m, n, k, programs):
+    """The rule "auto" follows on a GPU: split K when a grid of SPLITK_RULE_TILE tiles leaves SMs idle
+    (fewer tiles than `programs`, the SM count) and K has at least SPLITK_MIN_K_TILES of its K-tiles."""
+    bm, bn, bk = SPLITK_RULE_TILE
+    return triton.cdiv(m, bm) * triton.cdiv(n, bn) < programs and k >= SPLITK_MIN_K_TILES * bk
+
+
+def rule_kernel(m, n, k, programs, capability, tma_possible):
+    """The kernel the readable rule picks where the kernel table has no entry: split-K where
+    `splitk_pays`, the TMA kernel on Hopper above TMA_MIN_M rows where its descriptors can cover the
+    operands, the pointer kernel otherwise."""
+    if splitk_pays(m, n, k, programs):
+        return "splitk"
+    if m > TMA_MIN_M and capability[0] == 9 and tma_possible:
+        return "tma"
+    return "pointer"
+
+
+# kernel_table.json: the kernel a GPU run measured fastest, per (operand layout, dtype, M bucket, N, K),
+# where its paired ratio band to each other kernel lay wholly below 1 and the rule picks another
+# (`benchmarks/run.py --plan headline` writes it). Shapes it does not list follow `rule_kernel`.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_table.json")) as _table_file:
+    KERNEL_TABLE = json.load(_table_file)
+_KERNEL_CHOICES = {(e["layout"], e["dtype"], e["m_bucket"], e["n"], e["k"]): e["kernel"]
+                   for e in KERNEL_TABLE["entries"]}
+
+
+def table_kernel(layout, dtype, m, n, k):
+    """The kernel table's entry for this layout (`layout_code`), dtype and shape, or None."""
+    return _KERNEL_CHOICES.get((layout, str(dtype).replace("torch.", ""), bucket(m), n, k))
+
+
+def kernel_for(a, b, c, residual):
+    """The kernel `matmul` runs for these operands: "tma", "splitk" or "pointer". "auto" on a GPU takes
+    the kernel table's entry for the shape, else `rule_kernel`; under the interpreter, the pointer kernel."""
+    choice = MATMUL_KERNEL.get()
+    if choice == "splitk" or choice == "pointer":
+        return choice
+    if choice == "tma":
+        return "tma" if _tma_possible(a, b, c, residual) else "pointer"
+    if not a.is_cuda or INTERPRETED:
+        return "pointer"
+    M, K = a.shape
+    N = b.shape[1]
+    listed = table_kernel(layout_code(a, b), a.dtype, M, N, K)
+    if listed == "tma":
+        return "tma" if _tma_possible(a, b, c, residual) else "pointer"
+    if listed is not None:
+        return listed
+    return rule_kernel(M, N, K, num_sms(a.device.index), device_capability(a.device.index),
+                       _tma_possible(a, b, c, residual))
+
+
+def layout_code(a, b):
+    """The operands' layout for the autotune key: 0 row-major, 1 column-major, 2 neither, for a plus 3x
+    for b (the forward x @ w.T is 0 + 3 * 1 = 3; dX = dZ @ w is 0)."""
+    def one(t):
+        return 0 if t.stride(1) == 1 else 1 if t.stride(0) == 1 else 2
+
+    return one(a) + 3 * one(b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The split-K kernel's grid
+
+
+def _splitk_extent(m, n, k, configs, programs):
+    """(workspace elements, tiles) that every config among `configs` fits in."""
+    elements = tiles = 0
+    for config in configs:
+        count = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+        splits = split_k(m, n, k, config, programs)
+        elements = max(elements, count * splits * config.block_m * config.block_n)
+        tiles = max(tiles, count)
+    return elements, tiles
+
+
+# Programs a split-K grid aims at under the interpreter, which has no SMs: enough that test-sized
+# shapes split.
+INTERPRETER_PROGRAMS = 16
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,12 +248,48 @@ def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation
 
     `preact` [M, N] receives a @ b + bias; `z` [M, N] is the pre-activation whose derivative scales the
     product (the dGELU epilogue). a and b share one dtype.
+
+    The first call of a launch key (`_launch_key`) takes the full path: kernel choice, autotuning,
+    triton's specialization and compile. It binds what it launched (`_Bound`), and later calls of the key
+    go straight to the compiled kernel's launcher.
     """
+    _launch(a, b, b.shape, b.stride(), False, c, bias, residual, preact, z, activation, grad_activation)
+
+
+def linear(x, weight, out, *, bias=None, residual=None, preact=None, activation=IDENTITY):
+    """out = act(x @ weight.T + bias) + residual: `matmul(x, weight.t(), out, ...)`, without building the
+    transposed view on the bound path. x [M, K], weight [N, K] (nn.Linear's layout), out [M, N]."""
+    rows, cols = weight.stride()
+    _launch(x, weight, (weight.shape[1], weight.shape[0]), (cols, rows), True, out, bias, residual, preact, None,
+            activation, IDENTITY)
+
+
+def _launch(a, b, b_shape, b_stride, b_transposed, c, bias, residual, preact, z, activation, grad_activation):
+    """matmul's body: b is the operand [K, N] (shape b_shape, strides b_stride), or with `b_transposed`
+    the tensor whose .t() it is."""
+    M = a.shape[0]
+    if M == 0 or b_shape[1] == 0:
+        return
+    key = bound.launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation)
+    launcher = bound.BOUND.get(key)
+    if launcher is not None:
+        launcher(a, b, c, bias, residual, preact, z)
+        return
+    if b_transposed:
+        b = b.t()
+    assert a.dtype == b.dtype, f"matmul: operands {a.dtype} and {b.dtype}"
+    launcher = _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation)
+    if launcher is not None:
+        if len(bound.BOUND) >= bound.BOUND_LIMIT:
+            bound.BOUND.clear()
+        bound.BOUND[key] = launcher
+
+
+def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation):
+    """The full launch path; returns the launch bound for its key, or None (the TMA kernel, whose
+    descriptors hold the operands, is not bound)."""
     M, K = a.shape
     N = b.shape[1]
-    if M == 0 or N == 0:
-        return
-    assert a.dtype == b.dtype, f"matmul: operands {a.dtype} and {b.dtype}"
     operands = [t for t in (a, b, c, residual, preact, z) if t is not None]
     tf32 = a.is_cuda and torch.backends.cuda.matmul.allow_tf32
     meta = dict(
@@ -314,28 +301,81 @@ def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 and not tf32 else "tf32",
         INT64_OFFSETS=_needs_int64(operands),
         EMULATE_BF16=INTERPRETED and b.dtype == torch.bfloat16,
+        LAYOUT=layout_code(a, b),
     )
     # Absent epilogue operands are passed as c: a valid pointer the constexpr flags never read.
     epilogue = (*(c if t is None else t for t in (bias, residual, preact, z)),)
-    sizes = (M, N, K, _bucket(M), _bucket(N), _bucket(K))
-    config = _PINNED_CONFIG.get() or (None if a.is_cuda and not INTERPRETED else INTERPRETER_CONFIG)
+    sizes = (M, N, K, bucket(M), bucket(N), bucket(K))
+    config = PINNED_CONFIG.get() or (None if a.is_cuda and not INTERPRETED else INTERPRETER_CONFIG)
+    kind = kernel_for(a, b, c, residual)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
-        if use_tma(a, b, c, residual):
+        if kind == "tma":
             _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config)
-            return
-        args = (a, b, c, *epilogue, *sizes,
-                *a.stride(), *b.stride(), *c.stride(), *_strides(residual), *_strides(preact), *_strides(z))
+            return None
+        strides = (*a.stride(), *b.stride(), *c.stride(), *_strides(residual), *_strides(preact), *_strides(z))
+        if kind == "splitk":
+            return _matmul_splitk(a, b, c, epilogue, sizes, strides, meta, config)
+        args = (a, b, c, *epilogue, *sizes, *strides)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        if config is None:
-            config = autotuner("pointer", device_capability(a.device.index))  # _record reads its pick
-            config[grid](*args, **meta)
-        else:
-            _matmul_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
-                                 num_stages=config.num_stages)
-        _record("pointer", config)
+        compiled, ran = _run_kernel("pointer", _matmul_kernel, config, grid, args, meta, a.device)
+        if ran is None:
+            return None  # precompiling
+        line = record("pointer", ran)
+        return bound.bind(_matmul_kernel, compiled, a.device, grid(ran.kwargs()), args, meta, ran, line)
+
+
+def _matmul_splitk(a, b, c, epilogue, sizes, strides, meta, config):
+    M, N, K = sizes[:3]
+    programs = num_sms(a.device.index) if a.is_cuda and not INTERPRETED else INTERPRETER_PROGRAMS
+    candidates = splitk_configs(device_capability(a.device.index)) if config is None else (config,)
+    elements, tiles = _splitk_extent(M, N, K, candidates, programs)
+    workspace, counters = bound.splitk_workspace(a.device, elements, tiles)
+    meta = dict(meta, INT64_OFFSETS=meta["INT64_OFFSETS"] or elements >= INT32_LIMIT)
+    args = (a, b, c, *epilogue, workspace, counters, *sizes, *strides)
+
+    def grid(meta):
+        tile = MatmulConfig(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"])
+        return (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split_k(M, N, K, tile, programs))
+
+    compiled, ran = _run_kernel("splitk", _matmul_splitk_kernel, config, grid, args, meta, a.device)
+    if ran is None:
+        return None  # precompiling
+    line = record("splitk", ran, f" split={split_k(M, N, K, ran, programs)}")
+    return bound.bind(_matmul_splitk_kernel, compiled, a.device, grid(ran.kwargs()), args, meta, ran, line,
+                 workspace=(elements, tiles))
+
+
+def _run_kernel(kind, kernel, config, grid, args, meta, device, prepare=None):
+    """(what the launch returned, the MatmulConfig it ran): `kernel` on the pinned `config`, or through
+    its autotuner when `config` is None. `prepare(config)`, if given, readies the arguments for a config
+    (the autotuner's configs carry it as their pre_hook). While `precompiling`, nothing runs: every
+    config the launch could take is compiled instead (in parallel under triton's AsyncCompileMode), and
+    it returns (None, None)."""
+    if config is None:
+        tuner = autotuner(kind, device_capability(device.index))
+        if not PRECOMPILING.get():
+            return tuner[grid](*args, **meta), picked(tuner)
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        try:
+            candidates = [MatmulConfig.from_triton(c) for c in tuner.prune_configs(meta)]
+        finally:
+            tuner.nargs = None
+    elif not PRECOMPILING.get():
+        if prepare is not None:
+            prepare(config)
+        return kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
+                            num_stages=config.num_stages), config
+    else:
+        candidates = [config]
+    for candidate in candidates:
+        if prepare is not None:
+            prepare(candidate)
+        kernel.warmup(*args, grid=grid, **meta, **candidate.kwargs(), num_warps=candidate.num_warps,
+                      num_stages=candidate.num_stages)
+    return None, None
 
 
 def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
@@ -353,14 +393,12 @@ def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
     def grid(meta):
         return (min(sms, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    if config is None:
-        config = autotuner("tma", device_capability(a.device.index))  # _record reads its pick
-        config[grid](*args, **meta)
-    else:
-        _set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
-        _matmul_tma_persistent_kernel[grid](*args, **meta, **config.kwargs(), num_warps=config.num_warps,
-                                            num_stages=config.num_stages)
-    _record("tma", config)
+    def prepare(config):
+        set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
+
+    _, ran = _run_kernel("tma", _matmul_tma_persistent_kernel, config, grid, args, meta, a.device, prepare)
+    if ran is not None:
+        record("tma", ran)
 
 
 def dgelu(grad, z, activation, need_db):
@@ -373,14 +411,17 @@ def dgelu(grad, z, activation, need_db):
     if M and N:
         grid = (row_blocks, triton.cdiv(N, DGELU_BLOCK_N))
         with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-            _dgelu_kernel[grid](
+            launcher = functools.partial(_dgelu_kernel.warmup, grid=grid) if PRECOMPILING.get() \
+                else _dgelu_kernel[grid]
+            launcher(
                 grad, z, dz, colsum, M, N, *grad.stride(), *z.stride(), *dz.stride(),
                 GRAD_ACTIVATION=activation, STORE_COLSUM=need_db,
                 INT64_OFFSETS=_needs_int64((grad, z, dz)),
                 EMULATE_BF16=INTERPRETED and z.dtype == torch.bfloat16,
                 BLOCK_M=DGELU_BLOCK_M, BLOCK_N=DGELU_BLOCK_N, num_warps=DGELU_NUM_WARPS,
             )
-        _record(f"dgelu {DGELU_BLOCK_M}x{DGELU_BLOCK_N} warps={DGELU_NUM_WARPS}", None)
+        if not PRECOMPILING.get():
+            record(f"dgelu {DGELU_BLOCK_M}x{DGELU_BLOCK_N} warps={DGELU_NUM_WARPS}", None)
     if not need_db:
         return dz, None
     db = colsum.sum(0) if M else torch.zeros(N, dtype=torch.float32, device=z.device)

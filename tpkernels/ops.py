@@ -87,11 +87,11 @@ def auto_backend(device_type, dtype, M, N, K, activation):
 
 def _resolve_backend(name, backend, x, N, K, activation):
     """The backend a call runs on, after checking that the one asked for can run it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    M = math.prod(x.shape[:-1])
+    M = x.shape[0] if x.dim() == 2 else math.prod(x.shape[:-1])
     if backend == "auto":
         return auto_backend(x.device.type, x.dtype, M, N, K, activation)
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if backend == "cpu" and not (x.device.type == "cpu" and extension.has("cpu")):
         raise ValueError(f"{name}: backend='cpu' needs CPU tensors (x is on {x.device}) and the native extension "
                          f"({extension.status()}); see tpkernels.backends()")
@@ -147,7 +147,7 @@ def _linear(name, x, weight, bias, residual, activation, owner, out_dtype, backe
             return reference.activation(F.linear(x, weight, bias if owner else None), activation)
         return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
     if chosen == "triton" and not store and direct_call_ok(x, weight, bias, residual):
-        return custom_ops.fused_linear_impl(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
+        return custom_ops.fused_linear_inference(x, weight, bias, residual, activation, owner, out_dtype)
     op = torch.ops.tpkernels.fused_linear if chosen == "triton" else torch.ops.tpkernels.epilogue_linear
     return op(x, weight, bias, residual, activation, owner, out_dtype, store)[0]
 
@@ -162,6 +162,19 @@ def _check_tensor(name, arg, t):
 
 
 def _check_linear(name, x, weight, bias):
+    # The common case in a few attribute reads (this runs on every call's host path); anything unusual
+    # takes the detailed checks, which raise with the numbers.
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor):
+        dtype, x_shape, w_shape = x.dtype, x.shape, weight.shape
+        if (dtype in _DTYPES and weight.dtype == dtype and len(w_shape) == 2 and x_shape
+                and x_shape[-1] == w_shape[1] and weight.device == x.device):
+            if bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == dtype
+                                and bias.shape == (w_shape[0],) and bias.device == x.device):
+                return
+    _refuse_linear(name, x, weight, bias)
+
+
+def _refuse_linear(name, x, weight, bias):
     _check_tensor(name, "x", x)
     _check_tensor(name, "weight", weight)
     if bias is not None:
@@ -198,7 +211,11 @@ def _rows(t):
 
 
 def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any(genexpr): this runs on every call's host path
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def direct_call_ok(*tensors):
@@ -209,8 +226,13 @@ def direct_call_ok(*tensors):
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled()):
         return False
-    return all(t is None or (type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-               for t in tensors)
+    # A functorch-wrapped tensor lives inside a transform: with none active, no tensor needs the check.
+    transformed = torch._C._functorch.maybe_current_level() is not None
+    for t in tensors:
+        if t is not None and (type(t) is not torch.Tensor
+                              or (transformed and torch._C._functorch.is_functorch_wrapped_tensor(t))):
+            return False
+    return True
 
 
 def linear_gelu(x, weight, bias=None, approximate="none", *, backend="auto"):
@@ -230,6 +252,8 @@ def linear_gelu(x, weight, bias=None, approximate="none", *, backend="auto"):
     if approximate not in _APPROXIMATE:
         raise ValueError(f"linear_gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_linear("linear_gelu", x, weight, bias)
+    if x.dim() == 2:
+        return _linear("linear_gelu", x, weight, bias, None, _APPROXIMATE[approximate], True, x.dtype, backend)
     out = _linear("linear_gelu", _rows(x), weight, bias, None, _APPROXIMATE[approximate], True, x.dtype, backend)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -268,6 +292,8 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
+    if residual is None and out is None and x.dim() == 2:  # the common call, on the shortest host path
+        return _linear(name, x, weight, bias, None, IDENTITY, bool(owner), out_dtype, backend)
     out_shape = (*x.shape[:-1], weight.shape[0])
     for arg, t, dtypes in (("residual", residual, (x.dtype, out_dtype)), ("out", out, (out_dtype,))):
         if t is None:
@@ -281,6 +307,8 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
             raise ValueError(f"{name}: x is on {x.device} but {arg} is on {t.device}; move them to one device")
     owner = bool(owner)
     if out is None:
+        if x.dim() == 2:  # already rows (and so is the residual, of the output's shape)
+            return _linear(name, x, weight, bias, residual, IDENTITY, owner, out_dtype, backend)
         result = _linear(name, _rows(x), weight, bias, None if residual is None else _rows(residual), IDENTITY,
                          owner, out_dtype, backend)
         return result.view(out_shape)
@@ -338,7 +366,10 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
     if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"{name}: w2 has shape {tuple(w2.shape)} but w1 {tuple(w1.shape)} makes "
                          f"{w1.shape[0]} hidden features; w2 must be [out_features, {w1.shape[0]}]")
-    _check_linear(name, x.new_empty((0, w1.shape[0])), w2, b2)  # w2 and b2 against the hidden width
+    if not (w2.dtype == x.dtype and w2.device == x.device and (b2 is None or (
+            isinstance(b2, torch.Tensor) and b2.dtype == x.dtype and b2.shape == (w2.shape[0],)
+            and b2.device == x.device))):  # the common case in a few reads; else the checks with the numbers
+        _refuse_linear(name, x.new_empty((0, w1.shape[0])), w2, b2)  # w2 and b2 against the hidden width
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
@@ -356,11 +387,12 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
         h = reference.linear_gelu(x, w1, b1, approximate)
         return reference.linear_partial(h, w2, b2, residual=residual, owner=owner, out_dtype=out_dtype)
     store = _needs_grad(x, w1, b1, w2, b2, residual)
-    args = (_rows(x), w1, b1, w2, b2, None if residual is None else _rows(residual), _APPROXIMATE[approximate],
-            bool(owner), out_dtype, store, chosen != "triton")
+    rows = x.dim() == 2  # then so is the residual, and the output needs no view
+    args = (x if rows else _rows(x), w1, b1, w2, b2, residual if rows or residual is None else _rows(residual),
+            _APPROXIMATE[approximate], bool(owner), out_dtype, store, chosen != "triton")
     if not store and direct_call_ok(x, w1, b1, w2, b2, residual):
         out, _, _ = custom_ops.mlp_shard_impl(*args)
     else:
         out, _, _ = torch.ops.tpkernels.mlp_shard(*args)
-    return out.view(out_shape)
+    return out if rows else out.view(out_shape)
 

@@ -1,4 +1,4 @@
-"""Pure Triton code: the tiled matmul family, GELU as `tl` functions, and the config lists."""
+"""Pure Triton code: the tiled matmul family (pointer, persistent TMA, split-K), GELU as `tl` functions, and the config lists."""
 from tpkernels.kernels.configs import (
     matmul_configs,
     DGELU_BLOCK_M,
@@ -6,13 +6,18 @@ from tpkernels.kernels.configs import (
     DGELU_NUM_WARPS,
     GPU_CONFIGS,
     INTERPRETER_CONFIG,
+    MAX_SPLIT_K,
+    SPLITK_CONFIGS,
     TMA_CONFIGS,
     MatmulConfig,
     epilogue_slices,
     prune,
     shared_memory_limit,
+    split_k,
+    splitk_configs,
 )
 from tpkernels.kernels.matmul import GELU, GELU_TANH, IDENTITY, INTERPRETED, _dgelu_kernel, _matmul_kernel
+from tpkernels.kernels.matmul_splitk import _matmul_splitk_kernel
 from tpkernels.kernels.matmul_tma import _matmul_tma_persistent_kernel
 
 __all__ = [
@@ -25,13 +30,18 @@ __all__ = [
     "IDENTITY",
     "INTERPRETED",
     "INTERPRETER_CONFIG",
+    "MAX_SPLIT_K",
+    "SPLITK_CONFIGS",
     "MatmulConfig",
     "TMA_CONFIGS",
     "_dgelu_kernel",
     "_matmul_kernel",
+    "_matmul_splitk_kernel",
     "_matmul_tma_persistent_kernel",
     "epilogue_slices",
     "matmul_configs",
     "prune",
     "shared_memory_limit",
+    "split_k",
+    "splitk_configs",
 ]

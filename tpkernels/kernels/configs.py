@@ -83,12 +83,43 @@ AMPERE_CONFIGS = (
     MatmulConfig(64, 128, 32, num_warps=4, num_stages=4),
     MatmulConfig(64, 64, 32, num_warps=4, num_stages=5),
 )
+SPLITK_CONFIGS = (
+    # The split-K kernel's tiles (decode): few rows, and narrow enough along N that the grid's tiles times
+    # its splits make about one wave of SMs. Each split then streams its own slice of the weights.
+    MatmulConfig(16, 64, 128, num_warps=4, num_stages=4),
+    MatmulConfig(16, 128, 128, num_warps=4, num_stages=3),
+    MatmulConfig(32, 64, 128, num_warps=4, num_stages=3),
+    MatmulConfig(64, 64, 64, num_warps=4, num_stages=4),
+)
 GPU_CONFIGS = HOPPER_CONFIGS + SMALL_M_CONFIGS + AMPERE_CONFIGS
 
 
 def matmul_configs(capability):
     """The pointer kernel's autotune candidates on a device of this compute capability."""
     return (HOPPER_CONFIGS if capability[0] >= 9 else AMPERE_CONFIGS) + SMALL_M_CONFIGS
+
+
+def splitk_configs(capability):
+    """The split-K kernel's autotune candidates (the same on every target: their shared memory fits sm_80's)."""
+    return SPLITK_CONFIGS
+
+
+# The split-K kernel splits K at most this many ways: past it the partials' traffic (M x N x 4 bytes a
+# split, written and read back) grows while the grid already covers the SMs.
+MAX_SPLIT_K = 16
+
+
+def split_k(m, n, k, config, programs):
+    """How many ways the split-K kernel splits K for this shape and tile: enough that tiles x splits
+    reaches `programs` (the SM count: one wave), at most MAX_SPLIT_K and the number of K-tiles, and
+    never leaving a split without K-tiles (so the count is rounded to what an even share of K-tiles
+    gives)."""
+    tiles = -(-m // config.block_m) * -(-n // config.block_n)
+    k_tiles = max(1, -(-k // config.block_k))
+    wanted = max(1, min(programs // tiles, MAX_SPLIT_K, k_tiles))
+    per_split = -(-k_tiles // wanted)
+    return -(-k_tiles // per_split)
+
 
 # The persistent TMA kernel (Hopper only, 16-bit operands and output): one program per SM, and the
 # Hopper configs with 128-row tiles (two warpgroups of 64-row wgmma).

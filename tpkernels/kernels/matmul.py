@@ -231,6 +231,9 @@ def _matmul_kernel(
     HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr,
     # numerics
     INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    # the operands' layout (`launch.layout_code`): it only keys the autotuner, as a constexpr, which no
+    # generated code sees (a runtime argument, even unused, moved a dgrad config into spilling)
+    LAYOUT: tl.constexpr,
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,

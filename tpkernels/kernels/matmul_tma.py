@@ -32,6 +32,9 @@ def _matmul_tma_persistent_kernel(
     HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr,
     # numerics
     INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    # the operands' layout (`launch.layout_code`): it only keys the autotuner, as a constexpr, which no
+    # generated code sees (a runtime argument, even unused, moved a dgrad config into spilling)
+    LAYOUT: tl.constexpr,
     # layouts and tiling
     A_TRANS: tl.constexpr, B_TRANS: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,

@@ -1,0 +1,129 @@
+"""The launch path itself: bound launches (the hot path after a key's first call), what tells launch keys
+apart, precompiling, and the kernel choice's rule and table."""
+import json
+import os
+
+import pytest
+import torch
+
+import tpkernels
+from numerics import DEVICES, assert_close_to_ref, fp64, linear_inputs
+from tpkernels import MatmulConfig, bound, launch, pin_config, reference
+from tpkernels.kernels import GELU
+
+
+def _first_launches(monkeypatch):
+    calls = []
+    first = launch._first_launch
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return first(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_first_launch", spy)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_key_launches_in_full_once_then_bound(device, monkeypatch):
+    """The second call of a key skips the full path and runs the same kernel, bit for bit, into a fresh
+    output; its launch is recorded as the first one was."""
+    calls = _first_launches(monkeypatch)
+    x, w, b = linear_inputs((5,), 40, 24, torch.float32, device)
+    with launch.record_launches() as launches:
+        first = tpkernels.linear_gelu(x, w, b)
+        again = tpkernels.linear_gelu(x, w, b)
+    if not launch.runs_triton(x):
+        return
+    assert len(calls) == 1 and len(bound.BOUND) == 1
+    assert launches[0] == launches[1] and launches[0].startswith("pointer")
+    assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()
+    assert_close_to_ref(again, reference.linear_gelu(x, w, b), reference.linear_gelu(*fp64(x, w, b)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_what_tells_launch_keys_apart(device, monkeypatch):
+    """Alignment, strides, dtype, the epilogue, the pinned config and the kernel choice each make a new
+    key (a full launch); each result is right."""
+    x, w, b = linear_inputs((6,), 48, 20, torch.float32, device)
+    if not launch.runs_triton(x):
+        pytest.skip("CPU tensors run eager without the interpreter")
+    calls = _first_launches(monkeypatch)
+    base = torch.randn(6 * 48 + 1, device=device)
+    variants = [
+        lambda: tpkernels.linear_gelu(x, w, b),
+        lambda: tpkernels.linear_gelu(base[1:].view(6, 48), w, b),  # 4 bytes off: not 16-byte aligned
+        lambda: tpkernels.linear_gelu(x.t().contiguous().t(), w, b),  # column-major x
+        lambda: tpkernels.linear_gelu(x.half(), w.half(), b.half()),
+        lambda: tpkernels.linear_gelu(x, w, b, approximate="tanh"),
+        lambda: tpkernels.linear_gelu(x, w, None),
+        lambda: tpkernels.linear_partial(x, w, b, out_dtype=torch.float32),
+    ]
+    for number, call in enumerate(variants, 1):
+        call()
+        call()
+        assert len(calls) == number, f"variant {number} should be one new key"
+    with pin_config(MatmulConfig(16, 16, 16, group_m=1)):
+        tpkernels.linear_gelu(x, w, b)
+    with launch.use_matmul_kernel("splitk"):
+        out = tpkernels.linear_gelu(x, w, b)
+    assert len(calls) == len(variants) + 2
+    assert_close_to_ref(out, reference.linear_gelu(x, w, b), reference.linear_gelu(*fp64(x, w, b)))
+    unaligned = base[1:].view(6, 48)
+    out = tpkernels.linear_gelu(unaligned, w, b)
+    assert_close_to_ref(out, reference.linear_gelu(unaligned, w, b), reference.linear_gelu(*fp64(unaligned, w, b)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_precompiling_launches_nothing(device):
+    """Inside `precompiling`, a launch compiles and leaves its output as it was: nothing bound, recorded
+    or written, on every kernel."""
+    x, w, _ = linear_inputs((3,), 40, 20, torch.float32, device)
+    if not launch.runs_triton(x):
+        pytest.skip("CPU tensors run eager without the interpreter")
+    out = torch.full((3, 20), float("nan"), device=device)
+    with launch.precompiling(), launch.record_launches() as launches:
+        for kernel in ("pointer", "splitk", "tma"):
+            with launch.use_matmul_kernel(kernel):
+                launch.linear(x, w, out, activation=GELU)
+                launch.linear(x.half(), w.half(), out.half(), activation=GELU)
+        launch.dgelu(x, x, GELU, True)
+    assert out.isnan().all() and launches == [] and not bound.BOUND
+    launch.linear(x, w, out, activation=GELU)  # and after it, launches run again
+    assert not out.isnan().any()
+
+
+def test_kernel_rule_and_table():
+    """The rule splits K for decode grids under one wave, takes TMA on Hopper above TMA_MIN_M rows, and the
+    pointer kernel otherwise; the table, where it lists a shape, comes first."""
+    assert launch.rule_kernel(1, 2048, 4096, 132, (9, 0), True) == "splitk"
+    assert launch.rule_kernel(16, 4096, 4096, 132, (9, 0), True) == "splitk"
+    assert launch.rule_kernel(4096, 4096, 4096, 132, (9, 0), True) == "tma"
+    assert launch.rule_kernel(4096, 4096, 4096, 132, (9, 0), False) == "pointer"
+    assert launch.rule_kernel(4096, 4096, 4096, 108, (8, 0), True) == "pointer"
+    assert launch.rule_kernel(1, 2048, 256, 132, (9, 0), True) == "pointer"  # K too short to split
+    path = os.path.join(os.path.dirname(launch.__file__), "kernel_table.json")
+    with open(path) as f:
+        table = json.load(f)
+    assert {"source", "rule", "entries"} <= set(table)
+    for entry in table["entries"]:
+        assert set(entry) == {"layout", "dtype", "m_bucket", "n", "k", "kernel"}
+        assert entry["kernel"] in ("pointer", "splitk", "tma")
+    choices = dict(launch._KERNEL_CHOICES)
+    try:
+        launch._KERNEL_CHOICES[(3, "bfloat16", 16, 2048, 4096)] = "pointer"
+        assert launch.table_kernel(3, torch.bfloat16, 9, 2048, 4096) == "pointer"  # 9 rows: the bucket of 16
+        assert launch.table_kernel(3, torch.bfloat16, 17, 2048, 4096) is None
+        assert launch.table_kernel(0, torch.bfloat16, 16, 2048, 4096) is None  # another layout
+    finally:
+        launch._KERNEL_CHOICES.clear()
+        launch._KERNEL_CHOICES.update(choices)
+
+
+def test_layout_code():
+    a = torch.empty(4, 8)
+    w = torch.empty(6, 8)
+    assert launch.layout_code(a, w.t()) == 3  # the forward: x @ w.T
+    assert launch.layout_code(a, torch.empty(8, 6)) == 0  # dX = dZ @ w
+    assert launch.layout_code(a.t(), torch.empty(4, 6)) == 1  # dW = dZ.T @ x
+    assert launch.layout_code(torch.empty(4, 16)[:, ::2], torch.empty(8, 6)) == 2

@@ -1,0 +1,148 @@
+"""Bound launches, the hot path: after a launch key's first call (the full path in `launch`), later
+calls of the key go straight to the compiled kernel's launcher with the arguments that first call
+computed. Also the split-K kernel's workspace, which every split-K call, bound or not, takes here.
+
+A launch key (`launch_key`) holds everything the first call's choices and triton's specialization read:
+device, dtypes, shapes, strides, the low bits of every pointer, the epilogue, the block's kernel and
+config settings, TF32, and whether the residual is c itself.
+"""
+import torch
+from triton import knobs
+
+from tpkernels.kernels import INTERPRETED
+from tpkernels.settings import MATMUL_KERNEL, PINNED_CONFIG, RECORDED
+
+__all__ = ["BOUND", "Bound", "bind", "launch_key", "splitk_workspace"]
+
+
+# (device, stream) -> (fp32 workspace, int32 arrival counters). The counters are zeroed once, when they
+# are allocated, and every launch leaves them at 0. Each stream has its own pair, so launches on two
+# streams never share a counter; launches on one stream run in order, so they can share it.
+WORKSPACES = {}
+# Buffers a bigger pair replaced. Kept: a CUDA graph captured with them replays into them.
+RETIRED = []
+
+
+def _current_stream(device):
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+
+
+def splitk_workspace(device, elements, tiles):
+    """An fp32 workspace of at least `elements` and `tiles` zeroed int32 counters for a split-K launch on
+    the current stream of `device`, reused across calls. During CUDA-graph capture a pair too small is
+    not replaced: the launch gets a fresh pair from the graph's pool, zeroed by a fill the graph replays."""
+    key = (device, _current_stream(device))
+    pair = WORKSPACES.get(key)
+    if pair is not None and pair[0].numel() >= elements and pair[1].numel() >= tiles:
+        return pair
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (torch.empty(elements, dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+    if pair is not None:
+        RETIRED.append(pair)
+        elements = max(elements, 2 * pair[0].numel())
+        tiles = max(tiles, 2 * pair[1].numel())
+    pair = (torch.empty(elements, dtype=torch.float32, device=device),
+            torch.zeros(tiles, dtype=torch.int32, device=device))
+    WORKSPACES[key] = pair
+    return pair
+
+
+# Launch key -> _Bound. A key holds everything the first call's choices and triton's specialization
+# read (`_launch_key`), so a bound launch is exactly what the full path would launch again.
+BOUND = {}
+BOUND_LIMIT = 4096  # past this many keys (say, many distinct prefill lengths) the table starts over
+
+
+def _operand_key(t):
+    return None if t is None else (t.dtype, t.stride(), t.data_ptr() & 15)
+
+
+def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation):
+    """What a launch's choices depend on: device, dtypes, shapes, strides, the low bits of every pointer
+    (triton specializes on 16-byte alignment), the epilogue, the block's kernel and config settings, TF32,
+    and whether the residual is c itself. 64-bit offsets follow from shapes and strides; the bias is
+    always contiguous (the callers make it so)."""
+    return (a.device, a.dtype, c.dtype, a.shape, b_shape, a.stride(), b_stride, c.stride(),
+            a.data_ptr() & 15, b.data_ptr() & 15, c.data_ptr() & 15,
+            None if bias is None else (bias.dtype, bias.data_ptr() & 15),
+            None if residual is None else (_operand_key(residual),
+                                           residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()),
+            _operand_key(preact), _operand_key(z), activation, grad_activation, MATMUL_KERNEL.get(),
+            PINNED_CONFIG.get(), a.is_cuda and _allow_tf32())
+
+
+def _allow_tf32():
+    getter = getattr(torch._C, "_get_cublas_allow_tf32", None)  # what torch.backends reads, without its wrapper
+    return getter() if getter is not None else torch.backends.cuda.matmul.allow_tf32
+
+
+class _InterpretedLauncher:
+    """A compiled launcher's call signature over an interpreted kernel: what the bound path calls on the
+    CPU under TRITON_INTERPRET=1."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        self.kernel[(grid_0, grid_1, grid_2)](*args)
+
+
+class Bound:
+    """One launch key's kernel: its launcher, grid, and every argument that is not an operand (sizes,
+    strides, constexprs), in the kernel's order."""
+
+    __slots__ = ("compiled", "launcher", "function", "packed_metadata", "grid", "tail", "device", "device_index",
+                 "workspace", "record")
+
+    def __init__(self, compiled, launcher, device, grid, tail, workspace, record):
+        self.compiled = compiled
+        self.launcher = launcher
+        self.function = None if compiled is None else compiled.function
+        self.packed_metadata = None if compiled is None else compiled.packed_metadata
+        self.grid = (*grid, 1, 1)[:3]
+        self.tail = tail
+        self.device = device
+        self.device_index = device.index if device.type == "cuda" else None
+        self.workspace = workspace
+        self.record = record
+
+    def __call__(self, a, b, c, bias, residual, preact, z):
+        operands = (a, b, c, c if bias is None else bias, c if residual is None else residual,
+                    c if preact is None else preact, c if z is None else z)
+        if self.workspace is not None:
+            operands += splitk_workspace(self.device, *self.workspace)
+        if self.device_index is None:
+            stream = 0
+        elif torch._C._cuda_getDevice() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return self(a, b, c, bias, residual, preact, z)
+        else:
+            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        args = operands + self.tail
+        enter_hook = knobs.runtime.launch_enter_hook
+        # A profiler's hooks (proton) get triton's launch metadata; with none installed, it is never read.
+        metadata = None
+        if self.compiled is not None and enter_hook is not None and getattr(enter_hook, "calls", True):
+            metadata = self.compiled.launch_metadata(self.grid, stream, *args)
+        self.launcher(*self.grid, stream, self.function, self.packed_metadata, metadata, enter_hook,
+                      knobs.runtime.launch_exit_hook, *args)
+        launches = RECORDED.get()
+        if launches is not None:
+            launches.append(self.record)
+
+
+def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=None):
+    """The bound launch of a first call, or None where there is nothing to bind (a stubbed kernel)."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None:  # a stand-in for the kernel (a test's spy): nothing to bind
+        return None
+    operands = 9 if workspace is not None else 7
+    values = dict(zip(names, args), **meta, **config.kwargs())
+    tail = tuple(values[name] for name in names[operands:])
+    if INTERPRETED:
+        return Bound(None, _InterpretedLauncher(kernel), device, grid, tail, workspace, record)
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return None
+    return Bound(compiled, compiled.run, device, grid, tail, workspace, record)
