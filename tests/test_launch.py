@@ -127,3 +127,25 @@ def test_layout_code():
     assert launch.layout_code(a, torch.empty(8, 6)) == 0  # dX = dZ @ w
     assert launch.layout_code(a.t(), torch.empty(4, 6)) == 1  # dW = dZ.T @ x
     assert launch.layout_code(torch.empty(4, 16)[:, ::2], torch.empty(8, 6)) == 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_tma_kernel_is_bound_with_descriptors_per_call(device, monkeypatch):
+    """A TMA launch binds too: later calls make descriptors over their own operands (a new x each step,
+    the same weight, whose descriptor is kept) and give the first call's result bit for bit."""
+    x, w, b = linear_inputs((40,), 32, 24, torch.float16, device)
+    if not launch.runs_triton(x):
+        pytest.skip("CPU tensors run eager without the interpreter")
+    calls = _first_launches(monkeypatch)
+    with launch.use_matmul_kernel("tma"), launch.record_launches() as launches:
+        first = tpkernels.linear_gelu(x, w, b)
+        entry, = bound.BOUND.values()
+        assert isinstance(entry, bound.BoundTMA)
+        again = tpkernels.linear_gelu(x.clone(), w, b)
+        kept = entry.b_cached[1]
+        other = linear_inputs((40,), 32, 24, torch.float16, device)[0]
+        third = tpkernels.linear_gelu(other, w, b)
+        assert entry.b_cached[1] is kept  # the weight's descriptor, made once
+    assert len(calls) == 1 and [line.split()[0] for line in launches] == ["tma"] * 3
+    assert torch.equal(first, again)
+    assert_close_to_ref(third, reference.linear_gelu(other, w, b), reference.linear_gelu(*fp64(other, w, b)))

@@ -6,13 +6,16 @@ A launch key (`launch_key`) holds everything the first call's choices and triton
 device, dtypes, shapes, strides, the low bits of every pointer, the epilogue, the block's kernel and
 config settings, TF32, and whether the residual is c itself.
 """
+import weakref
+
 import torch
 from triton import knobs
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tpkernels.kernels import INTERPRETED
 from tpkernels.settings import MATMUL_KERNEL, PINNED_CONFIG, RECORDED
 
-__all__ = ["BOUND", "Bound", "bind", "launch_key", "splitk_workspace"]
+__all__ = ["BOUND", "Bound", "BoundTMA", "bind", "launch_key", "splitk_workspace"]
 
 
 # (device, stream) -> (fp32 workspace, int32 arrival counters). The counters are zeroed once, when they
@@ -48,8 +51,7 @@ def splitk_workspace(device, elements, tiles):
     return pair
 
 
-# Launch key -> _Bound. A key holds everything the first call's choices and triton's specialization
-# read (`_launch_key`), so a bound launch is exactly what the full path would launch again.
+# Launch key -> Bound: a bound launch is exactly what the full path would launch again for its key.
 BOUND = {}
 BOUND_LIMIT = 4096  # past this many keys (say, many distinct prefill lengths) the table starts over
 
@@ -108,16 +110,17 @@ class Bound:
         self.workspace = workspace
         self.record = record
 
-    def __call__(self, a, b, c, bias, residual, preact, z):
-        operands = (a, b, c, c if bias is None else bias, c if residual is None else residual,
-                    c if preact is None else preact, c if z is None else z)
+    def __call__(self, a, b, c, bias, residual, preact, z, *, c_tensor=None):
+        filler = c if c_tensor is None else c_tensor  # absent epilogue operands are passed as c (a tensor)
+        operands = (a, b, c, filler if bias is None else bias, filler if residual is None else residual,
+                    filler if preact is None else preact, filler if z is None else z)
         if self.workspace is not None:
             operands += splitk_workspace(self.device, *self.workspace)
         if self.device_index is None:
             stream = 0
         elif torch._C._cuda_getDevice() != self.device_index:
             with torch.cuda.device(self.device_index):
-                return self(a, b, c, bias, residual, preact, z)
+                return Bound.__call__(self, a, b, c, bias, residual, preact, z, c_tensor=c_tensor)
         else:
             stream = torch._C._cuda_getCurrentRawStream(self.device_index)
         args = operands + self.tail
@@ -133,8 +136,33 @@ class Bound:
             launches.append(self.record)
 
 
-def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=None):
-    """The bound launch of a first call, or None where there is nothing to bind (a stubbed kernel)."""
+class BoundTMA(Bound):
+    """A bound launch of the persistent TMA kernel: its first three arguments are descriptors of a, b and
+    c. Their shapes, strides and block shapes are the first call's (the key fixes the views, the first
+    call's config the blocks); each call makes them over its own operands, since a descriptor holds its
+    tensor. Only the data pointer of the tensor passed is read, so b may be the weight itself or its
+    transposed view. b's descriptor is kept while b is the same tensor (a layer's weight, step after
+    step), through a weak reference, so that an activation passed as b is not kept alive."""
+
+    __slots__ = ("layouts", "b_cached")
+
+    def __init__(self, compiled, launcher, device, grid, tail, record, descriptors):
+        super().__init__(compiled, launcher, device, grid, tail, None, record)
+        self.layouts = tuple((list(d.shape), list(d.strides), list(d.block_shape)) for d in descriptors)
+        self.b_cached = (None, None)
+
+    def __call__(self, a, b, c, bias, residual, preact, z):
+        reference, b_desc = self.b_cached
+        if reference is None or reference() is not b:
+            b_desc = TensorDescriptor(b, *self.layouts[1])
+            self.b_cached = (weakref.ref(b), b_desc)
+        return Bound.__call__(self, TensorDescriptor(a, *self.layouts[0]), b_desc, TensorDescriptor(c, *self.layouts[2]),
+                              bias, residual, preact, z, c_tensor=c)
+
+
+def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=None, descriptors=None):
+    """The bound launch of a first call, or None where there is nothing to bind (a stubbed kernel).
+    `descriptors`: for the TMA kernel, the first call's descriptors of a, b and c."""
     names = getattr(kernel, "arg_names", None)
     if names is None:  # a stand-in for the kernel (a test's spy): nothing to bind
         return None
@@ -142,7 +170,11 @@ def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=N
     values = dict(zip(names, args), **meta, **config.kwargs())
     tail = tuple(values[name] for name in names[operands:])
     if INTERPRETED:
-        return Bound(None, _InterpretedLauncher(kernel), device, grid, tail, workspace, record)
-    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        launcher, compiled = _InterpretedLauncher(kernel), None
+    elif compiled is None or not hasattr(compiled, "packed_metadata"):
         return None
-    return Bound(compiled, compiled.run, device, grid, tail, workspace, record)
+    else:
+        launcher = compiled.run
+    if descriptors is not None:
+        return BoundTMA(compiled, launcher, device, grid, tail, record, descriptors)
+    return Bound(compiled, launcher, device, grid, tail, workspace, record)

@@ -18,8 +18,8 @@ variables, so each thread and asyncio task sees its own setting.
 
 The hot path: the first call of a launch key (`_launch_key`: device, dtypes, shapes, strides, pointer
 alignment, epilogue, the block's settings) takes the full path above and binds what it launched
-(`_Bound`); later calls of the key go straight to the compiled kernel's launcher. The TMA kernel is not
-bound (its descriptors hold the operands); it runs above 128 rows, where the kernel outlasts the host.
+(`bound.Bound`); later calls of the key go straight to the compiled kernel's launcher (for the TMA
+kernel, with descriptors made per call from the operands and the block shapes the first call chose).
 `precompiling` compiles instead of launching, for a benchmark's cold cache.
 """
 import contextlib
@@ -250,7 +250,7 @@ def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation
     product (the dGELU epilogue). a and b share one dtype.
 
     The first call of a launch key (`_launch_key`) takes the full path: kernel choice, autotuning,
-    triton's specialization and compile. It binds what it launched (`_Bound`), and later calls of the key
+    triton's specialization and compile. It binds what it launched (`bound.Bound`), and later calls of the key
     go straight to the compiled kernel's launcher.
     """
     _launch(a, b, b.shape, b.stride(), False, c, bias, residual, preact, z, activation, grad_activation)
@@ -286,8 +286,8 @@ def _launch(a, b, b_shape, b_stride, b_transposed, c, bias, residual, preact, z,
 
 
 def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation):
-    """The full launch path; returns the launch bound for its key, or None (the TMA kernel, whose
-    descriptors hold the operands, is not bound)."""
+    """The full launch path; returns the launch bound for its key, or None (precompiling, or a stand-in
+    for a kernel)."""
     M, K = a.shape
     N = b.shape[1]
     operands = [t for t in (a, b, c, residual, preact, z) if t is not None]
@@ -310,8 +310,7 @@ def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activatio
     kind = kernel_for(a, b, c, residual)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         if kind == "tma":
-            _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config)
-            return None
+            return _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config)
         strides = (*a.stride(), *b.stride(), *c.stride(), *_strides(residual), *_strides(preact), *_strides(z))
         if kind == "splitk":
             return _matmul_splitk(a, b, c, epilogue, sizes, strides, meta, config)
@@ -396,9 +395,13 @@ def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
     def prepare(config):
         set_block_shapes(dict(a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, **meta, **config.kwargs()))
 
-    _, ran = _run_kernel("tma", _matmul_tma_persistent_kernel, config, grid, args, meta, a.device, prepare)
-    if ran is not None:
-        record("tma", ran)
+    compiled, ran = _run_kernel("tma", _matmul_tma_persistent_kernel, config, grid, args, meta, a.device, prepare)
+    if ran is None:
+        return None  # precompiling
+    line = record("tma", ran)
+    prepare(ran)  # the block shapes of the config that ran, whatever the autotuner tried last
+    return bound.bind(_matmul_tma_persistent_kernel, compiled, a.device, grid(ran.kwargs()), args, meta, ran, line,
+                      descriptors=(a_desc, b_desc, c_desc))
 
 
 def dgelu(grad, z, activation, need_db):
