@@ -14,6 +14,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import torch
 from torch import nn
@@ -56,21 +58,46 @@ def _sharded_layers(model):
 
 
 def _files(path):
-    """{tensor name: file} of a safetensors checkpoint: a file, an index json, or a folder holding either."""
+    """{tensor name: file} of a safetensors checkpoint: a file, an index json, or a folder holding either.
+    A missing or unreadable index, or a file it names that is not there, is a ValueError naming it."""
     if os.path.isdir(path):
         for name in ("model.safetensors.index.json", "model.safetensors"):
             if os.path.exists(os.path.join(path, name)):
                 return _files(os.path.join(path, name))
         raise ValueError(f"load_sharded: {path} holds neither model.safetensors nor model.safetensors.index.json")
+    if not os.path.exists(path):
+        raise ValueError(f"load_sharded: {path} does not exist")
     if path.endswith(".json"):
-        with open(path) as f:
-            weight_map = json.load(f)["weight_map"]
+        try:
+            with open(path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"load_sharded: the index {path} cannot be read ({type(error).__name__}: {error}); "
+                             f"it is not a transformers index (a JSON object with a weight_map)") from None
         folder = os.path.dirname(path)
-        return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        absent = sorted({file for file in files.values() if not os.path.exists(file)})
+        if absent:
+            names = sorted(name for name, file in files.items() if file == absent[0])
+            raise ValueError(f"load_sharded: the index {path} names {len(absent)} file(s) that are not there: "
+                             f"{', '.join(absent[:4])} (holding {', '.join(names[:4])}{' ...' if len(names) > 4 else ''})")
+        return files
+    with _open(path) as f:
+        return {name: path for name in f.keys()}
+
+
+@contextlib.contextmanager
+def _open(file):
+    """safetensors' safe_open, with a file it cannot read (truncated, corrupt header) as a ValueError."""
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        return {name: path for name in f.keys()}
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as error:  # SafetensorError, OSError
+        raise ValueError(f"load_sharded: {file} cannot be read as safetensors ({error}): it is truncated, "
+                         f"corrupt or not a safetensors file") from None
+    with handle as f:
+        yield f
 
 
 def shard_slice(layer, kind, shape):
@@ -109,10 +136,29 @@ def _model_key(renamings, name):
     return name
 
 
+# safetensors' dtype names, as get_slice(...).get_dtype() gives them.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _sliced_shape(shape, index):
+    """The shape `tensor[index]` has, for a tensor of `shape` and an index of slices."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(len(range(*part.indices(size))) for part, size in zip(index, shape))
+
+
 @torch.no_grad()
 def load_sharded(model, path, device=None):
     """Load a safetensors checkpoint of the dense model into a parallelized one, reading only this
     rank's slices of the sharded weights (no collective: each rank reads its own).
+
+    Everything is checked before any parameter changes: a file that is missing, truncated or corrupt, a
+    tensor the model needs that the checkpoint lacks, and a tensor of the wrong shape or kind of dtype
+    (floating-point tensors are cast to the model's floating dtype, as transformers does; any other
+    mismatch is refused) are a ValueError naming the file and the tensor. Each rank checks every tensor's
+    header, so every rank raises alike. An I/O error while the data is then read may leave the model part
+    loaded.
 
     Args:
         model: a model `parallelize` (or the modules) made tensor-parallel.
@@ -122,8 +168,6 @@ def load_sharded(model, path, device=None):
     Returns:
         {"bytes_read", "sharded_bytes_read", "sharded_bytes_in_checkpoint", "tensors"}: what this rank read.
     """
-    from safetensors import safe_open
-
     renamings = _renamings(model)
     checkpoint = _files(path)
     files = {_model_key(renamings, name): file for name, file in checkpoint.items()}
@@ -136,46 +180,71 @@ def load_sharded(model, path, device=None):
             for attr, tensor in table.items():
                 if tensor is not None:
                     holders.setdefault(id(tensor), []).append((table, attr))
-    seen, missing = {}, []
     stats = dict(bytes_read=0, sharded_bytes_read=0, sharded_bytes_in_checkpoint=0, tensors=0)
     with contextlib.ExitStack() as files_open:
         handles = {}
+
+        def handle(file):
+            if file not in handles:
+                handles[file] = files_open.enter_context(_open(file))
+            return handles[file]
+
+        # First every check, on the headers alone; then the reads and copies.
+        plan, seen, missing = [], {}, []
         for name, target in state.items():
             if id(target) in seen:  # tied to a tensor loaded under another name
                 continue
             if name not in files:
                 missing.append(name)
                 continue
-            file = files[name]
-            if file not in handles:
-                handles[file] = files_open.enter_context(safe_open(file, framework="pt"))
-            view = handles[file].get_slice(checkpoint_names[name])
-            shape = view.get_shape()
+            file, stored = files[name], checkpoint_names[name]
+            try:
+                view = handle(file).get_slice(stored)
+            except ValueError:
+                raise
+            except Exception as error:  # the index names a tensor its file lacks
+                raise ValueError(f"load_sharded: {file} has no tensor {stored} ({error}), which the index "
+                                 f"names") from None
+            shape, dtype_name = tuple(view.get_shape()), view.get_dtype()
+            index = None
             if name in sharded:
                 layer, kind = sharded[name]
-                value = view[shard_slice(layer, kind, shape)]
-                if kind == "weight" and getattr(layer, "checkpoint_transposed", False):
+                index = shard_slice(layer, kind, shape)
+            got = _sliced_shape(shape, index) if index is not None else shape
+            transposed = index is not None and kind == "weight" and getattr(layer, "checkpoint_transposed", False)
+            if transposed:
+                got = got[::-1]
+            if got != tuple(target.shape):
+                raise ValueError(f"load_sharded: {stored} in {file} is {shape}, which gives {got} here, but the "
+                                 f"model's {name} is {tuple(target.shape)}")
+            dtype = _DTYPES.get(dtype_name)
+            if dtype is None or (dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point)):
+                raise ValueError(f"load_sharded: {stored} in {file} is {dtype_name}, but the model's {name} is "
+                                 f"{target.dtype}; only floating-point tensors are cast")
+            plan.append((name, target, file, stored, index, transposed, shape))
+            seen[id(target)] = name
+        missing = [n for n in missing if id(state[n]) not in seen]
+        if missing:
+            raise ValueError(f"load_sharded: the checkpoint {path} lacks {len(missing)} of the model's tensors: "
+                             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                      if t.is_meta and id(t) not in seen]
+        if still_meta:
+            raise ValueError(f"load_sharded: {', '.join(still_meta[:8])} are on the meta device and not in the "
+                             f"checkpoint (buffers a model computes as it is built); build the model under "
+                             f"tpkernels.empty_parameters(), which keeps buffers real")
+        for name, target, file, stored, index, transposed, shape in plan:
+            if index is not None:
+                value = handle(file).get_slice(stored)[index]
+                if transposed:
                     value = value.t()
                 stats["sharded_bytes_read"] += value.numel() * value.element_size()
                 stats["sharded_bytes_in_checkpoint"] += math.prod(shape) * value.element_size()
             else:
-                value = handles[file].get_tensor(checkpoint_names[name])
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"load_sharded: {name} is {tuple(shape)} in the checkpoint, which gives "
-                                 f"{tuple(value.shape)} here, but the model's is {tuple(target.shape)}")
+                value = handle(file).get_tensor(stored)
             stats["bytes_read"] += value.numel() * value.element_size()
             stats["tensors"] += 1
             _load_into(holders.get(id(target), []), target, value, device)
-            seen[id(target)] = name
-    missing = [n for n in missing if id(state[n]) not in seen]
-    if missing:
-        raise ValueError(f"load_sharded: the checkpoint {path} lacks {len(missing)} of the model's tensors: "
-                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    still_meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if still_meta:
-        raise ValueError(f"load_sharded: {', '.join(still_meta[:8])} are on the meta device and not in the "
-                         f"checkpoint (buffers a model computes as it is built); build the model under "
-                         f"tpkernels.empty_parameters(), which keeps buffers real")
     return stats
 
 
@@ -197,6 +266,12 @@ def save_sharded(model, path, process_group=None):
     [in, out] included) and tied tensors are written once, so `transformers` loads the folder (its
     config is written too when the model has one).
 
+    Nothing is lost on a failure: rank 0 writes into a temporary folder beside `path`, reads the file's
+    header back, and only then moves it into place, replacing an existing checkpoint as a whole (other
+    files in the folder, a tokenizer say, are carried into the new one; an old sharded checkpoint's
+    files are not). If the write fails, the temporary is removed, `path` is as it was, and every rank
+    raises a RuntimeError.
+
     Args:
         model: the parallelized model.
         path: a folder (model.safetensors is written in it) or a .safetensors file.
@@ -205,8 +280,6 @@ def save_sharded(model, path, process_group=None):
     Returns:
         The file written (on every rank).
     """
-    from safetensors.torch import save_file
-
     file = path if path.endswith(".safetensors") else os.path.join(path, "model.safetensors")
     gathered = {}
     for path_, module in model.named_modules():
@@ -222,14 +295,94 @@ def save_sharded(model, path, process_group=None):
             continue
         seen.add(id(tensor))
         out[name] = gathered.get(name, tensor).detach().cpu().contiguous()
+    error = None
     if get_rank(process_group) == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(file)), exist_ok=True)
-        save_file(out, file, metadata={"format": "pt"})
-        config = getattr(model, "config", None)
-        if config is not None and hasattr(config, "save_pretrained") and not path.endswith(".safetensors"):
-            config.save_pretrained(path)
+        try:
+            _write_atomically(path, file, out, getattr(model, "config", None))
+        except Exception as failure:  # reported on every rank below
+            error = f"{type(failure).__name__}: {failure}"
     if get_world_size(process_group) > 1:
         import torch.distributed as dist
 
-        dist.barrier(group=process_group)  # the file is whole before any rank reads it
+        # Rank 0's outcome reaches every rank (instead of a barrier a failed rank 0 would never reach),
+        # after the checkpoint is whole.
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=dist.get_global_rank(process_group or dist.group.WORLD, 0),
+                                   group=process_group)
+        error = outcome[0]
+    if error is not None:
+        raise RuntimeError(f"save_sharded: writing {path} failed on rank 0 ({error}); what was at {path} "
+                           f"before is as it was, and nothing of the new checkpoint is left")
     return file
+
+
+def _write_atomically(path, file, tensors, config):
+    """Write the checkpoint beside `path` (a temporary folder, or a temporary file for a .safetensors path),
+    check it, then move it into place: an existing checkpoint is untouched until the new one is whole,
+    then replaced as a whole. On any failure the temporary is removed and the error raised."""
+    from safetensors.torch import save_file
+
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    single = path.endswith(".safetensors")
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=parent)
+    try:
+        staged = os.path.join(staging, os.path.basename(file) if single else "model.safetensors")
+        save_file(tensors, staged, metadata={"format": "pt"})
+        if config is not None and hasattr(config, "save_pretrained") and not single:
+            config.save_pretrained(staging)
+        _check_written(staged, tensors)
+        if single:
+            os.replace(staged, target)  # atomic on one filesystem
+            shutil.rmtree(staging)
+            return
+        if os.path.isdir(target):  # the old folder moves aside, the new one in, then the old one goes
+            _carry_over(target, staging)
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+            os.rmdir(old)
+            os.replace(target, old)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _is_checkpoint_file(name):
+    return name == "model.safetensors.index.json" or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _carry_over(old, new):
+    """Files in the old folder that are not the checkpoint's own (a tokenizer, say) go into the new one,
+    as hard links where the filesystem allows, so that replacing the folder loses nothing else."""
+    for name in os.listdir(old):
+        source, destination = os.path.join(old, name), os.path.join(new, name)
+        if _is_checkpoint_file(name) or os.path.exists(destination):
+            continue
+        if os.path.isdir(source):
+            shutil.copytree(source, destination, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, destination)
+
+
+def _link_or_copy(source, destination):
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def _check_written(file, tensors):
+    """The file just written holds every tensor with its shape and dtype (a short write or a full disk
+    that did not raise would fail here)."""
+    with _open(file) as f:
+        names = set(f.keys())
+        if names != set(tensors):
+            raise OSError(f"{file} holds {len(names)} tensors, {len(tensors)} were written")
+        for name, tensor in tensors.items():
+            if tuple(f.get_slice(name).get_shape()) != tuple(tensor.shape):
+                raise OSError(f"{file}: {name} reads back as {f.get_slice(name).get_shape()}, "
+                              f"{tuple(tensor.shape)} was written")
