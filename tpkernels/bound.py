@@ -6,8 +6,6 @@ A launch key (`launch_key`) holds everything the first call's choices and triton
 device, dtypes, shapes, strides, the low bits of every pointer, the epilogue, the block's kernel and
 config settings, TF32, and whether the residual is c itself.
 """
-import weakref
-
 import torch
 from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -140,24 +138,19 @@ class BoundTMA(Bound):
     """A bound launch of the persistent TMA kernel: its first three arguments are descriptors of a, b and
     c. Their shapes, strides and block shapes are the first call's (the key fixes the views, the first
     call's config the blocks); each call makes them over its own operands, since a descriptor holds its
-    tensor. Only the data pointer of the tensor passed is read, so b may be the weight itself or its
-    transposed view. b's descriptor is kept while b is the same tensor (a layer's weight, step after
-    step), through a weak reference, so that an activation passed as b is not kept alive."""
+    tensor (a cached one would keep a freed model's weight, or an old activation, alive). Only the data
+    pointer of the tensor passed is read, so b may be the weight itself or its transposed view."""
 
-    __slots__ = ("layouts", "b_cached")
+    __slots__ = ("layouts",)
 
     def __init__(self, compiled, launcher, device, grid, tail, record, descriptors):
         super().__init__(compiled, launcher, device, grid, tail, None, record)
         self.layouts = tuple((list(d.shape), list(d.strides), list(d.block_shape)) for d in descriptors)
-        self.b_cached = (None, None)
 
     def __call__(self, a, b, c, bias, residual, preact, z):
-        reference, b_desc = self.b_cached
-        if reference is None or reference() is not b:
-            b_desc = TensorDescriptor(b, *self.layouts[1])
-            self.b_cached = (weakref.ref(b), b_desc)
-        return Bound.__call__(self, TensorDescriptor(a, *self.layouts[0]), b_desc, TensorDescriptor(c, *self.layouts[2]),
-                              bias, residual, preact, z, c_tensor=c)
+        a_layout, b_layout, c_layout = self.layouts
+        return Bound.__call__(self, TensorDescriptor(a, *a_layout), TensorDescriptor(b, *b_layout),
+                              TensorDescriptor(c, *c_layout), bias, residual, preact, z, c_tensor=c)
 
 
 def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=None, descriptors=None):

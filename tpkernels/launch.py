@@ -16,7 +16,7 @@ interpreter runs `INTERPRETER_CONFIG`, and "auto" there always means the pointer
 the others by name). `pin_config` and `use_matmul_kernel` change that for a block: they are context
 variables, so each thread and asyncio task sees its own setting.
 
-The hot path: the first call of a launch key (`_launch_key`: device, dtypes, shapes, strides, pointer
+The hot path: the first call of a launch key (`bound.launch_key`: device, dtypes, shapes, strides, pointer
 alignment, epilogue, the block's settings) takes the full path above and binds what it launched
 (`bound.Bound`); later calls of the key go straight to the compiled kernel's launcher (for the TMA
 kernel, with descriptors made per call from the operands and the block shapes the first call chose).
@@ -249,7 +249,7 @@ def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation
     `preact` [M, N] receives a @ b + bias; `z` [M, N] is the pre-activation whose derivative scales the
     product (the dGELU epilogue). a and b share one dtype.
 
-    The first call of a launch key (`_launch_key`) takes the full path: kernel choice, autotuning,
+    The first call of a launch key (`bound.launch_key`) takes the full path: kernel choice, autotuning,
     triton's specialization and compile. It binds what it launched (`bound.Bound`), and later calls of the key
     go straight to the compiled kernel's launcher.
     """
