@@ -63,7 +63,7 @@ def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation
     (triton specializes on 16-byte alignment), the epilogue, the block's kernel and config settings, TF32,
     and whether the residual is c itself. 64-bit offsets follow from shapes and strides; the bias is
     always contiguous (the callers make it so)."""
-    return (a.device, a.dtype, c.dtype, a.shape, b_shape, a.stride(), b_stride, c.stride(),
+    return (a.device, a.dtype, b.dtype, c.dtype, a.shape, b_shape, a.stride(), b_stride, c.stride(),
             a.data_ptr() & 15, b.data_ptr() & 15, c.data_ptr() & 15,
             None if bias is None else (bias.dtype, bias.data_ptr() & 15),
             None if residual is None else (_operand_key(residual),

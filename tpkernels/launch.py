@@ -272,14 +272,14 @@ def _launch(a, b, b_shape, b_stride, b_transposed, c, bias, residual, preact, z,
         return
     key = bound.launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation)
     launcher = bound.BOUND.get(key)
-    if launcher is not None:
+    if launcher is not None and not PRECOMPILING.get():
         launcher(a, b, c, bias, residual, preact, z)
         return
     if b_transposed:
         b = b.t()
     assert a.dtype == b.dtype, f"matmul: operands {a.dtype} and {b.dtype}"
     launcher = _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation)
-    if launcher is not None:
+    if launcher is not None:  # None while precompiling
         if len(bound.BOUND) >= bound.BOUND_LIMIT:
             bound.BOUND.clear()
         bound.BOUND[key] = launcher
