@@ -2,8 +2,9 @@
 comparisons of a tensor-parallel model with its dense twin that the rank tests share."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tpkernels.kernels import INTERPRETED
+from tpkernels.kernels import GELU_TANH, IDENTITY, INTERPRETED
 
 # The small absolute slack on top of 2x eager's error, per dtype.
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -80,6 +81,22 @@ def check_forward_backward(fused_fn, eager_fn, inputs, names):
         _grads(ref, ref_inputs, grad_out.double()),
     ):
         assert_close_to_ref(g, e, r, f"grad of {name}")
+
+
+def matmul_reference(a, b, *, bias=None, residual=None, activation=IDENTITY, z=None, grad_activation=IDENTITY,
+                     dtype=torch.float64, out_dtype=None):
+    """The same math in eager, in `dtype` (fp64 for the reference, the operands' dtype for eager)."""
+    pre = a.to(dtype) @ b.to(dtype)
+    if bias is not None:
+        pre = pre + bias.to(dtype)
+    out = pre if activation == IDENTITY else F.gelu(pre, approximate="tanh" if activation == GELU_TANH else "none")
+    if grad_activation != IDENTITY:
+        out = torch.ops.aten.gelu_backward(
+            out, z.to(dtype), approximate="tanh" if grad_activation == GELU_TANH else "none"
+        )
+    if residual is not None:
+        out = out + residual.to(dtype)
+    return out.to(out_dtype or dtype), pre
 
 
 def same_everywhere(*shape, seed):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from numerics import DEVICES, assert_close_to_ref, randn
+from numerics import DEVICES, assert_close_to_ref, matmul_reference, randn
 from spawn import run_python
 from tpkernels import MatmulConfig, autotune, launch, ops, pin_config
 from tpkernels.kernels import (GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, SPLITK_CONFIGS, TMA_CONFIGS,
@@ -83,22 +83,6 @@ def _run(a, b, *, device, out_dtype=None, bias=None, residual=None, activation=I
     return c, preact
 
 
-def _reference(a, b, *, bias=None, residual=None, activation=IDENTITY, z=None, grad_activation=IDENTITY,
-               dtype=torch.float64, out_dtype=None):
-    """The same math in eager, in `dtype` (fp64 for the reference, the operands' dtype for eager)."""
-    pre = a.to(dtype) @ b.to(dtype)
-    if bias is not None:
-        pre = pre + bias.to(dtype)
-    out = pre if activation == IDENTITY else F.gelu(pre, approximate="tanh" if activation == GELU_TANH else "none")
-    if grad_activation != IDENTITY:
-        out = torch.ops.aten.gelu_backward(
-            out, z.to(dtype), approximate="tanh" if grad_activation == GELU_TANH else "none"
-        )
-    if residual is not None:
-        out = out + residual.to(dtype)
-    return out.to(out_dtype or dtype), pre
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -112,14 +96,14 @@ def test_forward_epilogues(device, config, dtype, M, K, N):
         for activation in (IDENTITY, GELU, GELU_TANH):
             c, pre = _run(a, b, device=device, bias=bias, residual=residual, activation=activation,
                           store_preact=True)
-            ref_c, ref_pre = _reference(a, b, bias=bias, residual=residual, activation=activation)
-            eager_c, eager_pre = _reference(a, b, bias=bias, residual=residual, activation=activation, dtype=dtype)
+            ref_c, ref_pre = matmul_reference(a, b, bias=bias, residual=residual, activation=activation)
+            eager_c, eager_pre = matmul_reference(a, b, bias=bias, residual=residual, activation=activation, dtype=dtype)
             assert_close_to_ref(c, eager_c, ref_c, f"out (activation {activation})")
             assert_close_to_ref(pre, eager_pre, ref_pre, "preact")
         # fp32 partials without bias: accumulated in fp32 and never rounded to the operands' dtype.
         c, _ = _run(a, b, device=device, out_dtype=torch.float32)
-        ref_c, _ = _reference(a, b)
-        eager_c, _ = _reference(a, b, dtype=torch.float32)
+        ref_c, _ = matmul_reference(a, b)
+        eager_c, _ = matmul_reference(a, b, dtype=torch.float32)
         assert_close_to_ref(c, eager_c, ref_c, "fp32 partial")
 
 
@@ -138,13 +122,13 @@ def test_backward_launches(device, config, dtype, grad_activation):
     x = randn(M, K, dtype=dtype, device=device)
     with pin_config(config):
         dz, _ = _run(dy, w2, device=device, z=z, grad_activation=grad_activation)
-        ref, _ = _reference(dy, w2, z=z, grad_activation=grad_activation)
-        eager, _ = _reference(dy, w2, z=z, grad_activation=grad_activation, dtype=dtype)
+        ref, _ = matmul_reference(dy, w2, z=z, grad_activation=grad_activation)
+        eager, _ = matmul_reference(dy, w2, z=z, grad_activation=grad_activation, dtype=dtype)
         assert_close_to_ref(dz, eager, ref, "dZ from the dGELU epilogue")
         dx, _ = _run(dz, w, device=device)
-        assert_close_to_ref(dx, _reference(dz, w, dtype=dtype)[0], _reference(dz, w)[0], "dX")
+        assert_close_to_ref(dx, matmul_reference(dz, w, dtype=dtype)[0], matmul_reference(dz, w)[0], "dX")
         dw, _ = _run(dz.t(), x, device=device)
-        assert_close_to_ref(dw, _reference(dz.t(), x, dtype=dtype)[0], _reference(dz.t(), x)[0], "dW")
+        assert_close_to_ref(dw, matmul_reference(dz.t(), x, dtype=dtype)[0], matmul_reference(dz.t(), x)[0], "dW")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -192,17 +176,17 @@ def test_persistent_tma_kernel(device, dtype, M, K, N, monkeypatch):
         for activation in (IDENTITY, GELU, GELU_TANH):
             c, pre = _run(x, w.t(), device=device, bias=bias, residual=residual, activation=activation,
                           store_preact=True)
-            ref_c, ref_pre = _reference(x, w.t(), bias=bias, residual=residual, activation=activation)
-            eager_c, eager_pre = _reference(x, w.t(), bias=bias, residual=residual, activation=activation,
+            ref_c, ref_pre = matmul_reference(x, w.t(), bias=bias, residual=residual, activation=activation)
+            eager_c, eager_pre = matmul_reference(x, w.t(), bias=bias, residual=residual, activation=activation,
                                             dtype=dtype)
             assert_close_to_ref(c, eager_c, ref_c, f"forward, activation {activation}")
             assert_close_to_ref(pre, eager_pre, ref_pre, "preact")
         z = randn(M, K, dtype=dtype, device=device, scale=2.0)
         dz, _ = _run(dy, w, device=device, z=z, grad_activation=GELU)  # B = w [N, K]: rows
-        ref, _ = _reference(dy, w, z=z, grad_activation=GELU)
-        assert_close_to_ref(dz, _reference(dy, w, z=z, grad_activation=GELU, dtype=dtype)[0], ref, "dGELU")
+        ref, _ = matmul_reference(dy, w, z=z, grad_activation=GELU)
+        assert_close_to_ref(dz, matmul_reference(dy, w, z=z, grad_activation=GELU, dtype=dtype)[0], ref, "dGELU")
         dw, _ = _run(dy.t(), x, device=device)  # A = dY.T: the descriptor covers dY
-        assert_close_to_ref(dw, _reference(dy.t(), x, dtype=dtype)[0], _reference(dy.t(), x)[0], "dW")
+        assert_close_to_ref(dw, matmul_reference(dy.t(), x, dtype=dtype)[0], matmul_reference(dy.t(), x)[0], "dW")
     assert len(launched) == 5, "the TMA kernel must run every launch above"
 
 
@@ -225,8 +209,8 @@ def test_int64_offsets_path(device, monkeypatch):
     b = randn(45, 50, device=device).t()
     bias = randn(45, device=device)
     c, pre = _run(a, b, device=device, bias=bias, activation=GELU, store_preact=True)
-    ref, ref_pre = _reference(a, b, bias=bias, activation=GELU)
-    eager, eager_pre = _reference(a, b, bias=bias, activation=GELU, dtype=torch.float32)
+    ref, ref_pre = matmul_reference(a, b, bias=bias, activation=GELU)
+    eager, eager_pre = matmul_reference(a, b, bias=bias, activation=GELU, dtype=torch.float32)
     assert_close_to_ref(c, eager, ref)
     assert_close_to_ref(pre, eager_pre, ref_pre, "preact")
 
@@ -264,11 +248,11 @@ def test_every_autotune_config(kernel, config, dtype):
         dz, _ = _run(dy, b.t(), device="cuda", z=z, grad_activation=GELU_TANH)
         dw, _ = _run(dy.t(), a, device="cuda")
     assert len(launches) == 3 and all(line.split()[0] == kernel for line in launches), launches
-    ref, _ = _reference(a, b, bias=bias, activation=GELU_TANH)
-    assert_close_to_ref(c, _reference(a, b, bias=bias, activation=GELU_TANH, dtype=dtype)[0], ref)
-    ref_dz, _ = _reference(dy, b.t(), z=z, grad_activation=GELU_TANH)
-    assert_close_to_ref(dz, _reference(dy, b.t(), z=z, grad_activation=GELU_TANH, dtype=dtype)[0], ref_dz, "dZ")
-    assert_close_to_ref(dw, _reference(dy.t(), a, dtype=dtype)[0], _reference(dy.t(), a)[0], "dW")
+    ref, _ = matmul_reference(a, b, bias=bias, activation=GELU_TANH)
+    assert_close_to_ref(c, matmul_reference(a, b, bias=bias, activation=GELU_TANH, dtype=dtype)[0], ref)
+    ref_dz, _ = matmul_reference(dy, b.t(), z=z, grad_activation=GELU_TANH)
+    assert_close_to_ref(dz, matmul_reference(dy, b.t(), z=z, grad_activation=GELU_TANH, dtype=dtype)[0], ref_dz, "dZ")
+    assert_close_to_ref(dw, matmul_reference(dy.t(), a, dtype=dtype)[0], matmul_reference(dy.t(), a)[0], "dW")
 
 
 def _compile_report(tmp_path, name, *args):

@@ -2,12 +2,11 @@
 and backward; bitwise repeatable; its counters back at 0 after every call; its workspace reused."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tpkernels
-from numerics import DEVICES, assert_close_to_ref, check_forward_backward, linear_inputs, randn
+from numerics import DEVICES, assert_close_to_ref, check_forward_backward, linear_inputs, matmul_reference, randn
 from tpkernels import MatmulConfig, bound, launch, pin_config, reference
-from tpkernels.kernels import GELU, GELU_TANH, IDENTITY, MAX_SPLIT_K, SPLITK_CONFIGS, split_k
+from tpkernels.kernels import GELU, GELU_TANH, MAX_SPLIT_K, SPLITK_CONFIGS, split_k
 
 # Small tiles, so that test-sized shapes split K many ways under the interpreter.
 CONFIG = MatmulConfig(16, 32, 32, group_m=2, num_stages=1, epilogue_subtile=2)
@@ -25,20 +24,6 @@ def _counters_are_zero():
 
 def _splits(launches):
     return [int(line.split("split=")[1]) for line in launches if line.startswith("splitk")]
-
-
-def _reference(a, b, *, bias=None, residual=None, activation=IDENTITY, z=None, grad_activation=IDENTITY,
-               dtype=torch.float64):
-    pre = a.to(dtype) @ b.to(dtype)
-    if bias is not None:
-        pre = pre + bias.to(dtype)
-    out = pre if activation == IDENTITY else F.gelu(pre, approximate="tanh" if activation == GELU_TANH else "none")
-    if grad_activation != IDENTITY:
-        approximate = "tanh" if grad_activation == GELU_TANH else "none"
-        out = torch.ops.aten.gelu_backward(out, z.to(dtype), approximate=approximate)
-    if residual is not None:
-        out = out + residual.to(dtype)
-    return out, pre
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -67,8 +52,8 @@ def test_every_epilogue(device, dtype, M, K, N):
             _poison_workspaces()
             launch.matmul(a, b, c, preact=preact, **case)
             assert _counters_are_zero()
-            ref, ref_pre = _reference(a, b, **case)
-            eager, eager_pre = _reference(a, b, **case, dtype=dtype)
+            ref, ref_pre = matmul_reference(a, b, **case)
+            eager, eager_pre = matmul_reference(a, b, **case, dtype=dtype)
             assert_close_to_ref(c, eager.to(out_dtype), ref, f"{case.keys()}")
             if preact is not None:
                 assert_close_to_ref(preact, eager_pre, ref_pre, "preact")

@@ -218,6 +218,39 @@ def _epilogue(
 
 
 @triton.jit
+def _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length,
+                  stride_am, stride_ak, stride_bk, stride_bn,
+                  INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 product of the tile (pid_m, pid_n) over K from k_start, k_length long: A's rows of the tile
+    times B's columns. The pointer kernel runs it over all of K, the split-K kernel over its split."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Clamped rather than masked: edge rows and columns read valid memory and are never stored, so the
+    # loads need only the K mask, as in the tutorial GEMM. The hints restore the contiguity the clamp
+    # hides, so that an operand whose unit stride is along M or N (dZ.T, w) still loads in 16-byte
+    # vectors by cp.async: an aligned vector either lies inside the row or starts past its end and is
+    # clamped whole to the row's start.
+    offs_am = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
+    offs_bn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64_OFFSETS:
+        offs_k = offs_k.to(tl.int64)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+
+    # The plain GEMM's mainloop (benchmarks/plain_gemm.py repeats it on purpose, as the yardstick).
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_remaining in range(k_length, 0, -BLOCK_K):
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
+        acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
@@ -242,29 +275,8 @@ def _matmul_kernel(
     if INT64_OFFSETS:
         pid_m = pid_m.to(tl.int64)
         pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Clamped rather than masked: edge rows and columns read valid memory and are never stored, so the
-    # loads need only the K mask, as in the tutorial GEMM. The hints restore the contiguity the clamp
-    # hides, so that an operand whose unit stride is along M or N (dZ.T, w) still loads in 16-byte
-    # vectors by cp.async: an aligned vector either lies inside the row or starts past its end and is
-    # clamped whole to the row's start.
-    offs_am = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
-    offs_bn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if INT64_OFFSETS:
-        offs_k = offs_k.to(tl.int64)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-
-    # The plain GEMM's mainloop (benchmarks/plain_gemm.py repeats it on purpose, as the yardstick).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_remaining in range(K, 0, -BLOCK_K):
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, 0, K, stride_am, stride_ak, stride_bk, stride_bn,
+                        INPUT_PRECISION, INT64_OFFSETS, EMULATE_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
 
     _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
               c=(c_ptr, stride_cm, stride_cn), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),

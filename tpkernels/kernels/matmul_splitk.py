@@ -23,7 +23,7 @@ M = 1 a partial costs BLOCK_N * 4 bytes of traffic, not BLOCK_M * BLOCK_N * 4.
 import triton
 import triton.language as tl
 
-from tpkernels.kernels.matmul import _dot, _epilogue, _tile_id_to_pids
+from tpkernels.kernels.matmul import _epilogue, _tile_id_to_pids, _tile_product
 
 
 @triton.jit
@@ -60,30 +60,13 @@ def _matmul_splitk_kernel(
     k_tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = split * k_tiles_per_split * BLOCK_K
     k_length = tl.minimum(K - k_start, k_tiles_per_split * BLOCK_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Clamped rather than masked, with contiguity hints, as in `_matmul_kernel`.
-    offs_am = tl.max_contiguous(tl.multiple_of(tl.where(offs_m < M, offs_m, 0), BLOCK_M), BLOCK_M)
-    offs_bn = tl.max_contiguous(tl.multiple_of(tl.where(offs_n < N, offs_n, 0), BLOCK_N), BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    if INT64_OFFSETS:
-        offs_k = offs_k.to(tl.int64)
-    a_ptrs = a_ptr + offs_am[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
-    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-
-    # The plain GEMM's mainloop, over this split's K range.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_remaining in range(k_length, 0, -BLOCK_K):
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
-        acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length, stride_am, stride_ak, stride_bk,
+                        stride_bn, INPUT_PRECISION, INT64_OFFSETS, EMULATE_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
 
     # The partial of (tile, split) at workspace[tile, split], a dense [BLOCK_M, BLOCK_N] fp32 block.
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    in_bounds = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    in_bounds = (pid_m * BLOCK_M + rows < M)[:, None] & (pid_n * BLOCK_N + cols < N)[None, :]
     block = rows[:, None] * BLOCK_N + cols[None, :]
     tile_workspace = workspace_ptr + tile_id * SPLIT_K * (BLOCK_M * BLOCK_N)
     tl.store(tile_workspace + split * (BLOCK_M * BLOCK_N) + block, acc, mask=in_bounds)
