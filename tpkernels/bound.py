@@ -28,11 +28,12 @@ def _current_stream(device):
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
 
 
-def splitk_workspace(device, elements, tiles):
+def splitk_workspace(device, elements, tiles, stream=None):
     """An fp32 workspace of at least `elements` and `tiles` zeroed int32 counters for a split-K launch on
-    the current stream of `device`, reused across calls. During CUDA-graph capture a pair too small is
-    not replaced: the launch gets a fresh pair from the graph's pool, zeroed by a fill the graph replays."""
-    key = (device, _current_stream(device))
+    `stream` (default: the current stream of `device`), reused across calls. During CUDA-graph capture a
+    pair too small is not replaced: the launch gets a fresh pair from the graph's pool, zeroed by a fill
+    the graph replays."""
+    key = (device, _current_stream(device) if stream is None else stream)
     pair = WORKSPACES.get(key)
     if pair is not None and pair[0].numel() >= elements and pair[1].numel() >= tiles:
         return pair
@@ -69,11 +70,12 @@ def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation
             None if residual is None else (_operand_key(residual),
                                            residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()),
             _operand_key(preact), _operand_key(z), activation, grad_activation, MATMUL_KERNEL.get(),
-            PINNED_CONFIG.get(), a.is_cuda and _allow_tf32())
+            PINNED_CONFIG.get(), a.is_cuda and allow_tf32())
 
 
-def _allow_tf32():
-    getter = getattr(torch._C, "_get_cublas_allow_tf32", None)  # what torch.backends reads, without its wrapper
+def allow_tf32():
+    """torch.backends.cuda.matmul.allow_tf32, read without its wrapper (once per call on the hot path)."""
+    getter = getattr(torch._C, "_get_cublas_allow_tf32", None)
     return getter() if getter is not None else torch.backends.cuda.matmul.allow_tf32
 
 
@@ -110,10 +112,6 @@ class Bound:
 
     def __call__(self, a, b, c, bias, residual, preact, z, *, c_tensor=None):
         filler = c if c_tensor is None else c_tensor  # absent epilogue operands are passed as c (a tensor)
-        operands = (a, b, c, filler if bias is None else bias, filler if residual is None else residual,
-                    filler if preact is None else preact, filler if z is None else z)
-        if self.workspace is not None:
-            operands += splitk_workspace(self.device, *self.workspace)
         if self.device_index is None:
             stream = 0
         elif torch._C._cuda_getDevice() != self.device_index:
@@ -121,6 +119,10 @@ class Bound:
                 return Bound.__call__(self, a, b, c, bias, residual, preact, z, c_tensor=c_tensor)
         else:
             stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        operands = (a, b, c, filler if bias is None else bias, filler if residual is None else residual,
+                    filler if preact is None else preact, filler if z is None else z)
+        if self.workspace is not None:
+            operands += splitk_workspace(self.device, *self.workspace, stream=stream)
         args = operands + self.tail
         enter_hook = knobs.runtime.launch_enter_hook
         # A profiler's hooks (proton) get triton's launch metadata; with none installed, it is never read.

@@ -291,7 +291,7 @@ def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activatio
     M, K = a.shape
     N = b.shape[1]
     operands = [t for t in (a, b, c, residual, preact, z) if t is not None]
-    tf32 = a.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    tf32 = a.is_cuda and bound.allow_tf32()  # as the launch key reads it
     meta = dict(
         ACTIVATION=activation,
         GRAD_ACTIVATION=grad_activation,
