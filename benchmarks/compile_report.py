@@ -15,13 +15,15 @@ config the autotuner could try there, the report gives:
 - the issue-slot bound: tensor-core cycles per K-tile over issue cycles per K-tile (warps x mainloop
   instructions / 4 schedulers), capped at 1. Below 1, the mainloop cannot keep the tensor cores fed.
 
-The gate (`--gate`, run in CI) fails when a config that the autotuner can pick on Hopper, for a bf16
-or fp16 kernel, spills, has a C75xx warning, reads wgmma's A from registers where the plain GEMM does
-not, or has a mainloop over 1.5x the plain GEMM's; and when any kept config needs more shared memory
-than its target has.
+The gate (`--gate`, run in CI) fails when a config that the autotuner can pick on Hopper, for a bf16,
+fp16 or fp8 (e4m3) kernel, spills, has a C75xx warning, lacks the wgmma (QGMMA for fp8) the plain GEMM
+has, reads wgmma's A from registers where the plain GEMM does not, or has a mainloop over 1.5x the
+plain GEMM's; and when any kept config needs more shared memory than its target has. The fp8 modes are
+the MLP's launches (`column_fwd_fp8`, `row_fwd_fp8`; the backward's e5m2 x e4m3 `dgrad_dgelu_fp8` and
+`wgrad_fp8`, plain dgrad being wgrad's layout), on sm_90a only.
 
     python benchmarks/compile_report.py                     # everything, a table, JSON lines with --json
-    python benchmarks/compile_report.py --gate              # what CI runs (sm_90a, bf16 and fp16)
+    python benchmarks/compile_report.py --gate              # what CI runs (sm_90a, bf16, fp16 and fp8)
     PYTHONPATH=/path/to/triton36 python benchmarks/compile_report.py --gate   # another triton
 
 Run it without TRITON_INTERPRET (the interpreter replaces kernels with Python functions).
@@ -52,6 +54,8 @@ from tpkernels.kernels import (  # noqa: E402
     IDENTITY,
     _dgelu_kernel,
     _matmul_kernel,
+    _quantize_kernel,
+    _scale_update_kernel,
     _matmul_splitk_kernel,
     _matmul_tma_persistent_kernel,
     configs,
@@ -60,7 +64,9 @@ from tpkernels.kernels import (  # noqa: E402
 MAINLOOP_RATIO_LIMIT = 1.5
 NUM_SMS = 132
 TARGETS = {"sm90": 90, "sm80": 80}
-ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+# Triton's names for the dtypes (fp8: e4m3, torch.float8_e4m3fn).
+TRITON_TYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp8": "fp8e4nv"}
 # Dense tensor-core FMAs per SM per clock, for the issue-slot bound (fp32 runs as tf32, at half rate).
 FMA_PER_CLOCK = {"sm90": 2048, "sm80": 1024}
 
@@ -77,12 +83,35 @@ MODES = {
     "dgrad": dict(a=("D", "1"), b=("D", "1"), c=("D", "1"), meta={}),
     "wgrad": dict(a=("1", "D"), b=("D", "1"), c=("D", "1"), meta={}),
     "dgrad_dgelu": dict(a=("D", "1"), b=("D", "1"), c=("D", "1"), z=("D", "1"), meta=dict(GRAD_ACTIVATION=GELU)),
+    # fp8 (dtype "fp8" only, sm_90a only): the MLP's column stage quantizes h in its epilogue (scales, bias,
+    # GELU, amax, the e4m3 store; z stored in bf16), and the row stage reads h in e4m3 (bf16 partials).
+    "column_fwd_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), p=("D", "1"), out="fp8", bias="bf16",
+                           preact="bf16", fp8=True,
+                           meta=dict(ACTIVATION=GELU, HAS_BIAS=True, STORE_PREACT=True, SCALED=True, QUANTIZE=True,
+                                     STORE_AMAX=True)),
+    "row_fwd_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), out="bf16", bias="bf16", fp8=True,
+                        meta=dict(HAS_BIAS=True, SCALED=True)),
+    # the fp8 backward: e5m2 gradients times e4m3 weights (transposed copies, K-major) or activations
+    "dgrad_dgelu_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), z=("D", "1"), a_type="fp8e5", out="bf16",
+                            preact="bf16", fp8=True, meta=dict(GRAD_ACTIVATION=GELU, SCALED=True)),
+    "wgrad_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), a_type="fp8e5", out="bf16", fp8=True,
+                      meta=dict(SCALED=True)),
 }
-KERNELS = ("matmul", "matmul_tma", "matmul_splitk", "dgelu")
+KERNELS = ("matmul", "matmul_tma", "matmul_splitk", "dgelu", "fp8_quantize", "fp8_scale_update")
+MATMULS = ("matmul", "matmul_tma", "matmul_splitk")
+# The elementwise kernels: one variant each, of the dtype given ("fp8": the fp8 helpers, sm_90a only).
+ELEMENTWISE = {"dgelu": lambda dtype, target: dtype != "fp8",
+               "fp8_quantize": lambda dtype, target: dtype == "fp8" and target == "sm90",
+               "fp8_scale_update": lambda dtype, target: dtype == "fp8" and target == "sm90"}
 # The split-K kernel serves decode shapes: every launch but dW, whose K (the tokens) is never long there.
-SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu")
+SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu", "column_fwd_fp8", "row_fwd_fp8",
+                "dgrad_dgelu_fp8")
 EPILOGUE_DEFAULTS = dict(ACTIVATION=IDENTITY, GRAD_ACTIVATION=IDENTITY, HAS_BIAS=False, HAS_RESIDUAL=False,
-                         STORE_PREACT=False, INT64_OFFSETS=False, EMULATE_BF16=False)
+                         STORE_PREACT=False, SCALED=False, QUANTIZE=False, STORE_AMAX=False, INT64_OFFSETS=False,
+                         EMULATE_BF16=False)
+
+# The fp8 scales are fp32 scalars; amax is passed as its int32 view (the atomic max runs on the bits).
+SCALE_POINTERS = dict(a_scale_ptr="fp32", b_scale_ptr="fp32", c_scale_ptr="fp32", amax_ptr="i32")
 
 
 def _tools_dir():
@@ -93,6 +122,10 @@ def kernel_configs(kernel, mode, dtype, target):
     """The configs the launcher lets the autotuner try for this kernel, mode, dtype and target."""
     capability = (TARGETS[target] // 10, TARGETS[target] % 10)
     limit = configs.shared_memory_limit(capability)
+    if (dtype == "fp8") != MODES[mode].get("fp8", False):
+        return []  # fp8 modes take fp8 operands, the others 16- or 32-bit ones
+    if dtype == "fp8" and (target != "sm90" or kernel == "matmul_tma"):
+        return []  # fp8 tensor cores are Hopper's (sm_89 up); the TMA kernel is 16-bit only
     if kernel == "matmul_tma":
         spec = MODES[mode]
         if target != "sm90" or dtype == "fp32" or spec.get("out", dtype) != dtype:
@@ -150,9 +183,13 @@ def _matmul_source(mode, dtype, config, kernel=_matmul_kernel):
         [("stride_am", "stride_ak"), ("stride_bk", "stride_bn"), ("stride_cm", "stride_cn"),
          ("stride_rm", "stride_rn"), ("stride_pm", "stride_pn"), ("stride_zm", "stride_zn")],
         [spec["a"], spec["b"], spec["c"], spec.get("r"), spec.get("p"), spec.get("z")]))
-    out = spec.get("out", dtype)
-    return _signature(kernel, values, dict(default=dtype, c_ptr=out, residual_ptr=out, bias_ptr=dtype,
-                                           workspace_ptr="fp32", counter_ptr="i32"))
+    out = TRITON_TYPE[spec.get("out", dtype)]
+    return _signature(kernel, values, dict(default=TRITON_TYPE[dtype], a_ptr=spec.get("a_type", TRITON_TYPE[dtype]),
+                                           c_ptr=out, residual_ptr=out,
+                                           bias_ptr=TRITON_TYPE[spec.get("bias", dtype)],
+                                           preact_ptr=TRITON_TYPE[spec.get("preact", dtype)],
+                                           z_ptr=TRITON_TYPE[spec.get("preact", dtype)],
+                                           workspace_ptr="fp32", counter_ptr="i32", **SCALE_POINTERS))
 
 
 def _layout_flags(spec):
@@ -184,7 +221,7 @@ def _matmul_tma_source(mode, dtype, config):
     out = spec.get("out", dtype)
     slices = config.epilogue_slices(spec["meta"].get("GRAD_ACTIVATION", IDENTITY) != IDENTITY)
     descriptors = _operand_descriptors(spec, dtype, out, config, slices)
-    return _signature(_matmul_tma_persistent_kernel, values, dict(default=dtype, residual_ptr=out),
+    return _signature(_matmul_tma_persistent_kernel, values, dict(default=dtype, residual_ptr=out, **SCALE_POINTERS),
                       descriptors)
 
 
@@ -200,7 +237,19 @@ def _plain_source(kernel, mode, dtype, config):
     values = dict(tile)
     values.update(_stride_values([("stride_am", "stride_ak"), ("stride_bk", "stride_bn"), ("stride_cm", "stride_cn")],
                                  [spec["a"], spec["b"], spec["c"]]))
-    return _signature(_plain_matmul_kernel, values, dict(default=dtype, c_ptr=out))
+    return _signature(_plain_matmul_kernel, values, dict(default=TRITON_TYPE[dtype], c_ptr=TRITON_TYPE[out],
+                                                         a_ptr=spec.get("a_type", TRITON_TYPE[dtype])))
+
+
+def _quantize_source():
+    values = dict(STORE_AMAX=True, INT64_OFFSETS=False, EMULATE_BF16=False, BLOCK_M=32, BLOCK_N=128, stride_xn=1,
+                  stride_qn=1)
+    return _signature(_quantize_kernel, values, dict(default="bf16", q_ptr="fp8e4nv", scale_ptr="fp32", amax_ptr="i32"))
+
+
+def _scale_update_source():
+    values = dict(LENGTH=16, COUNT=4, MARGIN=0, MOST_RECENT=False, BLOCK_L=16, BLOCK_C=4)
+    return _signature(_scale_update_kernel, values, dict(default="fp32"))
 
 
 def _dgelu_source(dtype):
@@ -301,7 +350,7 @@ def _opcode(text):
 def sass_report(cubin):
     instructions, labels = parse_sass(_sass(cubin))
     opcodes = [_opcode(t) for t in instructions]
-    hgmma = [t for t in instructions if _opcode(t).startswith("HGMMA")]
+    hgmma = [t for t in instructions if _opcode(t).startswith(("HGMMA", "QGMMA"))]  # QGMMA: fp8 wgmma
     report = dict(
         instructions=len(instructions),
         wgmma=bool(hgmma),
@@ -325,7 +374,7 @@ def sass_report(cubin):
 def _issue_bound(config, dtype, target, mainloop_instructions):
     if not mainloop_instructions:
         return None
-    rate = FMA_PER_CLOCK[target] / (2 if dtype == "fp32" else 1)
+    rate = FMA_PER_CLOCK[target] * {"fp32": 0.5, "fp8": 2}.get(dtype, 1)
     mma_cycles = config.block_m * config.block_n * config.block_k / rate
     issue_cycles = config.num_warps * mainloop_instructions / 4
     return round(min(1.0, mma_cycles / issue_cycles), 3)
@@ -338,6 +387,10 @@ def _source(kernel, mode, dtype, config):
         return _matmul_tma_source(mode, dtype, config)
     if kernel == "matmul_splitk":
         return _matmul_source(mode, dtype, config, _matmul_splitk_kernel)
+    if kernel == "fp8_quantize":
+        return _quantize_source()
+    if kernel == "fp8_scale_update":
+        return _scale_update_source()
     return _dgelu_source(dtype)
 
 
@@ -345,7 +398,7 @@ def compile_variant(variant):
     """One report row: the kernel, and for matmuls the plain GEMM beside it."""
     kernel, mode, dtype, target, config = variant
     capability = (TARGETS[target] // 10, TARGETS[target] % 10)
-    if kernel == "dgelu":
+    if kernel not in MATMULS:
         warps, stages = DGELU_NUM_WARPS, 1
     else:
         warps, stages = config.num_warps, config.num_stages
@@ -355,10 +408,10 @@ def compile_variant(variant):
                shared_bytes=compiled.metadata.shared, shared_limit=configs.shared_memory_limit(capability))
     row.update(_ptxas_report(log))
     row.update(sass_report(compiled.asm["cubin"]))
-    if kernel != "dgelu":
+    if kernel in MATMULS:
         plain, plain_log, _ = _compile(_plain_source(kernel, mode, dtype, config), target, warps, stages)
         plain_sass = sass_report(plain.asm["cubin"])
-        row.update(plain_mainloop_instructions=plain_sass["mainloop_instructions"],
+        row.update(plain_mainloop_instructions=plain_sass["mainloop_instructions"], plain_wgmma=plain_sass["wgmma"],
                    plain_wgmma_a_from_registers=plain_sass["wgmma_a_from_registers"],
                    plain_spill_store_bytes=_ptxas_report(plain_log)["spill_store_bytes"])
         ours, theirs = row["mainloop_instructions"], row["plain_mainloop_instructions"]
@@ -373,13 +426,15 @@ def gate_failures(row):
     failures = []
     if row["shared_bytes"] > row["shared_limit"]:
         failures.append(f"needs {row['shared_bytes']} bytes of shared memory, the device has {row['shared_limit']}")
-    if row["target"] != "sm90" or row["dtype"] not in ("bf16", "fp16"):
+    if row["target"] != "sm90" or row["dtype"] not in ("bf16", "fp16", "fp8"):
         return failures
+    if row["kernel"] in MATMULS and row.get("plain_wgmma") and not row["wgmma"]:
+        failures.append("no wgmma (HGMMA, or QGMMA for fp8) in the SASS; the plain GEMM has it")
     if row["spill_store_bytes"]:
         failures.append(f"spills {row['spill_store_bytes']} bytes")
     if row["warnings"]:
         failures.append("ptxas " + ", ".join(row["warnings"]) + ": " + " | ".join(row["warning_text"])[:300])
-    if row["kernel"] == "dgelu":
+    if row["kernel"] not in MATMULS:
         return failures
     if row["wgmma_a_from_registers"] and not row["plain_wgmma_a_from_registers"]:
         failures.append("wgmma reads A from registers; the plain GEMM reads it from shared memory")
@@ -427,8 +482,9 @@ def variants(kernels, modes, dtypes, targets):
     for target in targets:
         for dtype in dtypes:
             for kernel in kernels:
-                if kernel == "dgelu":
-                    out.append((kernel, "dgelu", dtype, target, None))
+                if kernel in ELEMENTWISE:
+                    if ELEMENTWISE[kernel](dtype, target):
+                        out.append((kernel, kernel, dtype, target, None))
                     continue
                 for mode in modes:
                     out.extend((kernel, mode, dtype, target, config)
@@ -443,7 +499,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", choices=list(ELEMENT_SIZE), help="default: all; bf16 fp16 with --gate")
     parser.add_argument("--targets", nargs="+", choices=list(TARGETS), help="default: all; sm90 with --gate")
     parser.add_argument("--gate", action="store_true",
-                        help="sm_90a, bf16 and fp16 (unless given), and exit 1 on any gate failure")
+                        help="sm_90a, bf16, fp16 and fp8 (unless given), and exit 1 on any gate failure")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiles")
     parser.add_argument("--json", help="write the rows to this file as JSON lines")
     parser.add_argument("--markdown", help="write the table to this file")
@@ -456,7 +512,7 @@ def main(argv=None):
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpkernels-compile-report-")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns unless it is set
-    args.dtypes = args.dtypes or (["bf16", "fp16"] if args.gate else list(ELEMENT_SIZE))
+    args.dtypes = args.dtypes or (["bf16", "fp16", "fp8"] if args.gate else list(ELEMENT_SIZE))
     args.targets = args.targets or (["sm90"] if args.gate else list(TARGETS))
 
     todo = variants(args.kernels, args.modes, args.dtypes, args.targets)

@@ -76,11 +76,14 @@ from tpkernels import autotune, extension, launch, ops  # noqa: E402
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
 PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
              "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "tpkernels_pointer",
-             "tpkernels_splitk", "tpkernels_tma")
+             "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8", "fp8_unfused", "scaled_mm")
+# The fp8 providers (`--dtypes fp8`), held to the unfused fp8 path's error.
+FP8_PROVIDERS = ("tpkernels_fp8", "fp8_unfused", "scaled_mm")
 # The Triton backend on one kernel by name (GPU, the forward ops): what the kernel table is measured from.
 KERNEL_PROVIDERS = {"tpkernels_pointer": "pointer", "tpkernels_splitk": "splitk", "tpkernels_tma": "tma"}
 TEST_PROVIDERS = ("wrong", "no_residual")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "fp8": torch.float8_e4m3fn}  # fp8: e4m3 compute over bf16 master tensors (FP8Op)
 ATOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 GELU_FORMS = ("tanh", "none")
 
@@ -91,15 +94,17 @@ M_VALUES = [1, 16, 64, 128, 256, 512, 2048, 8192, 16384]
 SMOKE_SHAPES = [(16, 32, 48), (40, 64, 32)]
 # The headline plan: the points that decide the backend table, the kernel choice and the targets, sized
 # to fit a short GPU slot. (op, M, K, N, dtype, gelu).
-_BF16, _FP16 = "bfloat16", "float16"
+_BF16, _FP8 = "bfloat16", "fp8"
 HEADLINE = (
     [("column_fwd", M, 4096, N, _BF16, "tanh") for N in (2048, 8192) for M in (1, 16, 64, 256, 2048, 8192)]
     + [("row_fwd", M, 3584, 8192, _BF16, "tanh") for M in (1, 16, 256, 8192)]
     + [("column_bwd", M, 4096, 8192, _BF16, "tanh") for M in (256, 8192)]
     + [("mlp_shard", M, 4096, 3584, _BF16, "tanh") for M in (256, 8192)]
     + [("column_fwd", M, 4096, 8192, _BF16, "none") for M in (16, 8192)]
-    + [("column_fwd", M, 4096, 8192, _FP16, "tanh") for M in (16, 8192)]
     + [("tp_mlp", 4096, 4096, 16384, _BF16, "tanh")]
+    # fp8 (issue 18's targets): the MLP step, the column forward against the bare fp8 GEMM, decode
+    + [("mlp_shard", 8192, 4096, 3584, _FP8, "tanh")]
+    + [("column_fwd", M, 4096, 8192, _FP8, "tanh") for M in (16, 8192)]
 )
 # `--cpu-results`: the CPU backends as real results on the machine at hand, decode and prefill shapes,
 # fp32 and bf16, exact GELU (the modules' default) and the row stage with fp32 partials.
@@ -109,11 +114,13 @@ CPU_RESULTS = ([("column_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloa
                   for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))])
 CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_cpu", "eager", "torch_mm")
 HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
-                      "tpkernels_overlap", "tpkernels_pointer", "tpkernels_splitk", "tpkernels_tma")
+                      "tpkernels_overlap", "tpkernels_pointer", "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8",
+                      "fp8_unfused", "scaled_mm")
 # Datasheet dense peaks (FLOP/s) by device name and dtype, for the floor; a device not listed uses the
 # run's own large torch.mm. Bandwidth is always the run's own measured copy.
 PEAK_FLOPS = {("H100", torch.bfloat16): 989e12, ("H100", torch.float16): 989e12, ("H100", torch.float32): 67e12,
-              ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12}
+              ("H200", torch.bfloat16): 989e12, ("H200", torch.float16): 989e12, ("H200", torch.float32): 67e12,
+              ("H100", torch.float8_e4m3fn): 1979e12, ("H200", torch.float8_e4m3fn): 1979e12}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,8 +418,116 @@ class TPMLP(MLPShard):
         }.get(provider)
 
 
+class FP8Op(Op):
+    """`--dtypes fp8`: bf16 master tensors; our fp8 path (tpkernels_fp8), the unfused fp8 path
+    (fp8_unfused: torch._scaled_mm in fp32, then bias, GELU, amax and the casts in torch ops, the same
+    scales), the bare fp8 GEMM (scaled_mm: torch._scaled_mm of the quantized operands, a floor that skips
+    the epilogue and the quantization of x), and the bf16 providers (tpkernels, eager, torch_mm) on the
+    master tensors. The fp8 providers are held to 2x fp8_unfused's error against fp64, the others to 2x
+    bf16 eager's. The scales are set by one step before anything runs, as in training."""
+
+    bf16 = None  # the bf16 op of the same point
+
+    def __init__(self, M, K, N, dtype, device, gelu="tanh"):
+        super().__init__(M, K, N, torch.bfloat16, device, gelu)
+        self.label_dtype = dtype
+        self.master = self.bf16(M, K, N, torch.bfloat16, device, gelu)
+        self.scaling = tpkernels.fp8.FP8Scaling(tpkernels.FP8Recipe(), tpkernels.fp8.MLP_TENSORS, device)
+        self.scaling.update(torch.device(device))
+        self.forward("auto")()  # the step that records the amax the scales come from
+        self.scaling.update(torch.device(device))
+
+    def fresh(self):
+        return type(self)(self.M, self.K, self.N, self.label_dtype, self.device, self.gelu)
+
+    def flops(self):
+        return self.master.flops()
+
+    def bytes(self):
+        return self.master.bytes() // 2  # the GEMM operands in e4m3: about half of bf16's bytes
+
+    def reference(self):
+        return self.master.reference()
+
+    def gemm_reference(self):
+        return self.master.gemm_reference()
+
+    def quantized(self, name, t):
+        return self.scaling.weight(name, t.detach(), "auto")
+
+    def _bare_operands(self):
+        return self.quantized("x_bare", self.master.x) + self.quantized("w_bare", self.master.w)
+
+    def scaled_mm(self):
+        x_q, x_scale_inv, w_q, w_scale_inv = self._bare_operands()
+        return lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale_inv.reshape(()),
+                                        scale_b=w_scale_inv.reshape(()), out_dtype=torch.bfloat16)
+
+    def scaled_mm_reference(self):
+        x_q, x_scale_inv, w_q, w_scale_inv = (t.double() for t in self._bare_operands())
+        return (x_q * x_scale_inv) @ (w_q * w_scale_inv).t()
+
+    def run(self, provider):
+        if provider in ("tpkernels_fp8", "fp8_unfused"):
+            return self.forward("auto" if provider == "tpkernels_fp8" else "eager")
+        if provider == "scaled_mm":
+            return self.scaled_mm()
+        if provider in ("tpkernels", "eager", "torch_mm"):
+            return self.master.run(provider)
+        return None
+
+
+class FP8ColumnForward(FP8Op):
+    bf16 = ColumnForward
+
+    def forward(self, backend):
+        m, code = self.master, ops.GELU_TANH if self.gelu == "tanh" else ops.GELU
+        return lambda: tpkernels.fp8.fp8_linear(m.x, m.w, m.b, self.scaling, activation=code, backend=backend)
+
+
+class FP8RowForward(FP8Op):
+    """The row stage in fp8: p = x @ w.T + b in fp32 partials (no residual: the fp8 path takes none). Its
+    fp64 reference and bf16 providers are the column op's without GELU, with fp32 output."""
+
+    class bf16(ColumnForward):
+        def reference(self):
+            return F.linear(self.x.double(), self.w.double(), self.b.double())
+
+        def run(self, provider):
+            x, w, b = self.x, self.w, self.b
+            return {"tpkernels": lambda: tpkernels.linear_partial(x, w, b, out_dtype=torch.float32),
+                    "eager": lambda: _linear_fp32(x, w) + b.float(),
+                    "torch_mm": lambda: x @ w.t()}.get(provider)
+
+    def forward(self, backend):
+        m = self.master
+        return lambda: tpkernels.fp8.fp8_linear(m.x, m.w, m.b, self.scaling, out_dtype=torch.float32, backend=backend)
+
+
+class FP8MLPShard(FP8Op):
+    bf16 = MLPShard
+
+    def forward(self, backend):
+        m, code = self.master, ops.GELU_TANH if self.gelu == "tanh" else ops.GELU
+        return lambda: m._step(lambda *p: tpkernels.fp8.fp8_mlp_shard(*p, self.scaling, activation=code,
+                                                                      backend=backend), m.params)
+
+    def scaled_mm(self):
+        return None  # a forward and backward: the fp8 GEMM floor is the column op's
+
+
 OP_CLASSES = {"column_fwd": ColumnForward, "row_fwd": RowForward, "column_bwd": ColumnBackward,
               "mlp_shard": MLPShard, "tp_mlp": TPMLP}
+FP8_OP_CLASSES = {"column_fwd": FP8ColumnForward, "row_fwd": FP8RowForward, "mlp_shard": FP8MLPShard}
+FP8 = torch.float8_e4m3fn
+
+
+def make_op(op_name, M, K, N, dtype, device, gelu):
+    """The op of a point; None for an op with no fp8 form at dtype fp8 (column_bwd, tp_mlp)."""
+    if dtype == FP8:
+        cls = FP8_OP_CLASSES.get(op_name)
+        return None if cls is None else cls(M, K, N, dtype, device, gelu)
+    return OP_CLASSES[op_name](M, K, N, dtype, device, gelu)
 
 
 def _native(make, x, gelu):
@@ -467,10 +582,16 @@ def check(op, provider, fn):
     if provider == "torch_mm":  # the floor is eager's own GEMM: held to the fp64 GEMMs within atol alone
         ref = _flatten(op.gemm_reference())
         eager = [r.double() for r in ref]
+    elif provider == "scaled_mm":  # the fp8 floor: the fp64 GEMM of the operands it multiplies, rounded to bf16
+        ref = [op.scaled_mm_reference()]
+        eager = [ref[0].to(torch.bfloat16)]
     else:
-        if not hasattr(op, "_checked"):  # the same fp64 reference and eager outputs for every provider
-            op._checked = _flatten(op.reference()), _flatten(op.run("eager")())
-        ref, eager = (op.view_for(provider, outputs) for outputs in op._checked)
+        baseline = "fp8_unfused" if provider in FP8_PROVIDERS else "eager"
+        if not hasattr(op, "_checked"):
+            op._checked = {}
+        if baseline not in op._checked:  # the same fp64 reference and baseline outputs for every provider
+            op._checked[baseline] = _flatten(op.reference()), _flatten(op.run(baseline)())
+        ref, eager = (op.view_for(provider, outputs) for outputs in op._checked[baseline])
     if len(got) != len(ref):
         return f"{len(got)} outputs, expected {len(ref)}"
     for index, (g, e, r) in enumerate(zip(got, eager, ref)):
@@ -702,6 +823,9 @@ _APPLIES = {"column_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt"
             "column_bwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm"},
             "mlp_shard": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile"},
             "tp_mlp": {"tpkernels", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "eager"}}
+_APPLIES_FP8 = {"column_fwd": {"tpkernels", "eager", "torch_mm", *FP8_PROVIDERS},
+                "row_fwd": {"tpkernels", "eager", "torch_mm", *FP8_PROVIDERS},
+                "mlp_shard": {"tpkernels", "eager", "torch_mm", "tpkernels_fp8", "fp8_unfused"}}
 _AUTOTUNED_LAUNCHES = {"column_fwd": 1, "row_fwd": 1, "column_bwd": 2, "mlp_shard": 6, "tp_mlp": 6}
 
 
@@ -712,18 +836,26 @@ def predicted_seconds(points, providers, rounds, host_calls):
     per provider for its check and 0.3 s for its graph capture; per round 3 replays of about 1 ms plus
     telemetry; host calls at 0.2 ms. A cold cache compiles every config the autotuner tries (15 per
     launch and specialization, and per kernel provider), about 1.5 s each."""
-    total, compiles, seen = 20.0, 0, set()
+    total, compiles, seen, tuned = 20.0, 0, set(), set()
     for op, M, K, N, dtype, gelu in points:
-        applying = [p for p in providers if p in _APPLIES[op] and not (p == "cublaslt" and gelu == "none")
+        applies = _APPLIES_FP8.get(op, set()) if dtype == FP8 else _APPLIES[op]
+        applying = [p for p in providers if p in applies and not (p == "cublaslt" and gelu == "none")
                     and not (p == "tpkernels_cublaslt" and gelu == "none" and op != "row_fwd")
                     and not (p in KERNEL_PROVIDERS and M > KERNEL_CHOICE_MAX_M)]
-        if any(p.startswith("tpkernels") for p in applying):
-            tuners = 1 + sum(p in KERNEL_PROVIDERS for p in applying)
-            total += 2.0 * _AUTOTUNED_LAUNCHES[op] * tuners
-            specialization = (op, dtype, gelu, M == 1, M > 128)  # M = 1 and the TMA kernel compile apart
+        # The paths our providers tune: at an fp8 point the bf16 one (tuned already if the plan has its
+        # bf16 twin: the autotuner keeps its picks) and the fp8 one.
+        paths = [(dtype, p) for p in applying if p == "tpkernels_fp8" or p in KERNEL_PROVIDERS]
+        if any(p.startswith("tpkernels") and p not in FP8_PROVIDERS for p in applying):
+            paths.append((torch.bfloat16 if dtype == FP8 else dtype, "tpkernels"))
+        for path_dtype, provider in paths:
+            if (op, M, K, N, path_dtype, gelu, provider) in tuned:
+                continue
+            tuned.add((op, M, K, N, path_dtype, gelu, provider))
+            total += 2.0 * _AUTOTUNED_LAUNCHES[op]
+            specialization = (op, path_dtype, gelu, M == 1, M > 128, provider)  # M = 1, TMA compile apart
             if specialization not in seen:
                 seen.add(specialization)
-                compiles += 15 * _AUTOTUNED_LAUNCHES[op] * tuners
+                compiles += 15 * _AUTOTUNED_LAUNCHES[op]
         total += len(applying) * (0.6 + rounds * 0.01 + host_calls * 2e-4)
     return total, compiles
 
@@ -834,6 +966,15 @@ TARGETS = [
     ("split-K / pointer kernel <= 1.0, M <= 64", None, "tpkernels_splitk", "tpkernels_pointer",
      lambda r: r["M"] <= 64, 1.0, True),
     ("column bwd tpkernels / eager <= 1.0", "column_bwd", "tpkernels", "eager", lambda r: True, 1.0, True),
+    # Issue 18, fp8 (rows of --dtypes fp8: "eager" and "torch_mm" there are bf16's).
+    ("fp8 mlp_shard / bf16 eager <= 1 / 1.5, M >= 8192", "mlp_shard", "tpkernels_fp8", "eager",
+     lambda r: r["M"] >= 8192, 1 / 1.5, True),
+    ("fp8 mlp_shard / unfused fp8 <= 1 / 1.1, M >= 8192", "mlp_shard", "tpkernels_fp8", "fp8_unfused",
+     lambda r: r["M"] >= 8192, 1 / 1.1, True),
+    ("fp8 column fwd / bare scaled_mm <= 1.1, M >= 2048", "column_fwd", "tpkernels_fp8", "scaled_mm",
+     lambda r: r["M"] >= 2048, 1.1, True),
+    ("fp8 decode / bf16 torch_mm <= 1 / 1.6, M <= 16", None, "tpkernels_fp8", "torch_mm", lambda r: r["M"] <= 16,
+     1 / 1.6, True),
     ("mlp_shard tpkernels / eager <= 1.0", "mlp_shard", "tpkernels", "eager", lambda r: True, 1.0, True),
 ]
 CPU_TARGETS = [
@@ -851,6 +992,9 @@ def targets(rows):
     lines = ["| target | point | ratio (band) | verdict |", "| --- | --- | --- | --- |"]
     for name, op, num, den, keep, limit, at_most in checks:
         for r in rows:
+            fp8_row = r["dtype"] == str(FP8).replace("torch.", "")
+            if fp8_row != (num in FP8_PROVIDERS):
+                continue  # an fp8 point's bf16 providers are its baselines, judged at their own bf16 points
             if (op is None or r["op"] == op) and r["provider"] == num and keep(r) and f"ratio_vs_{den}" in r:
                 band = r[f"ratio_vs_{den}_band"]
                 lines.append(f"| {name} | {r['op']} M={r['M']} K={r['K']} N={r['N']} {r['dtype']} {r['gelu']} | "
@@ -1025,8 +1169,8 @@ def precompile(points, providers, device):
     with ThreadPoolExecutor(os.cpu_count() or 4) as executor:
         with AsyncCompileMode(executor, ignore_errors=True), launch.precompiling():
             for op_name, M, K, N, dtype, gelu in points:
-                op = OP_CLASSES[op_name](M, K, N, dtype, device, gelu)
-                for provider in providers:
+                op = make_op(op_name, M, K, N, dtype, device, gelu)
+                for provider in (providers if op is not None else ()):
                     fn = op.run(provider) if provider.startswith("tpkernels") else None
                     if fn is None:
                         continue
@@ -1042,7 +1186,9 @@ def precompile(points, providers, device):
 def run_point(point, providers, device, env, ceilings, rounds, host_calls, seed, l2_bytes, cpu_calls=2):
     """Every provider's row at one point: checked, then timed in `rounds` shuffled rounds."""
     op_name, M, K, N, dtype, gelu = point
-    op = OP_CLASSES[op_name](M, K, N, dtype, device, gelu)
+    op = make_op(op_name, M, K, N, dtype, device, gelu)
+    if op is None:
+        return []
     peak, peak_source = peak_flops(env["device"], dtype, ceilings[0])
     bandwidth = ceilings[1]
     floor_s = max(op.flops() / peak, op.bytes() / bandwidth)

@@ -146,8 +146,9 @@ def test_headline_plan_dry_run_fits_five_minutes():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     points = [line for line in lines if line.startswith("  ")]
-    assert len(points) == 25 and sum("tp_mlp" in p for p in points) == 1
-    assert sum("gelu=none" in p for p in points) == 2 and sum(" float16 " in p for p in points) == 2
+    assert len(points) == 26 and sum("tp_mlp" in p for p in points) == 1
+    assert sum("float8_e4m3fn" in p for p in points) == 3
+    assert sum("gelu=none" in p for p in points) == 2
     (predicted,) = [line for line in lines if line.startswith("predicted: ")]
     assert int(predicted.split()[1]) < 300
 
@@ -250,3 +251,24 @@ def test_kernel_table_takes_a_kernel_only_where_it_wins():
     assert table["entries"] == [{"layout": 3, "dtype": "bfloat16", "m_bucket": 1, "n": 2048, "k": 4096,
                                  "kernel": "pointer"}]
     assert "NVIDIA H200" in table["source"] and "M=16" in table["source"]
+
+
+def test_fp8_smoke_checks_and_times_every_fp8_provider(tmp_path):
+    """`--dtypes fp8`: our fp8 path, the unfused fp8 path and the bare fp8 GEMM beside the bf16 providers,
+    each checked (fp8 ones against the unfused fp8 path's error) and timed; column_bwd has no fp8 form."""
+    result = subprocess.run(
+        [sys.executable, RUN, "--smoke", "--dtypes", "fp8", "--shapes", "16,32,48", "--ops", "column_fwd", "row_fwd",
+         "mlp_shard", "column_bwd", "--providers", "tpkernels_fp8", "fp8_unfused", "scaled_mm", "tpkernels", "eager",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    status = {(r["op"], r["provider"]): r["status"] for r in rows}
+    assert {r["op"] for r in rows} == {"column_fwd", "row_fwd", "mlp_shard"}
+    assert all(r["dtype"] == "float8_e4m3fn" for r in rows)
+    for op in ("column_fwd", "row_fwd", "mlp_shard"):
+        for provider in ("tpkernels_fp8", "fp8_unfused", "tpkernels", "eager"):
+            assert status[op, provider] == "ok", (op, provider, status[op, provider])
+    assert status["column_fwd", "scaled_mm"] == "ok" and status["mlp_shard", "scaled_mm"] == "n/a"
+    fused = next(r for r in rows if r["op"] == "column_fwd" and r["provider"] == "tpkernels_fp8")
+    assert "ratio_vs_fp8_unfused_band" in fused and "pointer" in fused["config"]

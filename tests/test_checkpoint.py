@@ -1,8 +1,9 @@
 """Checkpoint failures (`tpkernels/checkpoint.py`), on one rank: a load checks every file and tensor before
 it changes any parameter, and refuses a truncated or corrupt file, a file the index names that is not
 there, a tensor of the wrong shape or kind of dtype, each with a ValueError naming the file and tensor; a
-save that fails leaves the old checkpoint byte for byte, loadable, and no temporary behind. The
-multi-rank save and load of real models are in test_parallelize.py."""
+save that fails leaves the old checkpoint byte for byte, loadable, and no temporary behind; a save streams
+one tensor at a time to rank 0 into transformers' sharded files. The multi-rank save and load of real
+models are in test_parallelize.py."""
 import json
 import os
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import tpkernels
+from tpkernels import checkpoint_files
 from tpkernels.checkpoint import load_sharded, save_sharded
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -116,62 +118,97 @@ def test_floating_tensors_are_cast_as_transformers_does(tmp_path):
 
 @pytest.mark.parametrize("target", ["folder", "file"])
 def test_a_failed_save_loses_nothing(tmp_path, target, monkeypatch):
-    """A write that fails part way (here the file is half written, then the disk is full): the old
-    checkpoint is there byte for byte and loads, a file beside it (a tokenizer) too, and no temporary is
-    left; a later save that succeeds replaces the checkpoint and keeps the tokenizer."""
+    """A write that fails part way (the second file of a sharded save, or the one file, is half written,
+    then the disk is full): the old checkpoint is there byte for byte and loads, a file beside it (a
+    tokenizer) too, and no temporary is left; a later save that succeeds replaces the checkpoint and
+    keeps the tokenizer."""
     path = tmp_path / "ckpt" if target == "folder" else tmp_path / "ckpt.safetensors"
     save_sharded(_model(0), str(path))
     model_file = path / "model.safetensors" if target == "folder" else path
     if target == "folder":
         (path / "tokenizer.json").write_text("{}")
     old_bytes = model_file.read_bytes()
-    real_save = safetensors_torch.save_file
+    real_write = checkpoint_files.write_tensor
+    failing_file = "model-00002-of-00002" if target == "folder" else "ckpt.safetensors"
 
-    def fail_part_way(tensors, file, metadata=None):
-        real_save(tensors, file, metadata=metadata)
-        with open(file, "r+b") as f:
-            f.truncate(os.path.getsize(file) // 2)
-        raise OSError(28, "No space left on device")
+    def fail_part_way(f, tensor):
+        if failing_file in f.name:
+            f.write(b"\0" * (tensor.numel() * tensor.element_size() // 2))
+            raise OSError(28, "No space left on device")
+        real_write(f, tensor)
 
-    monkeypatch.setattr(safetensors_torch, "save_file", fail_part_way)
+    monkeypatch.setattr(checkpoint_files, "write_tensor", fail_part_way)
+    options = dict(max_shard_size=500) if target == "folder" else {}  # two files: 432 and 416 bytes
     with pytest.raises(RuntimeError, match=r"writing .* failed on rank 0 \(OSError.*No space left.*is as it was"):
-        save_sharded(_model(2), str(path))
+        save_sharded(_model(2), str(path), **options)
     assert model_file.read_bytes() == old_bytes
     assert sorted(os.listdir(tmp_path)) == [path.name]  # no temporary left
     model = _model(1)
     load_sharded(model, str(path))
     assert _unchanged(model, _snapshot(_model(0)))
-    monkeypatch.setattr(safetensors_torch, "save_file", real_save)
-    save_sharded(_model(2), str(path))
+    monkeypatch.setattr(checkpoint_files, "write_tensor", real_write)
+    written = save_sharded(_model(2), str(path), **options)
     load_sharded(model, str(path))
     assert _unchanged(model, _snapshot(_model(2))) and sorted(os.listdir(tmp_path)) == [path.name]
     if target == "folder":
         assert (path / "tokenizer.json").read_text() == "{}"
+        assert sorted(os.listdir(path)) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                            "model.safetensors.index.json", "tokenizer.json"], written
 
 
 def test_a_short_write_that_did_not_raise_is_caught(tmp_path, monkeypatch):
-    """The header is read back before the move: a file missing a tensor never replaces the old one."""
+    """Each file's size and header are checked before the move: a file missing bytes never replaces the old one."""
     save_sharded(_model(0), str(tmp_path))
     old_bytes = (tmp_path / "model.safetensors").read_bytes()
-    real_save = safetensors_torch.save_file
-    monkeypatch.setattr(safetensors_torch, "save_file",
-                        lambda tensors, file, metadata=None: real_save(dict(list(tensors.items())[:-1]), file))
-    with pytest.raises(RuntimeError, match="holds 3 tensors, 4 were written"):
+    real_write = checkpoint_files.write_tensor
+    monkeypatch.setattr(checkpoint_files, "write_tensor", lambda f, t: real_write(f, t) if t.dim() == 2 else None)
+    with pytest.raises(RuntimeError, match=r"model\.safetensors is 1072 bytes, its header says 1152"):
         save_sharded(_model(2), str(tmp_path))
     assert (tmp_path / "model.safetensors").read_bytes() == old_bytes
 
 
+def test_sharded_files_follow_transformers_layout(tmp_path):
+    """max_shard_size splits the checkpoint into transformers' files and index, in order, a tensor larger
+    than the limit alone in its file; they load back, and sizes parse as transformers writes them."""
+    model = _model(0)
+    written = save_sharded(model, str(tmp_path / "a"), max_shard_size=400)  # 384 + 48 > 400: four files
+    names = [os.path.basename(f) for f in written["files"]]
+    assert names == [f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    index = json.loads((tmp_path / "a" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"0.weight": names[0], "0.bias": names[1], "2.weight": names[2], "2.bias": names[3]}
+    assert index["metadata"]["total_size"] == (96 + 12 + 96 + 8) * 4
+    for file in written["files"]:
+        assert os.path.getsize(file) <= 400 + 200  # the tensors' bytes, and a header
+    fresh = _model(1)
+    load_sharded(fresh, str(tmp_path / "a"))
+    assert _unchanged(fresh, _snapshot(model))
+    assert written["tensors"] == 4 and written["bytes_gathered"] == 0  # one rank: nothing moves
+    assert checkpoint_files.parse_size("5GB") == 5 * 10**9 and checkpoint_files.parse_size("500MiB") == 500 * 2**20
+    assert checkpoint_files.parse_size(1234) == 1234 and checkpoint_files.parse_size("1.5KB") == 1500
+    for bad in ("5 parsecs", 0, -3, "GB"):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            save_sharded(model, str(tmp_path / "b"), max_shard_size=bad)
+    with pytest.raises(ValueError, match=r"is one file, but .* need 4 files"):
+        save_sharded(model, str(tmp_path / "c.safetensors"), max_shard_size=400)
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
 def _failing_save_on_ranks(rank, world_size, folder):
-    """Rank 0's write fails; every rank must raise, none wait in a collective, the old checkpoint stays."""
-    import safetensors.torch
+    """Rank 0's write of the second file fails; every rank must raise, none wait in a collective, the old
+    checkpoint stays."""
+    from tpkernels import checkpoint_files as module
 
-    def disk_full(tensors, file, metadata=None):
-        raise OSError(28, "No space left on device")
+    real_write = module.write_tensor
 
-    safetensors.torch.save_file = disk_full  # a spawned process of its own: nothing to restore
+    def disk_full(f, tensor):
+        if "model-00002" in f.name:
+            raise OSError(28, "No space left on device")
+        real_write(f, tensor)
+
+    module.write_tensor = disk_full  # a spawned process of its own: nothing to restore
     model = _model(2)
     try:
-        save_sharded(model, folder)
+        save_sharded(model, folder, max_shard_size=500)
     except RuntimeError as error:
         return str(error)
     return None
@@ -189,3 +226,56 @@ def test_a_failed_save_raises_on_every_rank(tmp_path, world_size):
     assert all(e is not None and "failed on rank 0" in e and "No space left" in e for e in errors), errors
     assert (folder / "model.safetensors").read_bytes() == old_bytes
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def _streaming_save(rank, world_size, folder):
+    """A model whose dense weights are several times max_shard_size: each is a file of its own, gathered
+    to rank 0 alone; what each rank held at once and sent, by its own count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 200), nn.GELU(), nn.Linear(200, 64))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    tpkernels.parallelize(model)
+    shards = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
+    written = save_sharded(model, folder, max_shard_size=64 * 200 * 4 // 4)
+    return dict(written, shards=shards, dense=dense)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_save_streams_one_tensor_at_a_time_to_rank_0(tmp_path, world_size):
+    from spawn import run_ranks
+
+    folder = tmp_path / "ckpt"
+    results = run_ranks(_streaming_save, world_size, str(folder), timeout=240, collective_timeout=60)
+    dense = results[0]["dense"]
+    largest_dense = max(t.numel() * t.element_size() for t in dense.values())
+    largest_shard = max(max(r["shards"].values()) for r in results)
+    assert len(results[0]["files"]) == 4  # each weight alone (12800 bytes > the 3200 limit), each bias alone
+    assert results[0]["peak_bytes"] <= largest_dense + largest_shard
+    for rank, result in enumerate(results[1:], 1):
+        assert result["peak_bytes"] <= largest_shard, (rank, result["peak_bytes"])
+        sent = sum(b for name, b in result["shards"].items() if name != "2.bias")  # the row bias is replicated
+        assert result["bytes_gathered"] == sent, (rank, result)
+    assert results[0]["bytes_gathered"] == sum(r["bytes_gathered"] for r in results[1:])
+    fresh = nn.Sequential(nn.Linear(64, 200), nn.GELU(), nn.Linear(200, 64))
+    fresh.load_state_dict(safetensors_torch.load_file(results[0]["files"][0]) | {
+        k: v for f in results[0]["files"][1:] for k, v in safetensors_torch.load_file(f).items()})
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, dense[name]), name
+
+
+def test_fp8_scaling_state_is_neither_saved_nor_required(tmp_path):
+    """A layer's fp8 amax history and scales are per rank, not the dense model's: a save leaves them out
+    (transformers loads the folder without unexpected keys) and a load keeps the model's own."""
+    recipe = tpkernels.FP8Recipe()
+    model = _model(0)
+    for layer in (model[0], model[2]):
+        layer.use_fp8(recipe)
+    save_sharded(model, str(tmp_path))
+    assert sorted(safetensors_torch.load_file(str(tmp_path / "model.safetensors"))) == \
+        ["0.bias", "0.weight", "2.bias", "2.weight"]
+    fresh = _model(1)
+    fresh[0].use_fp8(recipe)
+    fresh[0].fp8_scaling.scale.fill_(7.0)
+    load_sharded(fresh, str(tmp_path))
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in _snapshot(_model(0)).items())
+    assert fresh[0].fp8_scaling.scale.tolist() == [7.0, 7.0]  # x and dy: untouched

@@ -265,17 +265,22 @@ def _compile_report(tmp_path, name, *args):
 
 
 def test_compile_gate_on_hopper(tmp_path):
-    """The gate CI relies on: every kernel, launch mode and Hopper config in bf16 and fp16, compiled for
-    sm_90a with the installed triton: no spills, no C75xx warning, wgmma A from shared memory, a mainloop
-    within 1.5x the plain Triton GEMM's, shared memory within the device's."""
+    """The gate CI relies on: every kernel, launch mode and Hopper config in bf16, fp16 and fp8, compiled for
+    sm_90a with the installed triton: no spills, no C75xx warning, wgmma (fp8: QGMMA) with A from shared
+    memory, a mainloop within 1.5x the plain Triton GEMM's, shared memory within the device's."""
     result, rows = _compile_report(tmp_path, "gate", "--gate", "--jobs", str(max(2, os.cpu_count() or 1)))
     assert result.returncode == 0, f"{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
-    modes = set(compile_report.MODES)
-    assert {r["mode"] for r in rows if r["kernel"] == "matmul"} == modes
+    fp8_modes = {m for m, spec in compile_report.MODES.items() if spec.get("fp8")}
+    modes = set(compile_report.MODES) - fp8_modes
+    assert fp8_modes == {"column_fwd_fp8", "row_fwd_fp8", "dgrad_dgelu_fp8", "wgrad_fp8"}
+    assert {r["mode"] for r in rows if r["kernel"] == "matmul" and r["dtype"] != "fp8"} == modes
+    assert {r["mode"] for r in rows if r["kernel"] == "matmul" and r["dtype"] == "fp8"} == fp8_modes
     assert {r["mode"] for r in rows if r["kernel"] == "matmul_tma"} == modes - {"row_fwd_fp32"}
+    assert {r["kernel"] for r in rows if r["dtype"] == "fp8"} == {"matmul", "matmul_splitk", "fp8_quantize",
+                                                                  "fp8_scale_update"}
     for r in rows:
         assert not compile_report.gate_failures(r), r
-        if r["kernel"] == "dgelu":
+        if r["kernel"] not in compile_report.MATMULS:
             continue
         if r["config"]["block_m"] >= 64:  # a warpgroup's wgmma tile is 64 rows
             assert r["wgmma"] and not r["wgmma_a_from_registers"], r
@@ -306,6 +311,7 @@ def test_gate_catches_what_it_is_for():
         "1.5x": dict(mainloop_ratio=13.3, mainloop_instructions=1600),
         "shared memory": dict(shared_bytes=3000),
         "no mainloop": dict(mainloop_ratio=None),
+        "no wgmma": dict(wgmma=False, plain_wgmma=True),  # fp8: QGMMA where the plain GEMM has it
     }
     for name, change in broken.items():
         assert compile_report.gate_failures({**clean, **change}), name

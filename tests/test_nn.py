@@ -12,7 +12,7 @@ from torch import nn
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
 from spawn import check_scenario, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
-from tpkernels import nn as tnn
+from tpkernels import initialization
 from tpkernels import distributed as tpd
 
 WORLD_SIZES = [1, 2, 3, 4]
@@ -295,7 +295,7 @@ def test_a_shard_is_initialised_without_the_dense_weight(dtype, monkeypatch):
                 self.largest = max(self.largest, out.numel())
             return out
 
-    monkeypatch.setattr(tnn, "_INIT_CHUNK_ELEMENTS", 3 * 37)  # 3 rows of 37 at a time
+    monkeypatch.setattr(initialization, "_INIT_CHUNK_ELEMENTS", 3 * 37)  # 3 rows of 37 at a time
     K, N = 37, 29
     torch.manual_seed(5)
     dense = nn.Linear(K, N, dtype=dtype)
@@ -305,12 +305,12 @@ def test_a_shard_is_initialised_without_the_dense_weight(dtype, monkeypatch):
                 start, stop = tpd.shard_range(N if dim == 0 else K, world, rank)
                 torch.manual_seed(5)
                 with LargestAllocation() as mode:
-                    weight, bias = tnn._init_linear_shard(K, N, True, dim, start, stop, None, dtype)
+                    weight, bias = initialization.init_linear_shard(K, N, True, dim, start, stop, None, dtype)
                 expected = dense.weight[start:stop] if dim == 0 else dense.weight[:, start:stop]
                 assert torch.equal(weight, expected) and weight.dtype == dtype
                 assert torch.equal(bias, dense.bias[start:stop] if dim == 0 else dense.bias)
                 assert mode.largest < N * K, f"a {mode.largest}-element tensor: the dense weight has {N * K}"
-    weight, bias = tnn._init_linear_shard(K, N, True, 0, 0, 10, "meta", dtype)
+    weight, bias = initialization.init_linear_shard(K, N, True, 0, 0, 10, "meta", dtype)
     assert weight.is_meta and bias.is_meta and weight.shape == (10, K)
 
 

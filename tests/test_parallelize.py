@@ -99,7 +99,17 @@ def real_models(rank, world):
         folder = _shared_dir(world, family)
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
-        save_sharded(tp, folder)
+        # files of a third of the model at most: transformers' sharded layout, streamed to rank 0
+        limit = sum(p.numel() * p.element_size() for p in dense.parameters()) // 3
+        written = save_sharded(tp, folder, max_shard_size=limit)
+        assert len(written["files"]) >= 3 and written["index"].endswith("model.safetensors.index.json"), written
+        mine = sum(getattr(layer, kind).numel() * getattr(layer, kind).element_size()
+                   for layer in _layers(tp).values() for kind in ("weight", "bias")
+                   if getattr(layer, kind) is not None and (kind == "weight" or isinstance(layer, ColumnParallelLinear)))
+        if rank > 0:  # each rank sends its own shards of the sharded tensors, once, to rank 0 alone
+            assert written["bytes_gathered"] == mine, (written, mine)
+        else:  # the others' shards: about W - 1 of its own (shards differ by a row where W does not divide)
+            assert abs(written["bytes_gathered"] - mine * (world - 1)) <= 0.3 * mine * (world - 1), (written, mine)
         with torch.no_grad():
             after = _logits(tp, ids)
         loaded = cls.from_pretrained(folder)

@@ -4,7 +4,8 @@
     each rank computes linear_gelu(x, W1_r) with no communication, then linear_partial(h_r, W2_r), and
     one all-reduce sums the partials.
 """
-from tpkernels import distributed
+from tpkernels import distributed, fp8
+from tpkernels.fp8 import FP8Recipe
 from tpkernels.kernels import MatmulConfig
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP
 from tpkernels.checkpoint import empty_parameters, load_sharded, save_sharded
@@ -14,6 +15,7 @@ from tpkernels.parallelize import ParallelizeReport, parallelize
 __version__ = "0.1.0"
 __all__ = [
     "ColumnParallelLinear",
+    "FP8Recipe",
     "MatmulConfig",
     "ParallelizeReport",
     "RowParallelLinear",
@@ -21,6 +23,7 @@ __all__ = [
     "TensorParallelMLP",
     "distributed",
     "empty_parameters",
+    "fp8",
     "linear_gelu",
     "linear_partial",
     "load_sharded",

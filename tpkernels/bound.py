@@ -59,7 +59,7 @@ def _operand_key(t):
     return None if t is None else (t.dtype, t.stride(), t.data_ptr() & 15)
 
 
-def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation):
+def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation, scales=None):
     """What a launch's choices depend on: device, dtypes, shapes, strides, the low bits of every pointer
     (triton specializes on 16-byte alignment), the epilogue, the block's kernel and config settings, TF32,
     and whether the residual is c itself. 64-bit offsets follow from shapes and strides; the bias is
@@ -70,7 +70,8 @@ def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation
             None if residual is None else (_operand_key(residual),
                                            residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()),
             _operand_key(preact), _operand_key(z), activation, grad_activation, MATMUL_KERNEL.get(),
-            PINNED_CONFIG.get(), a.is_cuda and allow_tf32())
+            PINNED_CONFIG.get(), a.is_cuda and allow_tf32(),
+            None if scales is None else tuple(None if s is None else s.data_ptr() & 15 for s in scales))
 
 
 def allow_tf32():
@@ -110,17 +111,21 @@ class Bound:
         self.workspace = workspace
         self.record = record
 
-    def __call__(self, a, b, c, bias, residual, preact, z, *, c_tensor=None):
+    def __call__(self, a, b, c, bias, residual, preact, z, scales=None, *, c_tensor=None):
         filler = c if c_tensor is None else c_tensor  # absent epilogue operands are passed as c (a tensor)
         if self.device_index is None:
             stream = 0
         elif torch._C._cuda_getDevice() != self.device_index:
             with torch.cuda.device(self.device_index):
-                return Bound.__call__(self, a, b, c, bias, residual, preact, z, c_tensor=c_tensor)
+                return Bound.__call__(self, a, b, c, bias, residual, preact, z, scales, c_tensor=c_tensor)
         else:
             stream = torch._C._cuda_getCurrentRawStream(self.device_index)
         operands = (a, b, c, filler if bias is None else bias, filler if residual is None else residual,
                     filler if preact is None else preact, filler if z is None else z)
+        if scales is None:
+            operands += (filler,) * 4
+        else:
+            operands += tuple(filler if s is None else s for s in scales)
         if self.workspace is not None:
             operands += splitk_workspace(self.device, *self.workspace, stream=stream)
         args = operands + self.tail
@@ -149,10 +154,10 @@ class BoundTMA(Bound):
         super().__init__(compiled, launcher, device, grid, tail, None, record)
         self.layouts = tuple((list(d.shape), list(d.strides), list(d.block_shape)) for d in descriptors)
 
-    def __call__(self, a, b, c, bias, residual, preact, z):
+    def __call__(self, a, b, c, bias, residual, preact, z, scales=None):
         a_layout, b_layout, c_layout = self.layouts
         return Bound.__call__(self, TensorDescriptor(a, *a_layout), TensorDescriptor(b, *b_layout),
-                              TensorDescriptor(c, *c_layout), bias, residual, preact, z, c_tensor=c)
+                              TensorDescriptor(c, *c_layout), bias, residual, preact, z, scales, c_tensor=c)
 
 
 def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=None, descriptors=None):
@@ -161,7 +166,7 @@ def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=N
     names = getattr(kernel, "arg_names", None)
     if names is None:  # a stand-in for the kernel (a test's spy): nothing to bind
         return None
-    operands = 9 if workspace is not None else 7
+    operands = 13 if workspace is not None else 11
     values = dict(zip(names, args), **meta, **config.kwargs())
     tail = tuple(values[name] for name in names[operands:])
     if INTERPRETED:

@@ -2,8 +2,9 @@
 
 `load_sharded(model, path)` reads a safetensors checkpoint (one file, or the `transformers` index of
 files) into a parallelized model, each rank reading only its slices of the sharded weights (safetensors
-slice reads: about 1/W of their bytes) and the other tensors whole. `save_sharded(model, path)` gathers
-the dense weights and writes a checkpoint `transformers` loads. `empty_parameters()` builds a model
+slice reads: about 1/W of their bytes) and the other tensors whole. `save_sharded(model, path)` streams
+the dense weights to rank 0 one tensor at a time and writes a checkpoint `transformers` loads (one file,
+or files of at most `max_shard_size` and their index), atomically. `empty_parameters()` builds a model
 with its parameters on the meta device, so that no rank allocates the dense weights before loading.
 
 For a ColumnParallelLinear of F output features on W ranks, rank r reads rows
@@ -11,16 +12,16 @@ For a ColumnParallelLinear of F output features on W ranks, rank r reads rows
 weight and the whole bias. GPT-2's Conv1D weights are stored [in, out]: the slice is transposed.
 """
 import contextlib
-import json
+import dataclasses
 import math
 import os
 import shutil
-import tempfile
 
 import torch
 from torch import nn
 
-from tpkernels.distributed import get_rank, get_world_size
+from tpkernels import checkpoint_files
+from tpkernels.distributed import get_rank, get_world_size, shard_range
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["empty_parameters", "load_sharded", "save_sharded"]
@@ -55,49 +56,6 @@ def _sharded_layers(model):
             if module.bias is not None:
                 out[f"{prefix}bias"] = (module, "bias")
     return out
-
-
-def _files(path):
-    """{tensor name: file} of a safetensors checkpoint: a file, an index json, or a folder holding either.
-    A missing or unreadable index, or a file it names that is not there, is a ValueError naming it."""
-    if os.path.isdir(path):
-        for name in ("model.safetensors.index.json", "model.safetensors"):
-            if os.path.exists(os.path.join(path, name)):
-                return _files(os.path.join(path, name))
-        raise ValueError(f"load_sharded: {path} holds neither model.safetensors nor model.safetensors.index.json")
-    if not os.path.exists(path):
-        raise ValueError(f"load_sharded: {path} does not exist")
-    if path.endswith(".json"):
-        try:
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"load_sharded: the index {path} cannot be read ({type(error).__name__}: {error}); "
-                             f"it is not a transformers index (a JSON object with a weight_map)") from None
-        folder = os.path.dirname(path)
-        files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
-        absent = sorted({file for file in files.values() if not os.path.exists(file)})
-        if absent:
-            names = sorted(name for name, file in files.items() if file == absent[0])
-            raise ValueError(f"load_sharded: the index {path} names {len(absent)} file(s) that are not there: "
-                             f"{', '.join(absent[:4])} (holding {', '.join(names[:4])}{' ...' if len(names) > 4 else ''})")
-        return files
-    with _open(path) as f:
-        return {name: path for name in f.keys()}
-
-
-@contextlib.contextmanager
-def _open(file):
-    """safetensors' safe_open, with a file it cannot read (truncated, corrupt header) as a ValueError."""
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(file, framework="pt")
-    except Exception as error:  # SafetensorError, OSError
-        raise ValueError(f"load_sharded: {file} cannot be read as safetensors ({error}): it is truncated, "
-                         f"corrupt or not a safetensors file") from None
-    with handle as f:
-        yield f
 
 
 def shard_slice(layer, kind, shape):
@@ -136,12 +94,6 @@ def _model_key(renamings, name):
     return name
 
 
-# safetensors' dtype names, as get_slice(...).get_dtype() gives them.
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-
-
 def _sliced_shape(shape, index):
     """The shape `tensor[index]` has, for a tensor of `shape` and an index of slices."""
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
@@ -169,7 +121,7 @@ def load_sharded(model, path, device=None):
         {"bytes_read", "sharded_bytes_read", "sharded_bytes_in_checkpoint", "tensors"}: what this rank read.
     """
     renamings = _renamings(model)
-    checkpoint = _files(path)
+    checkpoint = checkpoint_files.read_index(path)
     files = {_model_key(renamings, name): file for name, file in checkpoint.items()}
     checkpoint_names = {_model_key(renamings, name): name for name in checkpoint}
     sharded = _sharded_layers(model)
@@ -186,7 +138,7 @@ def load_sharded(model, path, device=None):
 
         def handle(file):
             if file not in handles:
-                handles[file] = files_open.enter_context(_open(file))
+                handles[file] = files_open.enter_context(checkpoint_files.open_file(file))
             return handles[file]
 
         # First every check, on the headers alone; then the reads and copies.
@@ -195,7 +147,8 @@ def load_sharded(model, path, device=None):
             if id(target) in seen:  # tied to a tensor loaded under another name
                 continue
             if name not in files:
-                missing.append(name)
+                if not _is_fp8_state(name):
+                    missing.append(name)
                 continue
             file, stored = files[name], checkpoint_names[name]
             try:
@@ -217,7 +170,7 @@ def load_sharded(model, path, device=None):
             if got != tuple(target.shape):
                 raise ValueError(f"load_sharded: {stored} in {file} is {shape}, which gives {got} here, but the "
                                  f"model's {name} is {tuple(target.shape)}")
-            dtype = _DTYPES.get(dtype_name)
+            dtype = checkpoint_files.DTYPES.get(dtype_name)
             if dtype is None or (dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point)):
                 raise ValueError(f"load_sharded: {stored} in {file} is {dtype_name}, but the model's {name} is "
                                  f"{target.dtype}; only floating-point tensors are cast")
@@ -259,130 +212,216 @@ def _load_into(holders, target, value, device):
         table[attr] = value
 
 
-@torch.no_grad()
-def save_sharded(model, path, process_group=None):
-    """Gather a parallelized model's dense weights and write them as one safetensors file (a collective:
-    call it on every rank; rank 0 writes). Sharded weights go back to their original layout (Conv1D's
-    [in, out] included) and tied tensors are written once, so `transformers` loads the folder (its
-    config is written too when the model has one).
+@dataclasses.dataclass
+class _Entry:
+    """One tensor of the checkpoint: its name, its shape and dtype in the file, and where it comes from
+    (a sharded layer's parameter, gathered to rank 0 along `split_dim` of the file's layout; or a
+    tensor rank 0 holds whole)."""
 
-    Nothing is lost on a failure: rank 0 writes into a temporary folder beside `path`, reads the file's
-    header back, and only then moves it into place, replacing an existing checkpoint as a whole (other
-    files in the folder, a tokenizer say, are carried into the new one; an old sharded checkpoint's
-    files are not). If the write fails, the temporary is removed, `path` is as it was, and every rank
-    raises a RuntimeError.
+    name: str
+    shape: tuple
+    dtype: torch.dtype
+    tensor: torch.Tensor
+    transposed: bool = False
+    split_dim: int = None  # None: not sharded
+    sizes: tuple = ()  # each rank's extent along split_dim
+
+    @property
+    def nbytes(self):
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _entries(model, world):
+    """The checkpoint's tensors in state_dict order, tied tensors once: the same list on every rank."""
+    sharded = _sharded_layers(model)
+    entries, seen = [], set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen or _is_fp8_state(name):
+            continue
+        seen.add(id(tensor))
+        entry = _Entry(name, tuple(tensor.shape), tensor.dtype, tensor)
+        if name in sharded:
+            layer, kind = sharded[name]
+            column = isinstance(layer, ColumnParallelLinear)
+            if kind == "weight" or column:  # a row layer's bias is replicated: rank 0's is the tensor
+                full = (layer.out_features, layer.in_features) if kind == "weight" else (layer.out_features,)
+                split = 0 if column else 1
+                entry.transposed = kind == "weight" and getattr(layer, "checkpoint_transposed", False)
+                if entry.transposed:
+                    full, split = full[::-1], 1 - split
+                entry.shape, entry.split_dim = tuple(full), split
+                features = layer.out_features if column else layer.in_features
+                entry.sizes = tuple(b - a for a, b in (shard_range(features, world, r) for r in range(world)))
+        entries.append(entry)
+    return entries
+
+
+def _is_fp8_state(name):
+    """A layer's fp8 scaling state (`tpkernels.fp8.FP8Scaling`): per rank, not part of the dense model, so
+    neither saved nor required on load."""
+    return f".{name}".rpartition(".")[0].endswith(".fp8_scaling")
+
+
+def _files_of(entries, limit):
+    """Entries grouped into files of at most `limit` bytes, in order; a tensor over the limit alone."""
+    files, current, size = [], [], 0
+    for entry in entries:
+        if current and size + entry.nbytes > limit:
+            files.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry.nbytes
+    if current or not files:
+        files.append(current)
+    return files
+
+
+class _Gather:
+    """Moves each sharded tensor to rank 0 only (point to point: rank 0 receives each rank's shard into
+    its place in the dense tensor), counting the bytes this rank moves and the most it holds at once."""
+
+    def __init__(self, process_group):
+        self.group = process_group
+        self.rank, self.world = get_rank(process_group), get_world_size(process_group)
+        self.bytes_gathered = 0
+        self.peak_bytes = 0
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.dist = dist
+            self.nccl = dist.get_backend(process_group) == "nccl"
+            self.root = dist.get_global_rank(process_group or dist.group.WORLD, 0)
+            self.peers = [dist.get_global_rank(process_group or dist.group.WORLD, r) for r in range(self.world)]
+
+    def _wire(self, t):
+        return t if self.nccl else t.cpu()  # NCCL moves device tensors; gloo CPU ones
+
+    def __call__(self, entry):
+        """Rank 0: the entry's dense tensor (file layout, CPU, contiguous). Other ranks: None."""
+        local = entry.tensor.detach()
+        if entry.transposed:
+            local = local.t()
+        if entry.split_dim is None or self.world == 1:
+            if self.rank != 0:
+                return None
+            out = local.cpu().contiguous()
+            self.peak_bytes = max(self.peak_bytes, out.numel() * out.element_size())
+            return out
+        if self.rank != 0:
+            shard = self._wire(local).contiguous()
+            nbytes = shard.numel() * shard.element_size()
+            self.dist.send(shard, dst=self.root, group=self.group)
+            self.bytes_gathered += nbytes
+            self.peak_bytes = max(self.peak_bytes, nbytes)
+            return None
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        held, start = out.numel() * out.element_size(), 0
+        for r, size in enumerate(entry.sizes):
+            place = out.narrow(entry.split_dim, start, size)
+            start += size
+            if r == 0:
+                place.copy_(local)
+                continue
+            direct = place.is_contiguous() and not self.nccl
+            buffer = place if direct else torch.empty(place.shape, dtype=entry.dtype,
+                                                      device=local.device if self.nccl else "cpu")
+            self.dist.recv(buffer, src=self.peers[r], group=self.group)
+            if not direct:
+                place.copy_(buffer)
+                self.peak_bytes = max(self.peak_bytes, held + buffer.numel() * buffer.element_size())
+            self.bytes_gathered += place.numel() * place.element_size()
+        self.peak_bytes = max(self.peak_bytes, held)
+        return out
+
+
+@torch.no_grad()
+def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
+    """Write a parallelized model as the dense model's safetensors checkpoint, streaming one tensor at a
+    time to rank 0 (a collective: call it on every rank; rank 0 writes).
+
+    Each sharded weight is sent to rank 0 alone (no all-gather), written into the current file and
+    freed, so rank 0 holds at most one dense tensor (plus one shard in flight) beyond the model, and
+    the other ranks at most one shard. Files follow transformers' layout: `model.safetensors` when
+    everything fits in `max_shard_size`, else `model-00001-of-0000N.safetensors` files of at most that
+    size (a larger tensor alone in its file) and `model.safetensors.index.json`. Sharded weights go back
+    to their original layout (Conv1D's [in, out] included), tied tensors are written once, and the
+    model's config is written when it has one, so `from_pretrained` loads the folder.
+
+    Nothing is lost on a failure: rank 0 writes into a temporary folder beside `path`, checks every
+    file's header and size, and only then moves it into place, replacing an existing checkpoint as a
+    whole (other files in the folder, a tokenizer say, are carried into the new one; the old checkpoint's
+    own files are not). If a write fails, rank 0 still takes the other ranks' shards (so that none
+    waits), removes the temporary, leaves `path` as it was, and every rank raises a RuntimeError.
 
     Args:
         model: the parallelized model.
-        path: a folder (model.safetensors is written in it) or a .safetensors file.
+        path: a folder, or a .safetensors file (then everything must fit in one file).
         process_group: the tensor-parallel group; None is the default group.
+        max_shard_size: bytes per file at most: an int, or transformers' notation ("5GB", "500MiB").
 
     Returns:
-        The file written (on every rank).
+        {"files", "index", "tensors", "bytes_gathered", "peak_bytes"}: the paths written (on every rank),
+        the tensor count, the bytes of sharded tensors this rank sent (rank 0: received), and the most
+        bytes of gathered tensors it held at once.
     """
-    file = path if path.endswith(".safetensors") else os.path.join(path, "model.safetensors")
-    gathered = {}
-    for path_, module in model.named_modules():
-        if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-            full = module.full_state_dict()
-            if getattr(module, "checkpoint_transposed", False):
-                full["weight"] = full["weight"].t()
-            prefix = f"{path_}." if path_ else ""
-            gathered.update({f"{prefix}{k}": v for k, v in full.items()})
-    out, seen = {}, set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        out[name] = gathered.get(name, tensor).detach().cpu().contiguous()
-    error = None
-    if get_rank(process_group) == 0:
+    limit = checkpoint_files.parse_size(max_shard_size)
+    gather = _Gather(process_group)
+    entries = _entries(model, gather.world)
+    groups = _files_of(entries, limit)
+    single = path.endswith(".safetensors")
+    if single and len(groups) > 1:
+        raise ValueError(f"save_sharded: {path} is one file, but the checkpoint's {sum(e.nbytes for e in entries)} "
+                         f"bytes need {len(groups)} files of max_shard_size={max_shard_size!r}; give a folder")
+    names = ([os.path.basename(path)] if single else ["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i:05d}-of-{len(groups):05d}.safetensors" for i in range(1, len(groups) + 1)])
+    folder = os.path.dirname(os.path.abspath(path)) if single else os.path.abspath(path)
+    index = None if len(groups) == 1 else os.path.join(folder, "model.safetensors.index.json")
+    error, staging = None, None
+    if gather.rank == 0:
         try:
-            _write_atomically(path, file, out, getattr(model, "config", None))
-        except Exception as failure:  # reported on every rank below
+            staging = checkpoint_files.staging_folder(path)
+        except Exception as failure:  # reported on every rank below, after the others' shards are taken
             error = f"{type(failure).__name__}: {failure}"
-    if get_world_size(process_group) > 1:
-        import torch.distributed as dist
-
+    for name, group in zip(names, groups):
+        f = None
+        try:
+            if gather.rank == 0 and error is None:
+                header, _ = checkpoint_files.header(group)
+                f = open(os.path.join(staging, name), "wb")
+                f.write(header)
+        except Exception as failure:
+            error = f"{type(failure).__name__}: {failure}"
+        for entry in group:
+            tensor = gather(entry)
+            if f is not None and error is None:
+                try:
+                    checkpoint_files.write_tensor(f, tensor)
+                except Exception as failure:
+                    error = f"{type(failure).__name__}: {failure}"
+            del tensor
+        if f is not None:
+            try:
+                f.close()
+            except Exception as failure:
+                error = error or f"{type(failure).__name__}: {failure}"
+    if gather.rank == 0:
+        try:
+            if error is None:
+                checkpoint_files.finish(path, staging, names, groups, index, getattr(model, "config", None))
+        except Exception as failure:
+            error = f"{type(failure).__name__}: {failure}"
+        if error is not None and staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    if gather.world > 1:
         # Rank 0's outcome reaches every rank (instead of a barrier a failed rank 0 would never reach),
         # after the checkpoint is whole.
         outcome = [error]
-        dist.broadcast_object_list(outcome, src=dist.get_global_rank(process_group or dist.group.WORLD, 0),
-                                   group=process_group)
+        gather.dist.broadcast_object_list(outcome, src=gather.root, group=process_group)
         error = outcome[0]
     if error is not None:
         raise RuntimeError(f"save_sharded: writing {path} failed on rank 0 ({error}); what was at {path} "
                            f"before is as it was, and nothing of the new checkpoint is left")
-    return file
+    return dict(files=[os.path.join(folder, name) for name in names], index=index, tensors=len(entries),
+                bytes_gathered=gather.bytes_gathered, peak_bytes=gather.peak_bytes)
 
 
-def _write_atomically(path, file, tensors, config):
-    """Write the checkpoint beside `path` (a temporary folder, or a temporary file for a .safetensors path),
-    check it, then move it into place: an existing checkpoint is untouched until the new one is whole,
-    then replaced as a whole. On any failure the temporary is removed and the error raised."""
-    from safetensors.torch import save_file
-
-    target = os.path.abspath(path)
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    single = path.endswith(".safetensors")
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=parent)
-    try:
-        staged = os.path.join(staging, os.path.basename(file) if single else "model.safetensors")
-        save_file(tensors, staged, metadata={"format": "pt"})
-        if config is not None and hasattr(config, "save_pretrained") and not single:
-            config.save_pretrained(staging)
-        _check_written(staged, tensors)
-        if single:
-            os.replace(staged, target)  # atomic on one filesystem
-            shutil.rmtree(staging)
-            return
-        if os.path.isdir(target):  # the old folder moves aside, the new one in, then the old one goes
-            _carry_over(target, staging)
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-            os.rmdir(old)
-            os.replace(target, old)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _is_checkpoint_file(name):
-    return name == "model.safetensors.index.json" or (name.startswith("model") and name.endswith(".safetensors"))
-
-
-def _carry_over(old, new):
-    """Files in the old folder that are not the checkpoint's own (a tokenizer, say) go into the new one,
-    as hard links where the filesystem allows, so that replacing the folder loses nothing else."""
-    for name in os.listdir(old):
-        source, destination = os.path.join(old, name), os.path.join(new, name)
-        if _is_checkpoint_file(name) or os.path.exists(destination):
-            continue
-        if os.path.isdir(source):
-            shutil.copytree(source, destination, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(source, destination)
-
-
-def _link_or_copy(source, destination):
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
-
-
-def _check_written(file, tensors):
-    """The file just written holds every tensor with its shape and dtype (a short write or a full disk
-    that did not raise would fail here)."""
-    with _open(file) as f:
-        names = set(f.keys())
-        if names != set(tensors):
-            raise OSError(f"{file} holds {len(names)} tensors, {len(tensors)} were written")
-        for name, tensor in tensors.items():
-            if tuple(f.get_slice(name).get_shape()) != tuple(tensor.shape):
-                raise OSError(f"{file}: {name} reads back as {f.get_slice(name).get_shape()}, "
-                              f"{tuple(tensor.shape)} was written")

@@ -66,6 +66,8 @@ __all__ = ["AUTOTUNERS", "MATMUL_KERNELS", "autotuner", "dgelu", "kernel_for", "
 
 INT32_LIMIT = 2**31
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 # "auto" launches the persistent TMA kernel only above this many rows. Measured on an H200 (bf16 column
 # forward, K = 4096; benchmarks/results/NVIDIA-H200-2026-11-25-kernel-choice.jsonl):
 # at M <= 64 its 128-row tiles left it 1.4 to 2.2x slower than the pointer kernel's small-M configs, at
@@ -243,68 +245,85 @@ INTERPRETER_PROGRAMS = 16
 # Launchers
 
 
-def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation=IDENTITY, grad_activation=IDENTITY):
+def matmul(a, b, c, *, bias=None, residual=None, preact=None, z=None, activation=IDENTITY, grad_activation=IDENTITY,
+           scales=None):
     """c = act(a @ b + bias) * act'(z) + residual, for strided views a [M, K], b [K, N], c [M, N].
 
     `preact` [M, N] receives a @ b + bias; `z` [M, N] is the pre-activation whose derivative scales the
-    product (the dGELU epilogue). a and b share one dtype.
+    product (the dGELU epilogue). a and b share one dtype (fp8 ones may mix e4m3 and e5m2).
+
+    `scales` (fp8): None or (a_scale, b_scale, c_scale, amax), one-element fp32 tensors or None: the product
+    times a_scale * b_scale (the operands' dequantizing scales) before the epilogue; c (fp8) stored times
+    c_scale, saturated; amax raised to the largest |result| (before c_scale).
 
     The first call of a launch key (`bound.launch_key`) takes the full path: kernel choice, autotuning,
     triton's specialization and compile. It binds what it launched (`bound.Bound`), and later calls of the key
     go straight to the compiled kernel's launcher.
     """
-    _launch(a, b, b.shape, b.stride(), False, c, bias, residual, preact, z, activation, grad_activation)
+    _launch(a, b, b.shape, b.stride(), False, c, bias, residual, preact, z, activation, grad_activation, scales)
 
 
-def linear(x, weight, out, *, bias=None, residual=None, preact=None, activation=IDENTITY):
+def linear(x, weight, out, *, bias=None, residual=None, preact=None, activation=IDENTITY, scales=None):
     """out = act(x @ weight.T + bias) + residual: `matmul(x, weight.t(), out, ...)`, without building the
     transposed view on the bound path. x [M, K], weight [N, K] (nn.Linear's layout), out [M, N]."""
     rows, cols = weight.stride()
     _launch(x, weight, (weight.shape[1], weight.shape[0]), (cols, rows), True, out, bias, residual, preact, None,
-            activation, IDENTITY)
+            activation, IDENTITY, scales)
 
 
-def _launch(a, b, b_shape, b_stride, b_transposed, c, bias, residual, preact, z, activation, grad_activation):
+def _launch(a, b, b_shape, b_stride, b_transposed, c, bias, residual, preact, z, activation, grad_activation, scales):
     """matmul's body: b is the operand [K, N] (shape b_shape, strides b_stride), or with `b_transposed`
     the tensor whose .t() it is."""
     M = a.shape[0]
     if M == 0 or b_shape[1] == 0:
         return
-    key = bound.launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation)
+    if scales is not None and scales[3] is not None:
+        scales = (*scales[:3], scales[3].view(torch.int32))  # the kernel's atomic max runs on the fp32 bits
+    key = bound.launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation, grad_activation, scales)
     launcher = bound.BOUND.get(key)
     if launcher is not None and not PRECOMPILING.get():
-        launcher(a, b, c, bias, residual, preact, z)
+        launcher(a, b, c, bias, residual, preact, z, scales)
         return
     if b_transposed:
         b = b.t()
-    assert a.dtype == b.dtype, f"matmul: operands {a.dtype} and {b.dtype}"
-    launcher = _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation)
+    assert a.dtype == b.dtype or (a.dtype in FP8_DTYPES and b.dtype in FP8_DTYPES), \
+        f"matmul: operands {a.dtype} and {b.dtype}"  # fp8 may mix formats (e5m2 gradients, e4m3 weights)
+    launcher = _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation, scales)
     if launcher is not None:  # None while precompiling
         if len(bound.BOUND) >= bound.BOUND_LIMIT:
             bound.BOUND.clear()
         bound.BOUND[key] = launcher
 
 
-def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation):
+def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activation, scales):
     """The full launch path; returns the launch bound for its key, or None (precompiling, or a stand-in
     for a kernel)."""
     M, K = a.shape
     N = b.shape[1]
     operands = [t for t in (a, b, c, residual, preact, z) if t is not None]
     tf32 = a.is_cuda and bound.allow_tf32()  # as the launch key reads it
+    a_scale, b_scale, c_scale, amax = (None,) * 4 if scales is None else scales
+    if (a_scale is None) != (b_scale is None) or (c_scale is not None) != (c.dtype in FP8_DTYPES):
+        raise ValueError(f"matmul: a_scale and b_scale come together, and c_scale exactly when c is fp8 "
+                         f"(c is {c.dtype}, scales given: {[s is not None for s in (a_scale, b_scale, c_scale)]})")
+    fp8 = b.dtype in FP8_DTYPES or c.dtype in FP8_DTYPES
     meta = dict(
         ACTIVATION=activation,
         GRAD_ACTIVATION=grad_activation,
         HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None,
         STORE_PREACT=preact is not None,
+        SCALED=a_scale is not None,
+        QUANTIZE=c_scale is not None,
+        STORE_AMAX=amax is not None,
         INPUT_PRECISION="ieee" if b.dtype == torch.float32 and not tf32 else "tf32",
         INT64_OFFSETS=_needs_int64(operands),
-        EMULATE_BF16=INTERPRETED and b.dtype == torch.bfloat16,
+        # the interpreter's bf16 and fp8 casts truncate: rounded by hand there (`matmul._cast_for_store`)
+        EMULATE_BF16=INTERPRETED and (b.dtype == torch.bfloat16 or fp8),
         LAYOUT=layout_code(a, b),
     )
     # Absent epilogue operands are passed as c: a valid pointer the constexpr flags never read.
-    epilogue = (*(c if t is None else t for t in (bias, residual, preact, z)),)
+    epilogue = (*(c if t is None else t for t in (bias, residual, preact, z, a_scale, b_scale, c_scale, amax)),)
     sizes = (M, N, K, bucket(M), bucket(N), bucket(K))
     config = PINNED_CONFIG.get() or (None if a.is_cuda and not INTERPRETED else INTERPRETER_CONFIG)
     kind = kernel_for(a, b, c, residual)

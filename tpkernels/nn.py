@@ -23,19 +23,21 @@ MLP: fc1, then fc2), and no rank allocates a dense weight. On the meta device no
 Every rank's `state_dict()` holds its shards; `full_state_dict()` gathers the dense one (a collective:
 call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
 """
-import math
-
 import torch
 from torch import nn
 
 from tpkernels import overlap as chunked  # the chunked (overlapped) schedules; `overlap` is an option
 from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_rank, get_world_size, reduce_from,
                                    reduce_scatter_sequence, scatter_to, sequence_sizes, shard_range)
+from tpkernels.fp8 import LINEAR_TENSORS, MLP_TENSORS, FP8Scaling, check_recipe, fp8_linear, fp8_mlp_shard
+from tpkernels.initialization import init_linear_shard
+from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
 from tpkernels.ops import BACKENDS, linear_gelu, linear_partial, mlp_shard
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
+_ACTIVATION_CODES = {None: IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH}
 
 
 def _check_parallel_options(name, sequence_parallel, sequence_dim, overlap):
@@ -70,46 +72,6 @@ def _check_backend(name, backend):
         raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
-# Elements of the dense weight drawn at a time (whole rows) when a shard is initialised. The CPU
-# generator's uniform_ draws one number per element, in order, so chunks of rows give nn.Linear's values
-# exactly (tests/test_nn.py checks it for every dtype), and the dense weight never exists whole.
-_INIT_CHUNK_ELEMENTS = 1 << 22
-
-
-@torch.no_grad()
-def _init_linear_shard(in_features, out_features, bias, shard_dim, start, stop, device, dtype):
-    """This rank's slice of the weight and bias `nn.Linear(in_features, out_features, bias)` would draw,
-    without allocating the dense weight: the CPU generator draws it in chunks of rows (the order
-    nn.Linear's kaiming_uniform_ and uniform_ use) and only the slice is kept, then moved to `device`.
-    On the meta device nothing is drawn. Under the same torch.manual_seed on every rank, the shards are
-    slices of one dense CPU-initialised nn.Linear, whatever the device."""
-    dtype = dtype or torch.get_default_dtype()
-    shape = (stop - start, in_features) if shard_dim == 0 else (out_features, stop - start)
-    bias_shape = (stop - start,) if shard_dim == 0 else (out_features,)
-    device = torch.device(device) if device is not None else torch.get_default_device()
-    if device.type == "meta":
-        return (torch.empty(shape, device="meta", dtype=dtype),
-                torch.empty(bias_shape, device="meta", dtype=dtype) if bias else None)
-    # nn.Linear's bounds, computed as torch.nn.init computes them (kaiming_uniform_ with a = sqrt(5) for
-    # the weight, 1 / sqrt(fan_in) for the bias), so that even fp64 draws round alike
-    weight_bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(in_features)) if in_features else 0
-    bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-    rows = max(1, _INIT_CHUNK_ELEMENTS // max(in_features, 1))
-    kept = []
-    for first in range(0, out_features, rows):
-        block = torch.empty(min(rows, out_features - first), in_features, dtype=dtype, device="cpu")
-        block.uniform_(-weight_bound, weight_bound)
-        if shard_dim == 1:
-            kept.append(block[:, start:stop].clone())
-        elif first < stop and first + block.shape[0] > start:
-            kept.append(block[max(start - first, 0):stop - first].clone())
-    weight = torch.cat(kept) if kept else torch.empty(shape, dtype=dtype, device="cpu")
-    full_bias = torch.empty(out_features, dtype=dtype, device="cpu").uniform_(-bound, bound) if bias else None
-    if full_bias is not None and shard_dim == 0:
-        full_bias = full_bias[start:stop].clone()
-    return weight.to(device), None if full_bias is None else full_bias.to(device)
-
-
 class _ParallelLinear(nn.Module):
     """Shared by both layers: the shard of a dense [out_features, in_features] weight along `shard_dim`."""
 
@@ -129,10 +91,21 @@ class _ParallelLinear(nn.Module):
                 f"needs at least one feature, so use at most {sharded} ranks or a wider layer"
             )
         self.shard_start, self.shard_stop = shard_range(sharded, self.world_size, self.rank)
-        weight, bias = _init_linear_shard(in_features, out_features, bias, self.shard_dim, self.shard_start,
+        weight, bias = init_linear_shard(in_features, out_features, bias, self.shard_dim, self.shard_start,
                                           self.shard_stop, device, dtype)
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
+
+    def use_fp8(self, recipe):
+        """Run this layer with fp8 (e4m3) input and weight from now on, scaled by `recipe` (a
+        `tpkernels.FP8Recipe`, fresh amax history), or again in the weights' dtype (None)."""
+        check_recipe(type(self).__name__, recipe, self.backend)
+        self.fp8 = recipe
+        if recipe is None:
+            if "fp8_scaling" in self._modules:
+                del self.fp8_scaling
+        else:
+            self.fp8_scaling = FP8Scaling(recipe, LINEAR_TENSORS, self.weight.device)
 
     def _check_full_width(self, x):
         if x.shape[-1] != self.in_features:
@@ -222,13 +195,14 @@ class ColumnParallelLinear(_ParallelLinear):
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
+        fp8: None, or a `tpkernels.FP8Recipe`: x and the weight shard in e4m3 (`tpkernels.fp8`).
     """
 
     shard_dim = 0
 
     def __init__(self, in_features, out_features, bias=True, *, activation=None, gather_output=False,
                  sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, device=None,
-                 dtype=None, backend="auto"):
+                 dtype=None, backend="auto", fp8=None):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ColumnParallelLinear: unknown activation {activation!r}; use None, 'gelu' or 'gelu_tanh'")
         _check_backend("ColumnParallelLinear", backend)
@@ -238,22 +212,28 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = gather_output
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
         self.backend = backend
+        self.use_fp8(fp8)
 
     @classmethod
     def from_linear(cls, linear, *, activation=None, gather_output=False, sequence_parallel=False, sequence_dim=-2,
-                    overlap=False, process_group=None, backend="auto"):
+                    overlap=False, process_group=None, backend="auto", fp8=None):
         """Shard an existing nn.Linear (identical on every rank) by output features."""
         return cls._from_linear(linear, activation=activation, gather_output=gather_output,
                                 sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap,
-                                process_group=process_group, backend=backend)
+                                process_group=process_group, backend=backend, fp8=fp8)
 
     def _shard_forward(self, x):
+        if self.fp8 is not None:
+            return fp8_linear(x, self.weight, self.bias, self.fp8_scaling, activation=_ACTIVATION_CODES[self.activation],
+                              backend=self.backend)
         if self.activation is None:
             return linear_partial(x, self.weight, self.bias, backend=self.backend)  # owner=True: a plain linear
         return linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation], backend=self.backend)
 
     def forward(self, x):
         self._check_full_width(x)
+        if self.fp8 is not None:
+            self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
         if self.sequence_parallel:
             dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
@@ -299,13 +279,14 @@ class RowParallelLinear(_ParallelLinear):
         process_group: the tensor-parallel group; None is the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
+        fp8: None, or a `tpkernels.FP8Recipe`: the input and weight shards in e4m3, the input's scale per rank.
     """
 
     shard_dim = 1
 
     def __init__(self, in_features, out_features, bias=True, *, input_is_parallel=True, reduce_dtype=None,
                  sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, device=None,
-                 dtype=None, backend="auto"):
+                 dtype=None, backend="auto", fp8=None):
         _check_backend("RowParallelLinear", backend)
         _check_parallel_options("RowParallelLinear", sequence_parallel, sequence_dim, overlap)
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
@@ -313,14 +294,15 @@ class RowParallelLinear(_ParallelLinear):
         self.reduce_dtype = reduce_dtype
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
         self.backend = backend
+        self.use_fp8(fp8)
 
     @classmethod
     def from_linear(cls, linear, *, input_is_parallel=True, reduce_dtype=None, sequence_parallel=False,
-                    sequence_dim=-2, overlap=False, process_group=None, backend="auto"):
+                    sequence_dim=-2, overlap=False, process_group=None, backend="auto", fp8=None):
         """Shard an existing nn.Linear (identical on every rank) by input features."""
         return cls._from_linear(linear, input_is_parallel=input_is_parallel, reduce_dtype=reduce_dtype,
                                 sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap,
-                                process_group=process_group, backend=backend)
+                                process_group=process_group, backend=backend, fp8=fp8)
 
     def forward(self, x):
         in_r = self.shard_stop - self.shard_start
@@ -336,7 +318,13 @@ class RowParallelLinear(_ParallelLinear):
         if not self.input_is_parallel:
             x = scatter_to(x, self.process_group)
 
+        if self.fp8 is not None:
+            self.fp8_scaling.update(x.device)
+
         def partial(rows):
+            if self.fp8 is not None:
+                return fp8_linear(rows, self.weight, self.bias, self.fp8_scaling, owner=self.rank == 0,
+                                  out_dtype=self.reduce_dtype, backend=self.backend)
             return linear_partial(rows, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
                                   backend=self.backend)
 
@@ -372,15 +360,20 @@ class TensorParallelMLP(nn.Module):
             chunk's collectives overlapping another chunk's GEMMs; "auto" does so on CUDA from the
             break-even M of `tpkernels.perfmodel` on.
         process_group, device, dtype, backend: as the layers.
+        fp8: None, or a `tpkernels.FP8Recipe`: x, h and both weight shards in e4m3 (`tpkernels.fp8`): the
+            column kernel quantizes h in its epilogue, with a per-rank scale, and the row kernel reads it;
+            the amax histories of x and h are the buffer `fp8_scaling.amax_history`.
     """
 
     def __init__(self, in_features, hidden_features, out_features=None, bias=True, *, approximate="none",
                  reduce_dtype=None, sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None,
-                 device=None, dtype=None, backend="auto"):
+                 device=None, dtype=None, backend="auto", fp8=None):
         super().__init__()
         activation = {"none": "gelu", "tanh": "gelu_tanh"}.get(approximate)
         if activation is None:
             raise ValueError(f"TensorParallelMLP: approximate must be 'none' or 'tanh', got {approximate!r}")
+        _check_backend("TensorParallelMLP", backend)
+        check_recipe("TensorParallelMLP", fp8, backend)
         _check_parallel_options("TensorParallelMLP", sequence_parallel, sequence_dim, overlap)
         out_features = in_features if out_features is None else out_features
         self.approximate = approximate
@@ -391,10 +384,13 @@ class TensorParallelMLP(nn.Module):
                                         process_group=process_group, device=device, dtype=dtype, backend=backend)
         self.fc2 = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype, **parallel,
                                      process_group=process_group, device=device, dtype=dtype, backend=backend)
+        self.fp8 = fp8
+        if fp8 is not None:
+            self.fp8_scaling = FP8Scaling(fp8, MLP_TENSORS, device)
 
     @classmethod
     def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, sequence_parallel=False,
-                   sequence_dim=-2, overlap=False, process_group=None, backend="auto"):
+                   sequence_dim=-2, overlap=False, process_group=None, backend="auto", fp8=None):
         """Shard a dense MLP's two nn.Linear layers (identical on every rank)."""
         for name, linear in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(linear, nn.Linear):
@@ -407,7 +403,7 @@ class TensorParallelMLP(nn.Module):
         module = cls(fc1.in_features, fc1.out_features, fc2.out_features, fc1.bias is not None,
                      approximate=approximate, reduce_dtype=reduce_dtype, sequence_parallel=sequence_parallel,
                      sequence_dim=sequence_dim, overlap=overlap, process_group=process_group,
-                     device="meta", dtype=fc1.weight.dtype, backend=backend)
+                     device="meta", dtype=fc1.weight.dtype, backend=backend, fp8=fp8)
         module.load_full_state_dict({f"{name}.{k}": v for name, layer in (("fc1", fc1), ("fc2", fc2))
                                      for k, v in layer.state_dict().items()})
         return module
@@ -418,8 +414,14 @@ class TensorParallelMLP(nn.Module):
         fc1, fc2 = self.fc1, self.fc2
         fc1._check_full_width(x)
         group, world = fc1.process_group, fc1.world_size
+        if self.fp8 is not None:
+            self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
 
         def shards(rows):
+            if self.fp8 is not None:
+                return fp8_mlp_shard(rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.fp8_scaling,
+                                     activation=_ACTIVATION_CODES[fc1.activation], owner=fc2.rank == 0,
+                                     out_dtype=fc2.reduce_dtype, backend=self.backend)
             return mlp_shard(rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.approximate,
                              owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype, backend=self.backend)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tpkernels.distributed import get_world_size
+from tpkernels.fp8 import check_recipe
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["ParallelizeReport", "parallelize"]
@@ -216,7 +217,7 @@ def _plan_candidates(model, plan):
 
 
 def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False, reduce_dtype=None,
-                backend="auto", probe_tokens=5):
+                backend="auto", probe_tokens=5, fp8=None):
     """Replace, in place, each GELU MLP block of `model` with the fused tensor-parallel layers.
 
     Call it on every rank, with the same dense model on each (same weights). Each candidate is proved on
@@ -232,6 +233,9 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
         reduce_dtype: None or torch.float32, as RowParallelLinear's.
         backend: the kernels' backend, as the modules'.
         probe_tokens: tokens of the probe input.
+        fp8: None, or a `tpkernels.FP8Recipe` for the layers kept (`ColumnParallelLinear.use_fp8`). The probe
+            proves each block in the weights' dtype first: it checks that the block is a GELU MLP, which
+            fp8 rounding would blur.
 
     Returns:
         A `ParallelizeReport`: the blocks replaced, and the candidates left alone with the reason.
@@ -242,6 +246,7 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
                          "TensorParallelMLP(sequence_parallel=True) in a model written for it")
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize takes an nn.Module, got {type(model).__name__}")
+    check_recipe("parallelize", fp8, backend)
     report = ParallelizeReport()
     world = get_world_size(process_group)
     candidates = _plan_candidates(model, plan) if plan is not None else _candidates(model)
@@ -272,6 +277,9 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
             continue
         if on_meta:
             _replace(block, (fc1_path, act_path, fc2_path), form, reduce_dtype, options)
+        if fp8 is not None:
+            for path in (fc1_path, fc2_path):
+                _get(block, path).use_fp8(fp8)
         hidden = _features(fc1)[1]
         report.replaced.append(dict(entry, gelu=form, hidden=hidden, split=f"{hidden} over {world} ranks"))
     return report

@@ -4,6 +4,7 @@ Also what CPU tensors run when the Triton interpreter is off. Shapes are those o
 
     linear_gelu     x [..., K], weight [N, K], bias [N]                -> [..., N]
     linear_partial  x_shard_k [..., K_r], weight_shard_k [N, K_r], ... -> partial [..., N]
+    fp8_linear      x_q [M, K] fp8, w_q [N, K] fp8, their dequantizing scales -> (out, preact, amax)
 """
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,31 @@ def fused_linear_backward(grad, x, weight, preact, act, need_dx, need_dw, need_d
     dw = grad.t() @ x if need_dw else None
     db = grad.sum(0, dtype=torch.float32).to(x.dtype) if need_db else None
     return dx, dw, db
+
+
+# The largest finite value of each fp8 format: quantized values saturate there.
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def fp8_quantize(t, scale, dtype=torch.float8_e4m3fn):
+    """t * scale, saturated to the format's range and cast to `dtype` (round to nearest even)."""
+    fmax = FP8_MAX[dtype]
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+
+
+def fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, act, out_dtype, out_scale=None):
+    """The unfused fp8 path: `torch._scaled_mm` of x_q [M, K] and w_q [N, K] (fp32 out), then bias and the
+    activation in fp32, then the output cast (an fp8 `out_dtype` quantized with `out_scale`).
+
+    Returns (out, preact, amax): preact = the fp32 pre-activation, amax = max |act(preact)|.
+    """
+    acc = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale_inv.reshape(()), scale_b=w_scale_inv.reshape(()),
+                           out_dtype=torch.float32)
+    preact = acc if bias is None else acc + bias.float()
+    out = activation(preact, act)
+    amax = out.abs().amax() if out.numel() else out.new_zeros(())
+    out = fp8_quantize(out, out_scale, out_dtype) if out_dtype in FP8_MAX else out.to(out_dtype)
+    return out, preact, amax
 
 
 def mlp_shard(x, w1, b1, w2, b2, residual, act, owner, out_dtype, store_for_backward):

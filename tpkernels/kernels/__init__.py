@@ -1,4 +1,5 @@
-"""Pure Triton code: the tiled matmul family (pointer, persistent TMA, split-K), GELU as `tl` functions, and the config lists."""
+"""Pure Triton code: the tiled matmul family (pointer, persistent TMA, split-K), GELU as `tl` functions, the fp8
+quantize and scale-update kernels, and the config lists."""
 from tpkernels.kernels.configs import (
     matmul_configs,
     DGELU_BLOCK_M,
@@ -17,6 +18,7 @@ from tpkernels.kernels.configs import (
     splitk_configs,
 )
 from tpkernels.kernels.matmul import GELU, GELU_TANH, IDENTITY, INTERPRETED, _dgelu_kernel, _matmul_kernel
+from tpkernels.kernels.fp8 import _quantize_kernel, _scale_update_kernel
 from tpkernels.kernels.matmul_splitk import _matmul_splitk_kernel
 from tpkernels.kernels.matmul_tma import _matmul_tma_persistent_kernel
 
@@ -38,6 +40,8 @@ __all__ = [
     "_matmul_kernel",
     "_matmul_splitk_kernel",
     "_matmul_tma_persistent_kernel",
+    "_quantize_kernel",
+    "_scale_update_kernel",
     "epilogue_slices",
     "matmul_configs",
     "prune",

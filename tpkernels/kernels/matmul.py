@@ -109,11 +109,42 @@ def _round_to_bf16(x):
 
 
 @triton.jit
+def _fp8_bits(x, MANTISSA: tl.constexpr, BIAS: tl.constexpr):
+    # The interpreter's fp32 -> fp8 cast truncates and mishandles fp8 subnormals, so under it the code
+    # is built by hand: round to nearest even on the fp32 bits (normal range) or at the subnormal
+    # quantum, 2^(1 - BIAS - MANTISSA) (adding 2^23 quanta rounds there in fp32). x is within the format's
+    # range (the caller saturates) or NaN, which becomes the format's NaN code 0x7F.
+    DROP: tl.constexpr = 23 - MANTISSA
+    magnitude = tl.abs(x)
+    bits = magnitude.to(tl.uint32, bitcast=True)
+    normal = ((bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) >> DROP) - ((127 - BIAS) << MANTISSA)
+    quanta = tl.exp2((BIAS + MANTISSA - 1) * 1.0)  # 1 / the subnormal quantum
+    magic = 8388608.0 / quanta  # 2^23 quanta
+    subnormal = (((magnitude + magic) - magic) * quanta).to(tl.uint32)
+    code = tl.where(magnitude < tl.exp2((1 - BIAS) * 1.0), subnormal, normal)
+    code = tl.where(x != x, 0x7F, code) | ((x.to(tl.uint32, bitcast=True) >> 31) << 7)
+    return code.to(tl.uint8)
+
+
+@triton.jit
 def _cast_for_store(x, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
     if EMULATE_BF16:
         if dtype == tl.bfloat16:
             x = _round_to_bf16(x)
+        elif dtype == tl.float8e4nv:
+            return _fp8_bits(x, 3, 7).to(dtype, bitcast=True)
+        elif dtype == tl.float8e5:
+            return _fp8_bits(x, 2, 15).to(dtype, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _saturate(x, dtype: tl.constexpr):
+    # Clamp to the largest finite value of the fp8 format, as TransformerEngine's casts do: inf and
+    # overflow saturate, NaN stays NaN (both comparisons are false).
+    tl.static_assert(dtype == tl.float8e4nv or dtype == tl.float8e5, "a scaled output is float8_e4m3fn or float8_e5m2")
+    FMAX: tl.constexpr = 448.0 if dtype == tl.float8e4nv else 57344.0
+    return tl.where(x > FMAX, FMAX, tl.where(x < -FMAX, -FMAX, x))
 
 
 @triton.jit
@@ -159,9 +190,10 @@ def _halves(acc, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 @triton.jit
 def _epilogue(
     acc, start_m, start_n, M, N,
-    c, bias_ptr, residual, preact, z,
+    c, bias_ptr, residual, preact, z, scales,
     ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, SCALED: tl.constexpr, QUANTIZE: tl.constexpr,
+    STORE_AMAX: tl.constexpr, EMULATE_BF16: tl.constexpr,
     C_IS_DESCRIPTOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
 ):
@@ -172,8 +204,22 @@ def _epilogue(
     temporaries never hold the whole tile live. Each 2-D operand (c, residual, preact, z) travels as
     (pointer, stride along M, stride along N), so its strides cannot be given to another; callers pass
     every argument after N by keyword.
+
+    FP8 (`scales` = pointers to the fp32 scalars a_scale, b_scale, c_scale and amax): SCALED multiplies
+    the accumulator by a_scale * b_scale (the operands' dequantizing scales) before anything else;
+    QUANTIZE stores the result times c_scale, saturated to the fp8 format's range; STORE_AMAX raises
+    amax to the tile's largest |result| (before c_scale) with one atomic max per tile, over the fp32 bits
+    as int32, which order non-negative floats alike and let a NaN win, as torch's amax does.
     """
     c_ptr, stride_cm, stride_cn = c
+    a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr = scales
+    tl.static_assert(not (QUANTIZE and C_IS_DESCRIPTOR), "a TMA store of C is 16-bit")
+    if SCALED:
+        ab_scale = tl.load(a_scale_ptr) * tl.load(b_scale_ptr)
+    if QUANTIZE:
+        c_scale = tl.load(c_scale_ptr)
+    if STORE_AMAX:
+        tile_amax = tl.zeros((), dtype=tl.int32)
     residual_ptr, stride_rm, stride_rn = residual
     preact_ptr, stride_pm, stride_pn = preact
     z_ptr, stride_zm, stride_zn = z
@@ -188,6 +234,8 @@ def _epilogue(
         quarters = _halves(halves[h], SLICES // HALVES, BLOCK_M, BLOCK_N // HALVES)
         for q in tl.static_range(SLICES // HALVES):
             out = quarters[q]
+            if SCALED:
+                out = out * ab_scale
             slice_n = start_n + (h * (SLICES // HALVES) + q) * SLICE_N
             offs_m = start_m + tl.arange(0, BLOCK_M)
             offs_n = slice_n + tl.arange(0, SLICE_N)
@@ -209,12 +257,19 @@ def _epilogue(
                 res = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
                               other=0.0)
                 out += res.to(tl.float32)
+            if STORE_AMAX:
+                magnitude = tl.where(mask, tl.abs(out), 0.0).to(tl.int32, bitcast=True)
+                tile_amax = tl.maximum(tile_amax, tl.max(tl.max(magnitude, axis=1), axis=0))
+            if QUANTIZE:
+                out = _saturate(out * c_scale, c_ptr.dtype.element_ty)
             if C_IS_DESCRIPTOR:  # descriptor coordinates are 32-bit, whatever width the pointer offsets use
                 stored = _cast_for_store(out, c_ptr.dtype, EMULATE_BF16)
                 c_ptr.store([start_m.to(tl.int32), slice_n.to(tl.int32)], stored)
             else:
                 stored = _cast_for_store(out, c_ptr.dtype.element_ty, EMULATE_BF16)
                 tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, stored, mask=mask)
+    if STORE_AMAX:
+        tl.atomic_max(amax_ptr, tile_amax)  # amax's int32 view (the launcher passes it)
 
 
 @triton.jit
@@ -253,7 +308,8 @@ def _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length,
 @triton.jit
 def _matmul_kernel(
     # pointers
-    a_ptr, b_ptr, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, residual_ptr, preact_ptr, z_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr,
+    amax_ptr,
     # sizes (the buckets only key the autotuner)
     M, N, K, M_BUCKET, N_BUCKET, K_BUCKET,
     # strides
@@ -262,6 +318,8 @@ def _matmul_kernel(
     # epilogue
     ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr,
+    # fp8 (`_epilogue`): scale by a_scale * b_scale, quantize C with c_scale, record amax
+    SCALED: tl.constexpr, QUANTIZE: tl.constexpr, STORE_AMAX: tl.constexpr,
     # numerics
     INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
     # the operands' layout (`launch.layout_code`): it only keys the autotuner, as a constexpr, which no
@@ -281,9 +339,26 @@ def _matmul_kernel(
     _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
               c=(c_ptr, stride_cm, stride_cn), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
               preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
+              scales=(a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr),
               ACTIVATION=ACTIVATION, GRAD_ACTIVATION=GRAD_ACTIVATION, HAS_BIAS=HAS_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
-              STORE_PREACT=STORE_PREACT, EMULATE_BF16=EMULATE_BF16, C_IS_DESCRIPTOR=False,
+              STORE_PREACT=STORE_PREACT, SCALED=SCALED, QUANTIZE=QUANTIZE, STORE_AMAX=STORE_AMAX,
+              EMULATE_BF16=EMULATE_BF16, C_IS_DESCRIPTOR=False,
               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EPILOGUE_SUBTILE=EPILOGUE_SUBTILE)
+
+
+@triton.jit
+def _elementwise_block(M, N, INT64_OFFSETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_M, BLOCK_N] block of an elementwise pass over [M, N] at program (pid_m, pid_n):
+    (pid_m, its row offsets, its column offsets, the column mask, the block's mask)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if INT64_OFFSETS:
+        pid_m = pid_m.to(tl.int64)
+        pid_n = pid_n.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    return pid_m, offs_m, offs_n, mask_n, (offs_m < M)[:, None] & mask_n[None, :]
 
 
 @triton.jit
@@ -299,15 +374,7 @@ def _dgelu_kernel(
     EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dZ = dY * act'(z), and colsum[pid_m, n] = sum of this row block's dZ[:, n] in fp32 (for db)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if INT64_OFFSETS:
-        pid_m = pid_m.to(tl.int64)
-        pid_n = pid_n.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    pid_m, offs_m, offs_n, mask_n, mask = _elementwise_block(M, N, INT64_OFFSETS, BLOCK_M, BLOCK_N)
     dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
     z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
     dz = dy.to(tl.float32) * _activation_grad(z.to(tl.float32), GRAD_ACTIVATION)

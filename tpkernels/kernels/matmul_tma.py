@@ -22,7 +22,8 @@ from tpkernels.kernels.matmul import _dot, _epilogue, _tile_id_to_pids
 @triton.jit
 def _matmul_tma_persistent_kernel(
     # descriptors and pointers
-    a_desc, b_desc, c_desc, bias_ptr, residual_ptr, preact_ptr, z_ptr,
+    a_desc, b_desc, c_desc, bias_ptr, residual_ptr, preact_ptr, z_ptr, a_scale_ptr, b_scale_ptr, c_scale_ptr,
+    amax_ptr,
     # sizes (the buckets only key the autotuner)
     M, N, K, M_BUCKET, N_BUCKET, K_BUCKET,
     # strides of the pointer operands
@@ -30,6 +31,8 @@ def _matmul_tma_persistent_kernel(
     # epilogue
     ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr,
+    # fp8 (`_epilogue`): scale by a_scale * b_scale, quantize C with c_scale, record amax
+    SCALED: tl.constexpr, QUANTIZE: tl.constexpr, STORE_AMAX: tl.constexpr,
     # numerics
     INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
     # the operands' layout (`launch.layout_code`): it only keys the autotuner, as a constexpr, which no
@@ -71,6 +74,8 @@ def _matmul_tma_persistent_kernel(
         _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
                   c=(c_desc, 0, 0), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
                   preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
+                  scales=(a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr),
                   ACTIVATION=ACTIVATION, GRAD_ACTIVATION=GRAD_ACTIVATION, HAS_BIAS=HAS_BIAS,
-                  HAS_RESIDUAL=HAS_RESIDUAL, STORE_PREACT=STORE_PREACT, EMULATE_BF16=EMULATE_BF16,
+                  HAS_RESIDUAL=HAS_RESIDUAL, STORE_PREACT=STORE_PREACT, SCALED=SCALED, QUANTIZE=QUANTIZE,
+                  STORE_AMAX=STORE_AMAX, EMULATE_BF16=EMULATE_BF16,
                   C_IS_DESCRIPTOR=True, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, EPILOGUE_SUBTILE=EPILOGUE_SUBTILE)

@@ -1,0 +1,399 @@
+"""FP8 for the tensor-parallel layers: per-tensor scales, delayed scaling, the fused epilogues, forward and backward.
+
+Per-rank shapes and scales (W ranks, rank r; q(t, s) = saturate(t * s) in e4m3, s_inv = 1 / s):
+
+    column   x [M, K] -> x_q = q(x, s_x)                      s_x delayed (x is replicated: the same history,
+                                                              so the same scale, on every rank)
+             w_q = q(W1_r, s_w1)                              current scaling: s_w1 = 448 / max |W1_r|, once per
+                                                              weight version (each optimizer step)
+             h = act(x_q @ w_q.T * s_x_inv * s_w1_inv + b1)   one kernel: the scales, bias and GELU in the
+                                                              epilogue on the fp32 accumulator
+    MLP      h_q = q(h, s_h), amax_h = max |h|                the same kernel's epilogue: one atomic max per tile;
+                                                              s_h is per rank (h_r is read only by rank r's row
+                                                              GEMM), so no collective is needed
+    row      partial = h_q @ w2_q.T * s_h_inv * s_w2_inv (+ b2 on rank 0), fp32 or 16-bit, all-reduced as now
+
+Delayed scaling (TransformerEngine's DelayedScaling): each forward first runs one update kernel
+(`kernels.fp8._scale_update_kernel`), scale = fmax / amax / 2^margin from the amax history (its max, or
+the newest entry; fmax = 448 for e4m3, 57344 for e5m2), then moves the history down a row; that step's
+kernels, forward and backward, raise row 0 to their amax.
+The history, scale and scale_inv are buffers of `FP8Scaling`, saved by `state_dict`.
+
+Backward (`FP8Recipe.backward`): "fp8" (the default, as TransformerEngine's) runs the four GEMMs in fp8,
+the gradients in e5m2 with their own delayed scales (dY's and dZ's histories), the operands laid out
+K-major as Hopper's fp8 wgmma wants them (transposed copies of the e4m3 weights, once per weight
+version, and of the saved e4m3 activations):
+
+    dY_q = q5(dY, s_dy)
+    dZ = (dY_q @ W2_q) * gelu'(z)           one GEMM, the dGELU in its epilogue, dZ in x's dtype
+    db1 = sum(dZ), db2 = sum(dY)            from the unquantized gradients
+    dZ_q = q5(dZ, s_dz)
+    dX = dZ_q @ W1_q                        dgrad
+    dW1 = dZ_q.T @ x_q, dW2 = dY_q.T @ h_q  wgrad, in the weights' dtype
+
+"master" is the straight-through gradient in the master weights' dtype on the existing fused backward
+ops (with h the dequantized h_q the forward used). Both treat the quantizers as identity.
+"""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import nn
+
+from tpkernels import custom_ops, launch, ops, reference  # noqa: F401  (custom_ops registers the backward ops)
+from tpkernels.kernels import IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
+
+__all__ = ["FP8Recipe", "FP8Scaling", "fp8_linear", "fp8_mlp_shard", "quantize"]
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+FP8_MAX = reference.FP8_MAX
+_ALGOS = ("max", "most_recent")
+_BACKWARDS = ("fp8", "master")
+# The scaled tensors of each layer kind and their formats: activations e4m3, gradients e5m2.
+LINEAR_TENSORS = {"x": E4M3, "dy": E5M2}
+MLP_TENSORS = {"x": E4M3, "h": E4M3, "dy": E5M2, "dz": E5M2}
+_QUANTIZE_BLOCK = (32, 128)
+
+
+@dataclass(frozen=True)
+class FP8Recipe:
+    """How a layer scales its fp8 tensors (delayed scaling, as TransformerEngine's DelayedScaling).
+
+    Args:
+        margin: scale = 448 / amax / 2^margin: headroom, in powers of two, for amax growing between steps.
+        amax_history_len: how many steps of amax the scale looks back over.
+        amax_compute_algo: "max" (the history's largest) or "most_recent" (the last step's).
+        backward: "fp8" (the GEMMs of the backward in fp8, gradients in e5m2) or "master" (the backward
+            in the master weights' dtype).
+    """
+
+    margin: int = 0
+    amax_history_len: int = 16
+    amax_compute_algo: str = "max"
+    backward: str = "fp8"
+
+    def __post_init__(self):
+        if not isinstance(self.margin, int) or isinstance(self.margin, bool) or self.margin < 0:
+            raise ValueError(f"FP8Recipe: margin must be an int >= 0, got {self.margin!r}")
+        if (not isinstance(self.amax_history_len, int) or isinstance(self.amax_history_len, bool)
+                or not 1 <= self.amax_history_len <= 1024):
+            raise ValueError(f"FP8Recipe: amax_history_len must be an int from 1 to 1024, got {self.amax_history_len!r}")
+        if self.amax_compute_algo not in _ALGOS:
+            raise ValueError(f"FP8Recipe: amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}")
+        if self.backward not in _BACKWARDS:
+            raise ValueError(f"FP8Recipe: backward must be 'fp8' or 'master', got {self.backward!r}")
+
+
+def check_recipe(name, fp8, backend):
+    """fp8 as a layer option: None or an FP8Recipe, with a backend that runs it ("auto", "triton", "eager")."""
+    if fp8 is None:
+        return
+    if not isinstance(fp8, FP8Recipe):
+        raise TypeError(f"{name}: fp8 must be None or a tpkernels.FP8Recipe, got {type(fp8).__name__}")
+    if backend not in ("auto", "triton", "eager"):
+        raise ValueError(f"{name}: fp8 runs on the 'triton' kernels (or 'eager', the unfused torch._scaled_mm path), "
+                         f"not backend={backend!r}; use backend='auto'")
+
+
+class FP8Scaling(nn.Module):
+    """The delayed-scaling state of a layer's fp8 activations, and its quantized weights.
+
+    Buffers (saved by `state_dict`; per rank: a row-parallel input and the MLP's h are rank-local):
+        amax_history [amax_history_len, n]   row 0 the current step's amax
+        scale [n], scale_inv [n]             the scales this step quantizes with, and their inverses
+
+    Args:
+        recipe: an FP8Recipe.
+        tensors: {name: fp8 dtype} of the n scaled tensors (`LINEAR_TENSORS`, `MLP_TENSORS`).
+        device: where the buffers live (moved with the module; a forward on another device resets them).
+    """
+
+    def __init__(self, recipe, tensors, device=None):
+        super().__init__()
+        self.recipe = recipe
+        self.tensors = tuple(tensors)
+        self.formats = dict(tensors)
+        device = None if device is None or torch.device(device).type == "meta" else device
+        self.register_buffer("amax_history", torch.zeros(recipe.amax_history_len, len(self.tensors), device=device))
+        self.register_buffer("scale", torch.ones(len(self.tensors), device=device))
+        self.register_buffer("scale_inv", torch.ones(len(self.tensors), device=device))
+        self.register_buffer("fmax", torch.tensor([FP8_MAX[self.formats[t]] for t in self.tensors], device=device),
+                             persistent=False)
+        self._weights = {}
+
+    def extra_repr(self):
+        return f"tensors={self.tensors}, recipe={self.recipe}"
+
+    def _reset(self, device):
+        self.amax_history = torch.zeros(self.amax_history.shape, device=device)
+        self.scale = torch.ones(self.scale.shape, device=device)
+        self.scale_inv = torch.ones(self.scale_inv.shape, device=device)
+        self.fmax = self.fmax.to(device)
+
+    def update(self, device):
+        """Start a step: scales from the amax history, then the history moved down a row (one launch)."""
+        if self.amax_history.device != device:
+            self._reset(device)
+        recipe = self.recipe
+        length, count = self.amax_history.shape
+        if launch.runs_triton(self.amax_history):
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                _scale_update_kernel[(1,)](
+                    self.amax_history, self.scale, self.scale_inv, self.fmax, LENGTH=length, COUNT=count,
+                    MARGIN=recipe.margin, MOST_RECENT=recipe.amax_compute_algo == "most_recent",
+                    BLOCK_L=triton.next_power_of_2(length), BLOCK_C=triton.next_power_of_2(count))
+            return
+        history = self.amax_history
+        amax = history[0] if recipe.amax_compute_algo == "most_recent" else history.amax(0)
+        usable = (amax > 0) & torch.isfinite(amax)
+        scale = torch.where(usable, self.fmax / torch.where(usable, amax, 1.0) / 2.0 ** recipe.margin, self.scale)
+        self.scale.copy_(scale)
+        self.scale_inv.copy_(1.0 / scale)
+        history.copy_(torch.roll(history, 1, 0))
+        history[0].zero_()
+
+    def slot(self, name):
+        """(scale, scale_inv, amax) of one tensor: one-element views of the buffers."""
+        i = self.tensors.index(name)
+        return self.scale[i:i + 1], self.scale_inv[i:i + 1], self.amax_history[0, i:i + 1]
+
+    def weight(self, name, weight, backend):
+        """(w_q, scale_inv): the weight quantized with current scaling (448 / max |w|), made again only when
+        the weight changed (its version: an optimizer step or a copy_ bumps it) or moved."""
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, weight.device, backend)
+        cached = self._weights.get(name)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        with torch.no_grad():
+            amax = weight.abs().amax().float() if weight.numel() else torch.zeros((), device=weight.device)
+            scale = torch.where(amax > 0, FP8_MAX[E4M3] / torch.where(amax > 0, amax, 1.0), 1.0).reshape(1)
+            w_q = quantize(weight, scale, backend=backend)
+        self._weights[name] = (key, w_q, 1.0 / scale)
+        return w_q, self._weights[name][2]
+
+    def weight_t(self, name, weight, backend):
+        """(w_q.T made contiguous, scale_inv): the transposed e4m3 weight the backward's dgrad reads K-major,
+        made once per weight version from `weight`'s quantized copy."""
+        w_q, scale_inv = self.weight(name, weight, backend)
+        cached = self._weights.get(name + ".T")
+        if cached is None or cached[0] is not w_q:
+            cached = (w_q, w_q.t().contiguous(), scale_inv)
+            self._weights[name + ".T"] = cached
+        return cached[1], cached[2]
+
+def _triton(t, backend):
+    return backend != "eager" and launch.runs_triton(t)
+
+
+def quantize(t, scale, amax=None, *, dtype=E4M3, backend="auto"):
+    """saturate(t * scale) in `dtype` (e4m3 or e5m2), for a 2-D t; `amax` (a one-element fp32 tensor), if
+    given, is raised to max |t|. One pass on the Triton kernels, torch ops elsewhere."""
+    q = torch.empty(t.shape, dtype=dtype, device=t.device)
+    if not _triton(t, backend):
+        if amax is not None and t.numel():
+            amax.copy_(torch.maximum(amax, t.detach().abs().amax().float()))
+        q.copy_(reference.fp8_quantize(t, scale, dtype))
+        return q
+    M, N = t.shape
+    if M and N:
+        grid = (triton.cdiv(M, _QUANTIZE_BLOCK[0]), triton.cdiv(N, _QUANTIZE_BLOCK[1]))
+        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
+            _quantize_kernel[grid](t, q, scale, q if amax is None else amax.view(torch.int32), M, N, *t.stride(),
+                                   *q.stride(), STORE_AMAX=amax is not None,
+                                   INT64_OFFSETS=t.numel() >= launch.INT32_LIMIT, EMULATE_BF16=INTERPRETED,
+                                   BLOCK_M=_QUANTIZE_BLOCK[0], BLOCK_N=_QUANTIZE_BLOCK[1])
+    return q
+
+
+def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact, out_scale, amax, backend):
+    """act(x_q @ w_q.T * x_scale_inv * w_scale_inv + bias) in out_dtype (fp8: times out_scale, saturated);
+    preact, if given, receives the pre-activation; amax, if given, is raised to max |act(...)|."""
+    if not _triton(x_q, backend):
+        out, z, tile_amax = reference.fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype,
+                                                 out_scale)
+        if preact is not None:
+            preact.copy_(z)
+        if amax is not None:
+            amax.copy_(torch.maximum(amax, tile_amax))
+        return out
+    out = torch.empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype, device=x_q.device)
+    launch.linear(x_q, w_q, out, bias=None if bias is None else bias.contiguous(), preact=preact, activation=activation,
+                  scales=(x_scale_inv, w_scale_inv, out_scale, amax))
+    return out
+
+
+def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out, backend, z=None, grad_activation=IDENTITY):
+    """out = (a_q @ b_q) * a_scale_inv * b_scale_inv (* act'(z)), for fp8 views a_q [M, K] (row-major) and
+    b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it)."""
+    if not _triton(a_q, backend):
+        acc = torch._scaled_mm(a_q, b_q, scale_a=a_scale_inv.reshape(()), scale_b=b_scale_inv.reshape(()),
+                               out_dtype=torch.float32)
+        if grad_activation != IDENTITY:
+            acc = torch.ops.aten.gelu_backward(acc, z.float(), approximate="tanh" if grad_activation == 2 else "none")
+        out.copy_(acc)
+        return out
+    launch.matmul(a_q, b_q, out, z=z, grad_activation=grad_activation,
+                  scales=(a_scale_inv, b_scale_inv, None, None))
+    return out
+
+
+def _transposed(t):
+    """t.T made contiguous: a saved fp8 activation laid out K-major for a wgrad GEMM (a pass over 1-byte
+    elements)."""
+    return t.t().contiguous()
+
+
+def _fp8_dgrad_wgrad(dz, dz_slot, x_q, x_scale_inv, weight, name, scaling, needs, backend):
+    """The fp8 backward of one linear y = x @ W.T, given dZ (the gradient at its output, in a 16-bit or
+    fp32 dtype): (dX, dW) where `needs` = (need_dx, need_dw), else None. dZ is quantized to e5m2 once."""
+    need_dx, need_dw = needs
+    dz_scale, dz_scale_inv, dz_amax = scaling.slot(dz_slot)
+    dz_q = quantize(dz, dz_scale, dz_amax, dtype=E5M2, backend=backend)
+    dx = dw = None
+    if need_dx:  # dX = dZ @ W: B = W [N, K], read K-major from the transposed copy W.T [K, N]
+        w_t_q, w_scale_inv = scaling.weight_t(name, weight, backend)
+        dx = _gemm_q(dz_q, dz_scale_inv, w_t_q.t(), w_scale_inv,
+                     torch.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype, device=dz.device), backend)
+    if need_dw:  # dW = dZ.T @ x: A = dZ.T [N, M] and B = x [M, K], both K-major (K = M, the tokens)
+        dw = _gemm_q(_transposed(dz_q), dz_scale_inv, _transposed(x_q).t(), x_scale_inv,
+                     torch.empty(weight.shape, dtype=weight.dtype, device=dz.device), backend)
+    return dx, dw
+
+
+class _FP8Linear(torch.autograd.Function):
+    """out = act(q(x) @ q(W).T + b) (+ b only where `owner`); the backward as the recipe says."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scaling, name, activation, owner, out_dtype, backend):
+        scale, scale_inv, amax = scaling.slot("x")
+        x_q = quantize(x, scale, amax, backend=backend)
+        w_q, w_scale_inv = scaling.weight(name, weight, backend)
+        need_grad = any(ctx.needs_input_grad[:3])
+        preact = x.new_empty((x.shape[0], weight.shape[0])) if need_grad and activation != IDENTITY else None
+        out = _linear_q(x_q, scale_inv, w_q, w_scale_inv, bias if owner else None, activation, out_dtype, preact,
+                        None, None, backend)
+        ctx.fp8_backward = scaling.recipe.backward == "fp8"
+        if need_grad:
+            if ctx.fp8_backward:  # the next forward's update rewrites the scale buffer before this backward, maybe
+                ctx.save_for_backward(x_q, scale_inv.clone(), weight, preact)
+            else:
+                ctx.save_for_backward(x, weight, preact)
+        ctx.activation, ctx.scaling, ctx.name, ctx.backend = activation, scaling, name, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        grad = grad.contiguous()
+        if not ctx.fp8_backward:
+            x, weight, preact = ctx.saved_tensors
+            dx, dw, db = torch.ops.tpkernels.fused_linear_backward(grad, x, weight, preact, ctx.activation,
+                                                                    need_dx, need_dw, need_db)
+        else:
+            x_q, x_scale_inv, weight, preact = ctx.saved_tensors
+            if ctx.activation != IDENTITY:
+                dz, db = launch.dgelu(grad, preact, ctx.activation, need_db) if _triton(grad, ctx.backend) else (
+                    torch.ops.aten.gelu_backward(grad.to(preact.dtype), preact,
+                                                 approximate="tanh" if ctx.activation == 2 else "none"), None)
+                if need_db and db is None:
+                    db = dz.sum(0, dtype=torch.float32)
+            else:
+                dz, db = grad, (grad.sum(0, dtype=torch.float32) if need_db else None)
+            db = None if db is None else db.to(weight.dtype)
+            dx, dw = _fp8_dgrad_wgrad(dz, "dy", x_q, x_scale_inv, weight, ctx.name, ctx.scaling, (need_dx, need_dw),
+                                      ctx.backend)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
+                None, None, None, None, None, None)
+
+
+class _FP8MLP(torch.autograd.Function):
+    """partial = q(act(q(x) @ q(W1).T + b1)) @ q(W2).T (+ b2 where `owner`): h leaves the column kernel
+    in e4m3 and is read in e4m3 by the row kernel. The backward as the recipe says."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, scaling, activation, owner, out_dtype, backend):
+        x_scale, x_scale_inv, x_amax = scaling.slot("x")
+        h_scale, h_scale_inv, h_amax = scaling.slot("h")
+        x_q = quantize(x, x_scale, x_amax, backend=backend)
+        w1_q, w1_scale_inv = scaling.weight("w1", w1, backend)
+        w2_q, w2_scale_inv = scaling.weight("w2", w2, backend)
+        need_grad = any(ctx.needs_input_grad[:5])
+        z = x.new_empty((x.shape[0], w1.shape[0])) if need_grad else None
+        h_q = _linear_q(x_q, x_scale_inv, w1_q, w1_scale_inv, b1, activation, E4M3, z, h_scale, h_amax, backend)
+        out = _linear_q(h_q, h_scale_inv, w2_q, w2_scale_inv, b2 if owner else None, IDENTITY, out_dtype, None,
+                        None, None, backend)
+        ctx.fp8_backward = scaling.recipe.backward == "fp8"
+        if need_grad:
+            # The next forward's update rewrites the scale buffers, maybe before this backward runs.
+            saved_x = (x_q, x_scale_inv.clone()) if ctx.fp8_backward else (x, x_scale_inv)
+            ctx.save_for_backward(*saved_x, w1, w2, h_q, h_scale_inv.clone(), z)
+        ctx.activation, ctx.scaling, ctx.backend = activation, scaling, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_scale_inv, w1, w2, h_q, h_scale_inv, z = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:5])
+        need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
+        grad = grad.contiguous()
+        if not ctx.fp8_backward:
+            h = (h_q.float() * h_scale_inv).to(x.dtype)  # the h the forward's row GEMM read
+            grads = torch.ops.tpkernels.mlp_shard_backward(grad, x, w1, w2, h, z, ctx.activation, needs, False)
+            return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
+        scaling, backend, dtype = ctx.scaling, ctx.backend, w1.dtype
+        db2 = grad.sum(0, dtype=torch.float32).to(dtype) if need_db2 else None
+        dy_scale, dy_scale_inv, dy_amax = scaling.slot("dy")
+        dy_q = quantize(grad, dy_scale, dy_amax, dtype=E5M2, backend=backend)
+        dw2 = dx = dw1 = db1 = None
+        if need_dw2:  # dW2 = dY.T @ h: both K-major (K = M, the tokens)
+            dw2 = _gemm_q(_transposed(dy_q), dy_scale_inv, _transposed(h_q).t(), h_scale_inv,
+                          torch.empty(w2.shape, dtype=dtype, device=grad.device), backend)
+        if need_dx or need_dw1 or need_db1:
+            # dZ = (dY @ W2) * act'(z): B = W2 [N, H_r], read K-major from the transposed copy W2.T
+            w2_t_q, w2_scale_inv = scaling.weight_t("w2", w2, backend)
+            dz = _gemm_q(dy_q, dy_scale_inv, w2_t_q.t(), w2_scale_inv, torch.empty_like(z), backend, z=z,
+                         grad_activation=ctx.activation)
+            db1 = dz.sum(0, dtype=torch.float32).to(dtype) if need_db1 else None
+            dx, dw1 = _fp8_dgrad_wgrad(dz, "dz", x, x_scale_inv, w1, "w1", scaling, (need_dx, need_dw1), backend)
+        return dx, dw1, db1, dw2, db2, None, None, None, None, None
+
+
+def _check_out_dtype(name, x, out_dtype):
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
+
+
+def fp8_linear(x, weight, bias, scaling, *, name="w", activation=IDENTITY, owner=True, out_dtype=None,
+               backend="auto"):
+    """act(x @ weight.T + b) with x and the weight in e4m3: x [..., K], weight [N, K] -> [..., N].
+
+    The caller checks shapes and runs `scaling.update` once per step, before the first call.
+
+    Args:
+        scaling: the layer's FP8Scaling, with a tensor "x".
+        name: the weight's name in scaling's cache.
+        activation: the kernels' code (IDENTITY, GELU, GELU_TANH).
+        owner: add the bias (a row-parallel layer: rank 0 only).
+        out_dtype: None (x's dtype) or torch.float32 (fp32 partials).
+        backend: "auto" or "triton" (the kernels where they run, else the eager path), "eager" (the
+            unfused path: torch._scaled_mm, then the epilogue in torch ops).
+    """
+    ops._check_linear("fp8_linear", x, weight, bias)
+    _check_out_dtype("fp8_linear", x, out_dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    out = _FP8Linear.apply(rows, weight, bias, scaling, name, activation, owner, out_dtype or x.dtype, backend)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_mlp_shard(x, w1, b1, w2, b2, scaling, *, activation, owner=True, out_dtype=None, backend="auto"):
+    """The MLP's per-rank partial with fp8 x, h and weights: x [..., K], w1 [H_r, K], w2 [N, H_r] -> [..., N].
+
+    Args as `fp8_linear`; scaling has tensors "x" and "h".
+    """
+    ops._check_linear("fp8_mlp_shard", x, w1, b1)
+    ops._check_linear("fp8_mlp_shard", x.new_empty((0, w1.shape[0])), w2, b2)  # w2, b2 against the hidden width
+    _check_out_dtype("fp8_mlp_shard", x, out_dtype)
+    rows = x.reshape(-1, x.shape[-1])
+    out = _FP8MLP.apply(rows, w1, b1, w2, b2, scaling, activation, owner, out_dtype or x.dtype, backend)
+    return out.view(*x.shape[:-1], w2.shape[0])
