@@ -2,7 +2,8 @@
 # One command for a GPU visit or a GPU runner: install, the GPU tests, then the benchmark plan (by default
 # `run.py --plan headline`: the points that decide the backend table, the kernel choice and the targets,
 # in shuffled rounds with paired ratios), and optionally the kernel choice, the rest of the test suite and
-# an ncu profile. Each step has its own time budget, so the default run fits a 10-minute slot; everything
+# an ncu profile. Each step has its own time budget, so the default run fits a 10-minute slot: install 120 s,
+# GPU tests 120 (JUnit and durations), the sanitizer 60, the benchmarks 270; everything
 # lands in OUTDIR (a log per step, results.jsonl, table.md, plot.png, and <device>-<date>.jsonl ready to
 # commit under benchmarks/results/).
 #
@@ -17,7 +18,8 @@ cd "$(dirname "$0")/.."
 # Defaults fit a 10-minute slot: the GPU tests first, then the headline benchmarks, then the rest of the
 # suite (gloo ranks, the compile gate) and a profile. GATE_S runs the compile gate under the device's
 # triton on its own (CI already runs it for 3.6 and 3.9).
-INSTALL_S="${INSTALL_S:-150}" GPU_TESTS_S="${GPU_TESTS_S:-120}" BENCH_S="${BENCH_S:-300}" TESTS_S="${TESTS_S:-0}"
+INSTALL_S="${INSTALL_S:-120}" GPU_TESTS_S="${GPU_TESTS_S:-120}" SANITIZE_S="${SANITIZE_S:-60}"
+BENCH_S="${BENCH_S:-270}" TESTS_S="${TESTS_S:-0}"
 NCU_S="${NCU_S:-0}" GATE_S="${GATE_S:-0}" OVERLAP_S="${OVERLAP_S:-0}" KERNEL_CHOICE_S="${KERNEL_CHOICE_S:-0}"
 BENCH_PLAN="${BENCH_PLAN:-headline}"
 status=0
@@ -50,7 +52,19 @@ cat "$out/backends.log"
 # The GPU tests autotune as they go; with pytest-xdist (the GPU image has it) 8 workers share the compiles.
 parallel=()
 python -c "import xdist" 2> /dev/null && parallel=(-n 8 -p no:benchmark)
-step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider ${parallel[@]+"${parallel[@]}"}
+step gpu_tests "$GPU_TESTS_S" python -m pytest tests -m gpu -q -rs -p no:cacheprovider --durations=15 \
+    --junitxml "$out/junit-gpu.xml" ${parallel[@]+"${parallel[@]}"}
+# The JUnit file and its one-line summary (device, versions, sha, counts, seconds), named to be committed
+# under tests/results/.
+if [ -f "$out/junit-gpu.xml" ]; then
+    tests_name="$(python -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" |
+        tr -c 'A-Za-z0-9._\n-' '-')-$(date -u +%Y-%m-%d)"
+    cp "$out/junit-gpu.xml" "$out/$tests_name-gpu-tests.xml"
+    python tests/junit_summary.py "$out/junit-gpu.xml" | tee "$out/$tests_name-gpu-tests.txt"
+    echo "tests: commit $out/$tests_name-gpu-tests.{xml,txt} under tests/results/"
+fi
+# compute-sanitizer over every kernel's calls (memcheck; racecheck and synccheck on split-K).
+step sanitize "$SANITIZE_S" bash tests/gpu_sanitize.sh "$out"
 # The plan prints its predicted duration first. torch.compile's max-autotune spends a minute a shape: the
 # full suite leaves it out unless BENCH_PROVIDERS names it.
 if [ "$BENCH_PLAN" = "headline" ]; then

@@ -100,8 +100,9 @@ def matmul_reference(a, b, *, bias=None, residual=None, activation=IDENTITY, z=N
 
 
 def same_everywhere(*shape, seed):
-    """The same random fp32 tensor on every rank."""
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    """The same random fp32 tensor on every rank, drawn on the CPU, on the default device."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), device="cpu").to(
+        torch.get_default_device())
 
 
 def compare_params(name, tp, dense, dense64, shards, lr=0.1):

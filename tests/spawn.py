@@ -1,5 +1,7 @@
-"""Run a function on N CPU ranks over gloo: spawned processes, file:// init, timeouts, stragglers killed,
-tracebacks and results (pickled bytes) sent back to the parent. And `run_python`, for code that needs a
+"""Run a function on N ranks: spawned processes, file:// init, timeouts, stragglers killed, tracebacks and
+results (pickled bytes) sent back to the parent. Ranks run gloo on CPU tensors by default; `RANKS` adds
+the setups a GPU runner tests on one GPU: gloo over CUDA tensors (2 to 4 ranks, the default device set to
+CUDA in each rank, so the scenarios' modules and tensors live there) and NCCL at world size 1. And `run_python`, for code that needs a
 fresh interpreter (triton reads TRITON_INTERPRET once, as it decorates the kernels)."""
 import datetime
 import os
@@ -14,11 +16,20 @@ import traceback
 import torch.multiprocessing as mp
 
 
-def _worker(fn, rank, world_size, init_file, timeout, results, args):
+def _worker(fn, rank, world_size, init_file, timeout, results, args, backend="gloo", device="cpu"):
+    import torch
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+        if device == "cuda":  # every rank on the one GPU (gloo), or the one rank (NCCL)
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            torch.set_default_device("cuda")
+            # One tile for every launch, as the GPU tests pin: each rank would otherwise autotune (and
+            # compile every config) on its own.
+            from tpkernels import MatmulConfig, settings
+
+            settings.PINNED_CONFIG.set(MatmulConfig(64, 64, 32, num_warps=4, num_stages=3))
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         try:
             value = fn(rank, world_size, *args)
@@ -29,8 +40,11 @@ def _worker(fn, rank, world_size, init_file, timeout, results, args):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn, world_size, *args, timeout=300, collective_timeout=60):
+def run_ranks(fn, world_size, *args, timeout=300, collective_timeout=60, backend="gloo", device="cpu"):
     """fn(rank, world_size, *args) on `world_size` processes; returns their results, by rank.
+
+    `backend` and `device`: the process group's backend, and where the ranks' tensors live by default
+    ("cuda": `torch.set_default_device` in each rank).
 
     A rank's exception is raised here as a RuntimeError carrying its traceback; a rank that does not
     report within `timeout` seconds, or dies without reporting, raises TimeoutError / RuntimeError.
@@ -41,8 +55,8 @@ def run_ranks(fn, world_size, *args, timeout=300, collective_timeout=60):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [
-            ctx.Process(target=_worker, args=(fn, rank, world_size, init_file, collective_timeout, results, args),
-                        daemon=True)
+            ctx.Process(target=_worker, args=(fn, rank, world_size, init_file, collective_timeout, results, args,
+                                              backend, device), daemon=True)
             for rank in range(world_size)
         ]
         for p in procs:
@@ -98,6 +112,18 @@ def run_scenarios(scenarios, world_size, **kwargs):
     One spawn serves many tests: starting a rank (torch, triton) costs seconds, a scenario far less.
     """
     return run_ranks(_run_scenarios, world_size, list(scenarios), **kwargs)
+
+
+def rank_setups(world_sizes, cuda_world_sizes=(2, 3, 4)):
+    """pytest params (backend, device, world size) for a rank test: gloo on CPU tensors at `world_sizes`,
+    and, marked `gpu`, gloo on CUDA tensors at `cuda_world_sizes` and NCCL at world size 1 (NCCL cannot
+    put two ranks on one GPU). Ids name all three: gloo-cpu-2, gloo-cuda-2, nccl-1."""
+    import pytest
+
+    setups = [pytest.param(("gloo", "cpu", w), id=f"gloo-cpu-{w}") for w in world_sizes]
+    setups += [pytest.param(("gloo", "cuda", w), id=f"gloo-cuda-{w}", marks=pytest.mark.gpu) for w in cuda_world_sizes]
+    setups.append(pytest.param(("nccl", "cuda", 1), id="nccl-1", marks=pytest.mark.gpu))
+    return setups
 
 
 def check_scenario(outcomes, name):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
-from spawn import check_scenario, run_scenarios
+from spawn import check_scenario, rank_setups, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
 from tpkernels import initialization
 from tpkernels import distributed as tpd
@@ -193,14 +193,15 @@ SCENARIOS = [column, row, mlp, bias_added_once, state_dicts, bad_input]
 
 
 @functools.cache
-def _outcomes(world_size):
-    return run_scenarios(SCENARIOS, world_size)
+def _outcomes(setup):
+    backend, device, world_size = setup
+    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("setup", rank_setups(WORLD_SIZES))
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
-def test_modules_on_gloo_ranks(scenario, world_size):
-    values = check_scenario(_outcomes(world_size), scenario)
+def test_modules_on_ranks(scenario, setup):
+    values = check_scenario(_outcomes(setup), scenario)
     if scenario in ("column", "mlp"):
         assert all(v == values[0] for v in values), f"ranks disagree on collective counts: {values}"
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from numerics import assert_close_to_ref
-from spawn import check_scenario, run_scenarios
+from spawn import check_scenario, rank_setups, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, empty_parameters, parallelize
 from tpkernels.checkpoint import shard_slice, load_sharded, save_sharded
 
@@ -68,6 +68,7 @@ def _shared_dir(world, name):
 
 def real_models(rank, world):
     torch.manual_seed(0)
+    device = torch.get_default_device()  # CUDA in the gloo-cuda and nccl setups
     read = {}
     for family, (cls, config) in _families().items():
         torch.manual_seed(1)
@@ -77,10 +78,10 @@ def real_models(rank, world):
         assert len(report.replaced) == LAYERS and not report.left_alone, str(report)
         assert not any(isinstance(m, (nn.Linear,)) and m.out_features == FFN for m in tp.modules())
         dense64 = copy.deepcopy(dense).double()
-        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2), device="cpu").to(device)
         out, eager, ref = _logits(tp, ids), _logits(dense, ids), _logits(dense64, ids)
         assert_close_to_ref(out, eager, ref, f"{family} logits")
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), device="cpu").to(device)
         out.backward(grad)
         eager.backward(grad)
         ref.backward(grad.double())
@@ -114,13 +115,13 @@ def real_models(rank, world):
             after = _logits(tp, ids)
         loaded = cls.from_pretrained(folder)
         for name, p in loaded.named_parameters():
-            assert torch.equal(_dense_part(tp, name, p.detach()), dict(tp.named_parameters())[name].detach()), name
+            assert torch.equal(_dense_part(tp, name, p.detach().to(device)), dict(tp.named_parameters())[name].detach()), name
         with empty_parameters():  # no dense weight on any rank: parameters on meta, buffers real
             fresh = cls(config)
         assert all(p.is_meta for p in fresh.parameters())
         fresh_report = parallelize(fresh)
         assert len(fresh_report.replaced) == LAYERS, str(fresh_report)
-        stats = load_sharded(fresh, folder)
+        stats = load_sharded(fresh, folder, device=device)
         with torch.no_grad():
             torch.testing.assert_close(_logits(fresh, ids), after)
         shards = sum(p.numel() * p.element_size() for layer in _layers(fresh).values() for p in layer.parameters())
@@ -179,7 +180,7 @@ def left_alone_and_plans(rank, world):
     assert "(ReLU) is not GELU" in reasons["1"], str(report)
     assert isinstance(model[0].fc1, nn.Linear) and isinstance(model[1].fc1, nn.Linear)  # untouched
     assert isinstance(model[2].up, ColumnParallelLinear) and isinstance(model[2].down, RowParallelLinear)
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5), device="cpu").to(torch.get_default_device())
     assert_close_to_ref(model(x), dense(x), copy.deepcopy(dense).double()(x.double()), "mixed model")
     # a plan instead of the search
     planned = nn.Sequential(_Functional(), _Functional())
@@ -198,14 +199,16 @@ SCENARIOS = [real_models, left_alone_and_plans]
 
 
 @functools.cache
-def _outcomes(world_size):
-    return run_scenarios(SCENARIOS, world_size)
+def _outcomes(setup):
+    backend, device, world_size = setup
+    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("setup", rank_setups(WORLD_SIZES, cuda_world_sizes=(2, 3)))
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
-def test_parallelize_on_gloo_ranks(scenario, world_size):
-    values = check_scenario(_outcomes(world_size), scenario)
+def test_parallelize_on_ranks(scenario, setup):
+    world_size = setup[2]
+    values = check_scenario(_outcomes(setup), scenario)
     if scenario == "real_models":  # together the ranks read each sharded checkpoint tensor once
         for family in values[0]:
             read = sum(v[family][0] for v in values)

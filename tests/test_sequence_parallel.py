@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
-from spawn import check_scenario, run_scenarios
+from spawn import check_scenario, rank_setups, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, reference
 from tpkernels import distributed as tpd
 
@@ -234,12 +234,13 @@ SCENARIOS = [sequence_parallel_mlp, sequence_parallel_layers, overlap_without_se
 
 
 @functools.cache
-def _outcomes(world_size):
-    return run_scenarios(SCENARIOS, world_size)
+def _outcomes(setup):
+    backend, device, world_size = setup
+    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("setup", rank_setups(WORLD_SIZES))
 @pytest.mark.parametrize("scenario", [s.__name__ for s in SCENARIOS])
-def test_sequence_parallel_on_gloo_ranks(scenario, world_size):
-    values = check_scenario(_outcomes(world_size), scenario)
+def test_sequence_parallel_on_ranks(scenario, setup):
+    values = check_scenario(_outcomes(setup), scenario)
     assert all(v == values[0] for v in values), f"ranks disagree: {values}"

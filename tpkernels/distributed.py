@@ -168,10 +168,11 @@ def _check_same_on_every_rank(kind, t, group):
 
 def _unwaited(result, group):
     """A collective's result left un-waited (torch's AsyncCollectiveTensor: the first use waits), where the
-    group's backend can carry several collectives in flight. On gloo it is waited at once: with several
-    of its all-gathers in flight, the overlapped MLP corrupted the heap in a stress run (torch 2.13,
-    "malloc(): unaligned tcache chunk detected"), and gloo's threads compete with the CPU's compute anyway."""
-    return funcol.wait_tensor(result) if dist.get_backend(group) == "gloo" else result
+    group's backend can carry several collectives in flight. Gloo on CPU tensors is waited at once: with
+    several of its all-gathers in flight, the overlapped MLP corrupted the heap in a stress run (torch
+    2.13, "malloc(): unaligned tcache chunk detected"), and gloo's threads compete with the CPU's compute
+    anyway. Gloo on CUDA tensors (the GPU tests' ranks) stays un-waited, as NCCL does."""
+    return funcol.wait_tensor(result) if dist.get_backend(group) == "gloo" and not result.is_cuda else result
 
 
 def _all_reduce(t, group, wait=True):
