@@ -216,12 +216,20 @@ def test_int64_offsets_path(device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_int64_offsets_on_a_tensor_past_2_31_elements():
+@pytest.mark.parametrize("kernel,config", [("pointer", MatmulConfig(64, 64, 64, num_stages=3)),
+                                           ("tma", TMA_CONFIGS[-1])], ids=["pointer", "tma"])
+def test_int64_offsets_on_a_tensor_past_2_31_elements(kernel, config):
+    """A past 2**31 elements on each kernel (the TMA kernel: 32-bit descriptor coordinates, 64-bit epilogue
+    offsets), a pinned tile, the first and last rows checked."""
+    if kernel == "tma" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA kernel runs on Hopper")
     K, N = 64, 32
     M = 2**31 // K + 100
     a = torch.randn(M, K, dtype=torch.float16, device="cuda")
     b = (torch.randn(N, K, dtype=torch.float16, device="cuda") * K**-0.5).t()
-    c, _ = _run(a, b, device="cuda")
+    with ops.use_matmul_kernel(kernel), pin_config(config), launch.record_launches() as launches:
+        c, _ = _run(a, b, device="cuda")
+    assert launches[0].split()[0] == kernel, launches
     for rows in (slice(0, 256), slice(M - 256, M)):
         ref = a[rows].double() @ b.double()
         eager = a[rows] @ b

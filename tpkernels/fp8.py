@@ -201,7 +201,7 @@ def quantize(t, scale, amax=None, *, dtype=E4M3, backend="auto"):
         with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
             _quantize_kernel[grid](t, q, scale, q if amax is None else amax.view(torch.int32), M, N, *t.stride(),
                                    *q.stride(), STORE_AMAX=amax is not None,
-                                   INT64_OFFSETS=t.numel() >= launch.INT32_LIMIT, EMULATE_BF16=INTERPRETED,
+                                   INT64_OFFSETS=launch._needs_int64((t, q)), EMULATE_BF16=INTERPRETED,
                                    BLOCK_M=_QUANTIZE_BLOCK[0], BLOCK_N=_QUANTIZE_BLOCK[1])
     return q
 
