@@ -348,11 +348,11 @@ def _train(fp8_recipe, steps):
 
 
 def test_training_curve_tracks_full_precision(one_rank):
-    """A regression onto a random teacher MLP, 200 Adam steps, fp8 against the same model in fp32: the
-    fp8 run's loss, averaged over the last 20 steps, within 1.25x (plus 1e-4) of the fp32 run's, and both
-    at most a twentieth of where they started (measured: 0.1146 to 0.00168 in fp32, 0.1152 to 0.00181 in
-    fp8, 1.07x)."""
-    steps = 200
+    """A regression onto a random teacher MLP, 120 Adam steps, fp8 (its fp8 backward included) against the
+    same model in fp32: the fp8 run's loss, averaged over the last 20 steps, within 1.25x (plus 1e-4) of
+    the fp32 run's, and both at most a twentieth of where they started (measured: 0.1146 to 0.00219 in
+    fp32, 0.1152 to 0.00226 in fp8, 1.03x; at 200 steps 0.00168 and 0.00181)."""
+    steps = 120
     full = _train(None, steps)
     low = _train(tpkernels.FP8Recipe(), steps)
     tail_full, tail_low = sum(full[-20:]) / 20, sum(low[-20:]) / 20
