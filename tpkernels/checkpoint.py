@@ -334,6 +334,10 @@ class _Gather:
         return out
 
 
+def _described(failure):
+    return f"{type(failure).__name__}: {failure}"
+
+
 @torch.no_grad()
 def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
     """Write a parallelized model as the dense model's safetensors checkpoint, streaming one tensor at a
@@ -381,7 +385,7 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
         try:
             staging = checkpoint_files.staging_folder(path)
         except Exception as failure:  # reported on every rank below, after the others' shards are taken
-            error = f"{type(failure).__name__}: {failure}"
+            error = _described(failure)
     for name, group in zip(names, groups):
         f = None
         try:
@@ -390,26 +394,26 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
                 f = open(os.path.join(staging, name), "wb")
                 f.write(header)
         except Exception as failure:
-            error = f"{type(failure).__name__}: {failure}"
+            error = _described(failure)
         for entry in group:
             tensor = gather(entry)
             if f is not None and error is None:
                 try:
                     checkpoint_files.write_tensor(f, tensor)
                 except Exception as failure:
-                    error = f"{type(failure).__name__}: {failure}"
+                    error = _described(failure)
             del tensor
         if f is not None:
             try:
                 f.close()
             except Exception as failure:
-                error = error or f"{type(failure).__name__}: {failure}"
+                error = error or _described(failure)
     if gather.rank == 0:
         try:
             if error is None:
                 checkpoint_files.finish(path, staging, names, groups, index, getattr(model, "config", None))
         except Exception as failure:
-            error = f"{type(failure).__name__}: {failure}"
+            error = _described(failure)
         if error is not None and staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     if gather.world > 1:

@@ -227,8 +227,7 @@ def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out, backend, z=None, grad_activ
     """out = (a_q @ b_q) * a_scale_inv * b_scale_inv (* act'(z)), for fp8 views a_q [M, K] (row-major) and
     b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it)."""
     if not _triton(a_q, backend):
-        acc = torch._scaled_mm(a_q, b_q, scale_a=a_scale_inv.reshape(()), scale_b=b_scale_inv.reshape(()),
-                               out_dtype=torch.float32)
+        acc = reference.fp8_matmul(a_q, a_scale_inv, b_q, b_scale_inv)
         if grad_activation != IDENTITY:
             acc = torch.ops.aten.gelu_backward(acc, z.float(), approximate="tanh" if grad_activation == 2 else "none")
         out.copy_(acc)
@@ -292,15 +291,16 @@ class _FP8Linear(torch.autograd.Function):
                                                                     need_dx, need_dw, need_db)
         else:
             x_q, x_scale_inv, weight, preact = ctx.saved_tensors
-            if ctx.activation != IDENTITY:
-                dz, db = launch.dgelu(grad, preact, ctx.activation, need_db) if _triton(grad, ctx.backend) else (
-                    torch.ops.aten.gelu_backward(grad.to(preact.dtype), preact,
-                                                 approximate="tanh" if ctx.activation == 2 else "none"), None)
-                if need_db and db is None:
-                    db = dz.sum(0, dtype=torch.float32)
+            db = None
+            if ctx.activation == IDENTITY:
+                dz = grad
+            elif _triton(grad, ctx.backend):
+                dz, db = launch.dgelu(grad, preact, ctx.activation, need_db)  # db from the same pass
             else:
-                dz, db = grad, (grad.sum(0, dtype=torch.float32) if need_db else None)
-            db = None if db is None else db.to(weight.dtype)
+                dz = torch.ops.aten.gelu_backward(grad.to(preact.dtype), preact,
+                                                  approximate="tanh" if ctx.activation == 2 else "none")
+            if need_db:
+                db = (dz.sum(0, dtype=torch.float32) if db is None else db).to(weight.dtype)
             dx, dw = _fp8_dgrad_wgrad(dz, "dy", x_q, x_scale_inv, weight, ctx.name, ctx.scaling, (need_dx, need_dw),
                                       ctx.backend)
         return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,

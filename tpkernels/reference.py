@@ -65,14 +65,19 @@ def fp8_quantize(t, scale, dtype=torch.float8_e4m3fn):
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
 
 
+def fp8_matmul(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype=torch.float32):
+    """a_q [M, K] @ b_q [K, N] times both dequantizing scales: `torch._scaled_mm` (b_q column-major)."""
+    return torch._scaled_mm(a_q, b_q, scale_a=a_scale_inv.reshape(()), scale_b=b_scale_inv.reshape(()),
+                            out_dtype=out_dtype)
+
+
 def fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, act, out_dtype, out_scale=None):
     """The unfused fp8 path: `torch._scaled_mm` of x_q [M, K] and w_q [N, K] (fp32 out), then bias and the
     activation in fp32, then the output cast (an fp8 `out_dtype` quantized with `out_scale`).
 
     Returns (out, preact, amax): preact = the fp32 pre-activation, amax = max |act(preact)|.
     """
-    acc = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale_inv.reshape(()), scale_b=w_scale_inv.reshape(()),
-                           out_dtype=torch.float32)
+    acc = fp8_matmul(x_q, x_scale_inv, w_q.t(), w_scale_inv)
     preact = acc if bias is None else acc + bias.float()
     out = activation(preact, act)
     amax = out.abs().amax() if out.numel() else out.new_zeros(())
