@@ -903,7 +903,7 @@ def cpu_model():
 _LIBRARY_PATHS = {
     "eager": "aten, unfused (autograd)", "torch_mm": "aten mm alone (lower bound: no epilogue)",
     "compile": "torch.compile of eager", "cublaslt": "torch._addmm_activation (cuBLASLt GELU epilogue)",
-    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C C++ GEMM + epilogue pass",
+    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C oneDNN GEMM, epilogue as its post-ops, packed weight",
     "wrong": "planted error", "no_residual": "planted: skips the residual",
 }
 

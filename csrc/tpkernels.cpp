@@ -11,22 +11,32 @@
 // The same contract as the Triton ops `tpkernels::fused_linear(_backward)`; Python registers their fake
 // implementations and autograd. activation: 0 identity, 1 exact GELU, 2 tanh GELU.
 //
-// CPU: the GEMM in the operands' own dtype through ATen (addmm: oneDNN or MKL, the bias added by the
-// GEMM itself), then the epilogue in place on that output with ATen's own vectorized, parallel kernels
-// (gelu_, add_). ATen compiles those per CPU capability (AVX2, AVX-512) and picks one at run time; this
-// extension is built once with default flags, where at::vec falls back to a scalar std::erf per element,
-// several times slower than eager's GELU (measured: 2x slower in fp32). Nothing is converted per call
-// but 16-bit operands whose output is asked for in fp32 (the row stage's fp32 partials: ATen's CPU GEMM
-// writes only its operands' dtype, and partials must not be rounded on the way). Eager does the
-// same math with one more buffer per call; which of the two is faster, per shape, is the CPU table's
-// business (tpkernels/backend_table_cpu.json). CUDA kernels (cuBLASLt epilogues) register in csrc/cuda/
+// CPU forward: oneDNN through ATen's own ops (`mkldnn::_linear_pointwise`, which inductor's CPU backend
+// also calls): one oneDNN GEMM with the bias and the GELU (exact or tanh) as post-ops of its kernel, and
+// the residual as a binary-add post-op, so no pass over the output follows. The weight runs from a copy in
+// oneDNN's blocked layout (`mkldnn::_reorder_linear_weight`), packed once per weight version and kept in
+// a cache (`packed_weight`, below): eager's GEMM repacks the weight's panels on every call, and that pack
+// is most of the time at decode. The row stage's fp32 partials of 16-bit operands (oneDNN's linear writes
+// its operands' dtype, and partials must not be rounded on the way) run on an fp32 packed copy: the weight
+// is widened once per version, not per call. Where oneDNN cannot run (no oneDNN in this torch, fp16, a
+// dtype this CPU's oneDNN refuses, empty shapes) the forward is ATen's addmm, then gelu_ and add_ in place.
+// The backward: ATen's GEMMs and its gelu_backward. CUDA kernels (cuBLASLt epilogues) register in csrc/cuda/
 // when the CUDA part is built.
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <unistd.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
 #include <tuple>
+#include <utility>
 
 namespace tpkernels {
 namespace {
@@ -50,29 +60,213 @@ void check_linear(const Tensor& x, const Tensor& weight, const c10::optional<Ten
   }
 }
 
+// ---- oneDNN through ATen's registered ops ------------------------------------------------------------
+
+// Called boxed: these ops are registered by TORCH_LIBRARY in libtorch_cpu, with no C++ header shipped.
+Tensor call_boxed(const char* name, const char* overload, torch::jit::Stack stack) {
+  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// The batch size oneDNN's weight layout is chosen for; 16, 64 and 512 ran alike at M = 1 to 512 (fp32 and
+// bf16, K x N = 4096 x 2048 and 1024 x 4096, this project's CPU), so one packed copy serves every M.
+constexpr int64_t kPackHint = 64;
+
+Tensor pack(const Tensor& weight) {
+  return call_boxed("mkldnn::_reorder_linear_weight", "", {weight.contiguous(), c10::IValue(kPackHint)});
+}
+
+// y = x @ w.T + bias, then `attr` ("none" or "gelu" with algorithm "none" or "tanh"), inside oneDNN's kernel.
+Tensor onednn_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias, const char* attr,
+                     c10::optional<std::string> algorithm) {
+  return call_boxed("mkldnn::_linear_pointwise", "",
+                    {x, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string(attr)),
+                     c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue(std::move(algorithm))});
+}
+
+// y = x @ w.T + bias + other, the add a post-op of oneDNN's kernel.
+Tensor onednn_linear_add(const Tensor& x, const Tensor& other, const Tensor& w, const c10::optional<Tensor>& bias) {
+  return call_boxed("mkldnn::_linear_pointwise", "binary",
+                    {x, other, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string("add"))});
+}
+
+// Whether oneDNN's linear runs `dtype` on this CPU: fp32 wherever torch has oneDNN; bf16 where oneDNN has
+// a kernel for it (AVX-512 or AVX-NE-CONVERT; elsewhere the op refuses). Asked once per dtype, by running it.
+bool onednn_runs(at::ScalarType dtype) {
+  static std::mutex mutex;
+  static std::map<at::ScalarType, bool> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(dtype);
+  if (found != known.end()) return found->second;
+  bool runs = false;
+  if (at::hasMKLDNN() && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value()) {
+    try {
+      auto options = at::TensorOptions().dtype(dtype);
+      Tensor y = onednn_linear(at::ones({2, 8}, options), pack(at::ones({4, 8}, options)), c10::nullopt, "gelu",
+                               std::string("none"));
+      runs = y.size(0) == 2 && y.size(1) == 4;
+    } catch (const c10::Error&) {
+      runs = false;
+    }
+  }
+  known.emplace(dtype, runs);
+  return runs;
+}
+
+// ---- the packed-weight cache -----------------------------------------------------------------------------
+//
+// One packed copy per (weight view, dtype of the copy), valid while the weight's storage lives and its
+// version counter (which every in-place write bumps: an optimizer step, load_state_dict's copy_) has
+// not moved. The key is the view (storage, offset, sizes, strides), not the TensorImpl, so a shard view
+// made anew on every call still finds its copy. Entries of freed storage are dropped on the next insert.
+// The copies together take at most a budget (a quarter of the machine's memory unless set with
+// tpkernels::cpu_weight_cache); a weight that does not fit runs unpacked (oneDNN reorders it per call).
+// Inference tensors carry no version counter, so they are never cached.
+
+struct PackKey {
+  const c10::StorageImpl* storage;
+  int64_t offset;
+  std::vector<int64_t> sizes, strides;
+  at::ScalarType dtype;
+  bool operator<(const PackKey& o) const {
+    return std::tie(storage, offset, sizes, strides, dtype) < std::tie(o.storage, o.offset, o.sizes, o.strides, o.dtype);
+  }
+};
+
+struct PackEntry {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t version;
+  Tensor packed;
+  int64_t bytes;
+};
+
+struct PackCache {
+  std::mutex mutex;
+  std::map<PackKey, PackEntry> entries;
+  int64_t bytes = 0;
+  int64_t budget = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE) / 4;
+  int64_t hits = 0, packs = 0, refused = 0;
+};
+
+PackCache& cache() {
+  static PackCache* instance = new PackCache();  // never destroyed: tensors outlive static teardown order
+  return *instance;
+}
+
+// The weight in oneDNN's layout, in `dtype`: from the cache, packed now, or (over budget, an inference
+// tensor) packed for this call only.
+Tensor packed_weight(const Tensor& weight, at::ScalarType dtype) {
+  auto fresh = [&] { return pack(weight.scalar_type() == dtype ? weight : weight.to(dtype)); };
+  if (weight.is_inference() || !weight.has_storage()) return fresh();
+  PackCache& c = cache();
+  PackKey key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset(), weight.sizes().vec(),
+              weight.strides().vec(), dtype};
+  const int64_t version = weight._version();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    auto found = c.entries.find(key);
+    if (found != c.entries.end() && found->second.version == version && !found->second.storage.expired()) {
+      ++c.hits;
+      return found->second.packed;
+    }
+  }
+  Tensor packed = fresh();
+  const int64_t bytes = weight.numel() * static_cast<int64_t>(c10::elementSize(dtype));
+  std::lock_guard<std::mutex> lock(c.mutex);
+  for (auto it = c.entries.begin(); it != c.entries.end();) {  // freed weights, and this key's old version
+    if (it->second.storage.expired() || !(it->first < key || key < it->first)) {
+      c.bytes -= it->second.bytes;
+      it = c.entries.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (c.bytes + bytes > c.budget) {
+    ++c.refused;
+    return packed;
+  }
+  ++c.packs;
+  c.bytes += bytes;
+  c.entries.emplace(std::move(key), PackEntry{weight.storage().getWeakStorageImpl(), version, packed, bytes});
+  return packed;
+}
+
+// tpkernels::cpu_weight_cache(budget): set the budget in bytes (-1 keeps it, 0 empties the cache and
+// turns it off); returns [budget, bytes held, copies held, hits, packs, refused].
+std::vector<int64_t> cpu_weight_cache(int64_t budget) {
+  PackCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (budget >= 0) {
+    c.budget = budget;
+    for (auto it = c.entries.begin(); it != c.entries.end();) {
+      if (c.bytes <= budget && !it->second.storage.expired()) {
+        ++it;
+        continue;
+      }
+      c.bytes -= it->second.bytes;
+      it = c.entries.erase(it);
+    }
+  }
+  return {c.budget, c.bytes, static_cast<int64_t>(c.entries.size()), c.hits, c.packs, c.refused};
+}
+
 // ---- forward ---------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
-                                               const c10::optional<Tensor>& residual, int64_t activation, bool owner,
-                                               at::ScalarType out_dtype, bool store_preact) {
-  check_linear(x, weight, bias);
-  const bool add_residual = owner && residual.has_value();
-  // fp32 partials of 16-bit operands must not be rounded to 16 bits on the way: ATen's CPU GEMM writes
-  // only its operands' dtype, so those (and only those) widen the operands first, as eager does.
+// ATen's path: addmm in the operands' dtype (widened where fp32 partials of 16-bit operands are asked
+// for), then gelu_ and add_ in place. For what oneDNN does not run.
+std::tuple<Tensor, Tensor> epilogue_linear_aten(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                                const c10::optional<Tensor>& residual, int64_t activation, bool owner,
+                                                at::ScalarType out_dtype, bool store_preact) {
   const bool widen = out_dtype != x.scalar_type();
   const Tensor& a = widen ? x.to(out_dtype) : x;
   const Tensor& w = widen ? weight.to(out_dtype) : weight;
-  // z = x @ W.T + b, b inside the GEMM (w.t() is a view: no copy of the weight)
-  Tensor z = owner && bias.has_value() ? at::addmm(widen ? bias->to(out_dtype) : *bias, a, w.t()) : at::mm(a, w.t());
+  Tensor z = owner && bias.has_value() ? at::addmm(bias->to(out_dtype), a, w.t()) : at::mm(a, w.t());
   Tensor out = z;
   if (activation != 0) {
     out = store_preact ? at::gelu(z, approximate(activation)) : at::gelu_(z, approximate(activation));
   } else if (store_preact) {
     out = z.clone();  // z is returned as the pre-activation; the output is its own tensor
   }
-  if (add_residual) out.add_(*residual);
+  if (owner && residual.has_value()) out.add_(*residual);
   Tensor preact = store_preact ? (widen ? z.to(x.scalar_type()) : z) : at::empty({0}, x.options());
   return {out, preact};
+}
+
+std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                               const c10::optional<Tensor>& residual, int64_t activation, bool owner,
+                                               at::ScalarType out_dtype, bool store_preact) {
+  check_linear(x, weight, bias);
+  const bool degenerate = x.size(0) == 0 || x.size(1) == 0 || weight.size(0) == 0;
+  if (degenerate || !onednn_runs(out_dtype) || !(out_dtype == x.scalar_type() || out_dtype == at::kFloat)) {
+    return epilogue_linear_aten(x, weight, bias, residual, activation, owner, out_dtype, store_preact);
+  }
+  // In out_dtype: the operands' own, or fp32 for the row stage's fp32 partials of 16-bit operands.
+  const Tensor a = x.scalar_type() == out_dtype ? x.contiguous() : x.to(out_dtype);
+  const Tensor w = packed_weight(weight, out_dtype);
+  c10::optional<Tensor> b;
+  if (owner && bias.has_value()) b = bias->scalar_type() == out_dtype ? bias->contiguous() : bias->to(out_dtype);
+  const bool add_residual = owner && residual.has_value();
+  if (activation == 0) {
+    // The residual as oneDNN's post-op where it is the output's shape and dtype; else one add_ after.
+    const bool fused_add = add_residual && residual->scalar_type() == out_dtype && residual->sizes() == c10::IntArrayRef{x.size(0), weight.size(0)};
+    Tensor out = fused_add ? onednn_linear_add(a, residual->contiguous(), w, b) : onednn_linear(a, w, b, "none", c10::nullopt);
+    if (add_residual && !fused_add) out.add_(*residual);
+    Tensor preact = store_preact ? (out.scalar_type() == x.scalar_type() ? out.clone() : out.to(x.scalar_type()))
+                                 : at::empty({0}, x.options());
+    return {out, preact};
+  }
+  if (!store_preact) {  // the whole epilogue inside oneDNN's kernel
+    Tensor out = onednn_linear(a, w, b, "gelu", std::string(approximate(activation)));
+    if (add_residual) out.add_(*residual);
+    return {out, at::empty({0}, x.options())};
+  }
+  // The backward needs z: the GEMM with its bias, then GELU from z into a new output.
+  Tensor z = onednn_linear(a, w, b, "none", c10::nullopt);
+  Tensor out = at::gelu(z, approximate(activation));
+  if (add_residual) out.add_(*residual);
+  return {out, z.scalar_type() == x.scalar_type() ? z : z.to(x.scalar_type())};
 }
 
 // ---- backward ----------------------------------------------------------------------------------------
@@ -122,6 +316,7 @@ TORCH_LIBRARY(tpkernels, m) {
       "epilogue_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor? preact, int activation, bool need_dx, "
       "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
   m.def("epilogue_dgelu_linear(Tensor grad, Tensor weight, Tensor preact, int activation, bool need_db) -> (Tensor, Tensor)");
+  m.def("cpu_weight_cache(int budget) -> int[]", &cpu_weight_cache);
 }
 
 TORCH_LIBRARY_IMPL(tpkernels, CPU, m) {

@@ -468,6 +468,64 @@ def test_native_mlp_shard_matches_eager(dtype, approximate):
     check_forward_backward(fused, eager, (x, w1, b1, w2, b2), ("x", "w1", "b1", "w2", "b2"))
 
 
+def _check_gelu_on_cpu_backend(x, w, b):
+    out = tpkernels.linear_gelu(x, w, b, backend="cpu")
+    assert_close_to_ref(out, reference.linear_gelu(x, w, b), reference.linear_gelu(*fp64(x, w, b)))
+
+
+@needs_extension
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_native_cpu_backend_packs_each_weight_version_once():
+    """The CPU backend runs oneDNN on a packed copy of the weight: made on first use, found again by a view
+    made anew for the call, made again after an in-place write (a stale copy would give the old weight's
+    result), not kept for inference tensors or over the budget, and dropped with the weight."""
+    x, w, b = linear_inputs((5,), 24, 40, torch.float32, "cpu")
+
+    def delta(before):
+        after = extension.cpu_weight_cache()
+        return {k: after[k] - before[k] for k in ("hits", "packs", "refused")}
+
+    start = extension.cpu_weight_cache()
+    _check_gelu_on_cpu_backend(x, w, b)
+    assert delta(start) == {"hits": 0, "packs": 1, "refused": 0}
+    start = extension.cpu_weight_cache()
+    _check_gelu_on_cpu_backend(randn(3, 24), w.view(40, 24), b)  # a new TensorImpl over the same view
+    _check_gelu_on_cpu_backend(x, w, b)
+    assert delta(start) == {"hits": 2, "packs": 0, "refused": 0}
+
+    start = extension.cpu_weight_cache()
+    with torch.no_grad():
+        w.copy_(randn(40, 24, scale=24 ** -0.5))  # what an optimizer step or load_state_dict does
+    _check_gelu_on_cpu_backend(x, w, b)
+    big = randn(80, 24, scale=24 ** -0.5)
+    _check_gelu_on_cpu_backend(x, big[40:], b)  # a shard: its own view of another storage
+    _check_gelu_on_cpu_backend(x, big[:40], b)
+    assert delta(start) == {"hits": 0, "packs": 3, "refused": 0}
+
+    held = extension.cpu_weight_cache()["weights"]
+    del big
+    _check_gelu_on_cpu_backend(x, randn(40, 24, scale=24 ** -0.5), b)  # freed weights go on the next pack
+    assert extension.cpu_weight_cache()["weights"] <= held - 1
+
+    with torch.inference_mode():  # no version counter: run packed for the call, never cached
+        x_inf, w_inf, b_inf = linear_inputs((5,), 24, 40, torch.float32, "cpu")
+        start = extension.cpu_weight_cache()
+        _check_gelu_on_cpu_backend(x_inf, w_inf, b_inf)
+        assert delta(start) == {"hits": 0, "packs": 0, "refused": 0}
+
+    budget = extension.cpu_weight_cache()["max_bytes"]
+    try:
+        emptied = extension.cpu_weight_cache(0)
+        assert emptied["bytes"] == 0 and emptied["weights"] == 0
+        start = extension.cpu_weight_cache()
+        _check_gelu_on_cpu_backend(x, w, b)
+        assert delta(start) == {"hits": 0, "packs": 0, "refused": 1}
+    finally:
+        extension.cpu_weight_cache(budget)
+    with pytest.raises(ValueError, match="max_bytes must be None or an int >= 0, got -5"):
+        extension.cpu_weight_cache(-5)
+
+
 @needs_extension
 def test_native_cpu_backend_ops_pass_opcheck_and_compile():
     x, w, b = linear_inputs((6,), 10, 9, torch.float32, "cpu", requires_grad=True)
@@ -529,7 +587,8 @@ def test_backend_choice_and_refusals(monkeypatch):
     monkeypatch.setattr(extension, "has", lambda device_type: False)
     assert ops.auto_backend("cuda", torch.bfloat16, 64, 4096, 4096, ops.GELU_TANH) == "triton"
     report = tpkernels.backends()
-    assert set(report) == {"extension", "triton", "table", "cpu_table", "auto"}
+    assert set(report) == {"extension", "triton", "table", "cpu_table", "cpu_weight_cache", "auto"}
+    assert report["cpu_weight_cache"] is None  # no CPU kernels, no cache
     assert "cpu float32 M=1" in report["auto"] and "cpu bfloat16 M=4096" in report["auto"]
 
 

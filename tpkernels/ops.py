@@ -113,6 +113,7 @@ def backends():
 
     Returns:
         {"extension": status, "triton": status, "table" and "cpu_table": the auto tables' sources,
+        "cpu_weight_cache": the CPU backend's packed weights (`extension.cpu_weight_cache`) or None,
         "auto": {"<device> <dtype> M=<M>": {op: backend}}} for M = 1 and 4096 (K = N = 4096), bf16 on
         CUDA, fp32 and bf16 on the CPU.
     """
@@ -133,6 +134,7 @@ def backends():
         "triton": f"{triton.__version__}" + (" (interpreter: TRITON_INTERPRET=1)" if INTERPRETED else ""),
         "table": _BACKEND_TABLE["source"],
         "cpu_table": _CPU_TABLE["source"],
+        "cpu_weight_cache": extension.cpu_weight_cache() if extension.has("cpu") else None,
         "auto": auto,
     }
 
