@@ -20,7 +20,8 @@ GELU is `--gelu tanh` (the default: cuBLASLt's epilogue has only the tanh form) 
 modules' default), per point.
 
 Providers: tpkernels (backend="auto"); tpkernels_triton (backend="triton", on CUDA); tpkernels_cublaslt
-and tpkernels_cpu (the native extension's, where built); eager (autograd over the unfused ops, doing the
+and tpkernels_cpu (the native extension's, where built); tpkernels_cpu_packed (tpkernels_cpu with its
+packed-weight cache in use: `extension.cpu_weight_cache`); eager (autograd over the unfused ops, doing the
 same work as ours: the row stage's GEMM in fp32 plus the fp32 residual); torch_mm (the GEMMs alone: a
 lower bound that skips the epilogue; row rows also give it plus the epilogue's extra bytes at the measured
 bandwidth); compile (torch.compile of eager); cublaslt (torch._addmm_activation, CUDA, tanh GELU);
@@ -74,7 +75,7 @@ import tpkernels  # noqa: E402
 from tpkernels import autotune, extension, launch, ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
-PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "eager", "torch_mm", "compile",
+PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm", "compile",
              "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "tpkernels_pointer",
              "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8", "fp8_unfused", "scaled_mm")
 # The fp8 providers (`--dtypes fp8`), held to the unfused fp8 path's error.
@@ -107,12 +108,12 @@ HEADLINE = (
     + [("column_fwd", M, 4096, 8192, _FP8, "tanh") for M in (16, 8192)]
 )
 # `--cpu-results`: the CPU backends as real results on the machine at hand, decode and prefill shapes,
-# fp32 and bf16, exact GELU (the modules' default) and the row stage with fp32 partials.
-CPU_RESULTS = ([("column_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
+# fp32 and bf16, both GELU forms (exact: the modules' default) and the row stage with fp32 partials.
+CPU_RESULTS = ([("column_fwd", M, K, N, dt, gelu) for dt in ("float32", "bfloat16") for gelu in ("none", "tanh")
                 for M, K, N in ((1, 4096, 2048), (16, 4096, 2048), (64, 1024, 4096), (512, 1024, 4096))]
                + [("row_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
                   for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))])
-CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_cpu", "eager", "torch_mm")
+CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm")
 HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
                       "tpkernels_overlap", "tpkernels_pointer", "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8",
                       "fp8_unfused", "scaled_mm")
@@ -535,7 +536,22 @@ def _native(make, x, gelu):
     backend = "cublaslt" if x.is_cuda else "cpu"
     if extension.has(x.device.type) and not (backend == "cublaslt" and gelu == "none"):  # cuBLASLt: tanh only
         providers[f"tpkernels_{backend}"] = make(backend)
+    if backend == "cpu" and extension.has("cpu"):
+        providers["tpkernels_cpu_packed"] = _with_packed_weights(make("cpu"))
     return providers
+
+
+def _with_packed_weights(fn):
+    """fn with the CPU backend's packed-weight cache in use for the call: the run turns the cache on and
+    pauses it (`main`), so every other provider runs the plain weight. The two toggles are timed with
+    the call (a few microseconds, against it)."""
+    def call():
+        extension.pause_weight_cache(False)
+        try:
+            return fn()
+        finally:
+            extension.pause_weight_cache(True)
+    return call
 
 
 # The kernel providers run at decode sizes, where the kernel choice is open; above, the TMA / pointer
@@ -903,7 +919,8 @@ def cpu_model():
 _LIBRARY_PATHS = {
     "eager": "aten, unfused (autograd)", "torch_mm": "aten mm alone (lower bound: no epilogue)",
     "compile": "torch.compile of eager", "cublaslt": "torch._addmm_activation (cuBLASLt GELU epilogue)",
-    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C oneDNN GEMM, epilogue as its post-ops, packed weight",
+    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C oneDNN GEMM, epilogue as its post-ops",
+    "tpkernels_cpu_packed": "tpkernels._C as tpkernels_cpu, on the packed-weight cache's copy",
     "wrong": "planted error", "no_residual": "planted: skips the residual",
 }
 
@@ -1077,10 +1094,17 @@ def backend_table(rows, env):
 
 def cpu_backend_table(rows, env):
     """The `tpkernels/backend_table_cpu.json` these CPU rows argue for: the extension ("cpu") only where
-    its paired ratio to eager lies wholly below 1 at every measured shape of an M; eager elsewhere."""
-    rules, measured = _rules_from_bands(rows, "tpkernels_cpu", "eager", "cpu", "eager", keep=lambda r: True)
-    return _table(rules, measured, env, " and every CPU", "the extension where its paired ratio band to eager lies "
-                                                          "wholly below 1 at every measured shape of that M; otherwise eager")
+    its paired ratio to eager lies wholly below 1 at every measured shape of an M, in rules for the
+    packed-weight cache off (tpkernels_cpu's rows) and on (tpkernels_cpu_packed's); eager elsewhere."""
+    rules, measured = [], ""
+    for provider, packed in (("tpkernels_cpu", False), ("tpkernels_cpu_packed", True)):
+        wins, shapes = _rules_from_bands(rows, provider, "eager", "cpu", None, keep=lambda r: True)
+        measured = measured or shapes
+        rules += [{**rule, "packed": packed} for rule in wins if rule["backend"] == "cpu"]
+    return _table(rules + [{"backend": "eager"}], measured, env, " and every CPU",
+                  "the extension where its paired ratio band to eager lies wholly below 1 at every measured shape "
+                  "of that M, with the packed-weight cache off (\"packed\": false: tpkernels_cpu's rows) or on "
+                  "(true: tpkernels_cpu_packed's); otherwise eager")
 
 
 def kernel_table(rows, env, sms=None, capability=None):
@@ -1326,6 +1350,12 @@ def main(argv=None):
         print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['git_sha']}"
               f"{' (dirty)' if env['git_dirty'] else ''} | torch.mm {ceilings[0] / 1e12:.3g} TFLOP/s, copy "
               f"{ceilings[1] / 1e9:.3g} GB/s | {len(points)} points -> {out}", flush=True)
+    cache_before = None
+    if device.type == "cpu" and "tpkernels_cpu_packed" in providers and extension.has("cpu"):
+        # On for tpkernels_cpu_packed's calls, paused for every other provider's (`_with_packed_weights`).
+        cache_before = extension.cpu_weight_cache()
+        extension.cpu_weight_cache(enabled=True)
+        extension.pause_weight_cache(True)
     rows, start = [], time.time()
     progress = _progress(total=len(points), disable=rank != 0)
     for index, point in enumerate(points):
@@ -1341,6 +1371,8 @@ def main(argv=None):
                           cpu_calls=None if args.cpu_results else 2)
         progress.update()
     progress.close()
+    if cache_before is not None:
+        extension.cpu_weight_cache(enabled=cache_before["enabled"])
     if rank != 0:
         return 0
     with open(os.path.join(out, "results.jsonl"), "w") as f:

@@ -14,11 +14,12 @@
 // CPU forward: oneDNN through ATen's own ops (`mkldnn::_linear_pointwise`, which inductor's CPU backend
 // also calls): one oneDNN GEMM with the bias and the GELU (exact or tanh) as post-ops of its kernel, and
 // the residual as a binary-add post-op, so no pass over the output follows. The weight runs from a copy in
-// oneDNN's blocked layout (`mkldnn::_reorder_linear_weight`), packed once per weight version and kept in
-// a cache (`packed_weight`, below): eager's GEMM repacks the weight's panels on every call, and that pack
-// is most of the time at decode. The row stage's fp32 partials of 16-bit operands (oneDNN's linear writes
-// its operands' dtype, and partials must not be rounded on the way) run on an fp32 packed copy: the weight
-// is widened once per version, not per call. Where oneDNN cannot run (no oneDNN in this torch, fp16, a
+// oneDNN's blocked layout (`mkldnn::_reorder_linear_weight`), packed once per weight version, where the
+// user turned the packed-weight cache on (`weight_for_onednn`, below): eager's GEMM repacks the weight's
+// panels on every call, and that pack is most of the time at decode. The row stage's fp32 partials of
+// 16-bit operands (oneDNN's linear writes its operands' dtype, and partials must not be rounded on the
+// way) run on fp32 operands: with the cache on, an fp32 packed copy, so the weight is widened once per
+// version rather than per call. Where oneDNN cannot run (no oneDNN in this torch, fp16, a
 // dtype this CPU's oneDNN refuses, empty shapes) the forward is ATen's addmm, then gelu_ and add_ in place.
 // The backward: ATen's GEMMs and its gelu_backward. CUDA kernels (cuBLASLt epilogues) register in csrc/cuda/
 // when the CUDA part is built.
@@ -117,13 +118,18 @@ bool onednn_runs(at::ScalarType dtype) {
 
 // ---- the packed-weight cache -----------------------------------------------------------------------------
 //
-// One packed copy per (weight view, dtype of the copy), valid while the weight's storage lives and its
-// version counter (which every in-place write bumps: an optimizer step, load_state_dict's copy_) has
-// not moved. The key is the view (storage, offset, sizes, strides), not the TensorImpl, so a shard view
-// made anew on every call still finds its copy. Entries of freed storage are dropped on the next insert.
-// The copies together take at most a budget (a quarter of the machine's memory unless set with
-// tpkernels::cpu_weight_cache); a weight that does not fit runs unpacked (oneDNN reorders it per call).
-// Inference tensors carry no version counter, so they are never cached.
+// Off unless turned on (tpkernels::cpu_weight_cache, extension.cpu_weight_cache in Python): a packed copy
+// is valid only while every write to the weight moves its version counter, and a write through `.data`
+// (`w.data.copy_(...)`, as some optimizers and EMA updates do) does not; the user who turns it on vouches
+// for that. Off, oneDNN reorders the plain weight inside each call, as eager's GEMM packs its panels.
+//
+// On: one packed copy per (weight view, dtype of the copy), valid while the weight's storage lives and its
+// version counter (which every in-place write bumps: an optimizer step, load_state_dict's copy_) has not
+// moved. The key is the view (storage, offset, sizes, strides), not the TensorImpl, so a shard view made
+// anew on every call still finds its copy. Entries of freed storage, and a key's older version, are
+// dropped when a copy is made. The copies together take at most the budget (a quarter of the machine's
+// memory unless set); a weight that does not fit runs plain. Inference tensors carry no version counter,
+// so they always run plain.
 
 struct PackKey {
   const c10::StorageImpl* storage;
@@ -133,6 +139,7 @@ struct PackKey {
   bool operator<(const PackKey& o) const {
     return std::tie(storage, offset, sizes, strides, dtype) < std::tie(o.storage, o.offset, o.sizes, o.strides, o.dtype);
   }
+  bool operator==(const PackKey& o) const { return !(*this < o) && !(o < *this); }
 };
 
 struct PackEntry {
@@ -144,10 +151,22 @@ struct PackEntry {
 
 struct PackCache {
   std::mutex mutex;
-  std::map<PackKey, PackEntry> entries;
-  int64_t bytes = 0;
+  bool enabled = false, paused = false;  // paused: off, copies kept (the benchmarks' A/B of one weight)
   int64_t budget = static_cast<int64_t>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE) / 4;
-  int64_t hits = 0, packs = 0, refused = 0;
+  std::map<PackKey, PackEntry> entries;
+  int64_t bytes = 0, hits = 0, packs = 0, refused = 0;
+
+  // Drops freed weights' copies, `stale` (a key whose version moved) and, to fit a budget, everything.
+  void sweep(const PackKey* stale, bool all) {
+    for (auto it = entries.begin(); it != entries.end();) {
+      if (all || it->second.storage.expired() || (stale != nullptr && it->first == *stale)) {
+        bytes -= it->second.bytes;
+        it = entries.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
 };
 
 PackCache& cache() {
@@ -155,61 +174,49 @@ PackCache& cache() {
   return *instance;
 }
 
-// The weight in oneDNN's layout, in `dtype`: from the cache, packed now, or (over budget, an inference
-// tensor) packed for this call only.
-Tensor packed_weight(const Tensor& weight, at::ScalarType dtype) {
-  auto fresh = [&] { return pack(weight.scalar_type() == dtype ? weight : weight.to(dtype)); };
-  if (weight.is_inference() || !weight.has_storage()) return fresh();
+// The weight for oneDNN's linear, in `dtype`: the cached packed copy (made now if missing or stale), or
+// the plain weight where the cache is off, cannot vouch for it, or is full.
+Tensor weight_for_onednn(const Tensor& weight, at::ScalarType dtype) {
+  auto plain = [&] { return weight.scalar_type() == dtype ? weight.contiguous() : weight.to(dtype); };
   PackCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mutex);  // held while packing: a second caller waits for the copy
+  if (!c.enabled || c.paused || weight.is_inference() || !weight.has_storage()) return plain();
   PackKey key{weight.storage().unsafeGetStorageImpl(), weight.storage_offset(), weight.sizes().vec(),
               weight.strides().vec(), dtype};
   const int64_t version = weight._version();
-  {
-    std::lock_guard<std::mutex> lock(c.mutex);
-    auto found = c.entries.find(key);
-    if (found != c.entries.end() && found->second.version == version && !found->second.storage.expired()) {
-      ++c.hits;
-      return found->second.packed;
-    }
+  auto found = c.entries.find(key);
+  if (found != c.entries.end() && found->second.version == version && !found->second.storage.expired()) {
+    ++c.hits;
+    return found->second.packed;
   }
-  Tensor packed = fresh();
+  c.sweep(&key, false);
   const int64_t bytes = weight.numel() * static_cast<int64_t>(c10::elementSize(dtype));
-  std::lock_guard<std::mutex> lock(c.mutex);
-  for (auto it = c.entries.begin(); it != c.entries.end();) {  // freed weights, and this key's old version
-    if (it->second.storage.expired() || !(it->first < key || key < it->first)) {
-      c.bytes -= it->second.bytes;
-      it = c.entries.erase(it);
-    } else {
-      ++it;
-    }
-  }
   if (c.bytes + bytes > c.budget) {
     ++c.refused;
-    return packed;
+    return plain();
   }
+  Tensor packed = pack(plain());
   ++c.packs;
   c.bytes += bytes;
   c.entries.emplace(std::move(key), PackEntry{weight.storage().getWeakStorageImpl(), version, packed, bytes});
   return packed;
 }
 
-// tpkernels::cpu_weight_cache(budget): set the budget in bytes (-1 keeps it, 0 empties the cache and
-// turns it off); returns [budget, bytes held, copies held, hits, packs, refused].
-std::vector<int64_t> cpu_weight_cache(int64_t budget) {
+// tpkernels::cpu_weight_cache(enabled, budget): enabled 1 turns the cache on, 0 off and empties it, 2
+// pauses it (off, its copies kept for when 1 resumes it), -1 keeps the state; budget >= 0 sets it in
+// bytes and empties the cache if it holds more, -1 keeps it. Returns [state (0 off, 1 on, 2 paused),
+// budget, bytes held, copies held, hits, packs, refused].
+std::vector<int64_t> cpu_weight_cache(int64_t enabled, int64_t budget) {
   PackCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  if (budget >= 0) {
-    c.budget = budget;
-    for (auto it = c.entries.begin(); it != c.entries.end();) {
-      if (c.bytes <= budget && !it->second.storage.expired()) {
-        ++it;
-        continue;
-      }
-      c.bytes -= it->second.bytes;
-      it = c.entries.erase(it);
-    }
+  if (enabled >= 0) {
+    c.enabled = enabled != 0;
+    c.paused = enabled == 2;
   }
-  return {c.budget, c.bytes, static_cast<int64_t>(c.entries.size()), c.hits, c.packs, c.refused};
+  if (budget >= 0) c.budget = budget;
+  c.sweep(nullptr, !c.enabled || c.bytes > c.budget);
+  return {c.paused ? 2 : c.enabled ? 1 : 0, c.budget, c.bytes, static_cast<int64_t>(c.entries.size()), c.hits,
+          c.packs, c.refused};
 }
 
 // ---- forward ---------------------------------------------------------------------------------------
@@ -244,7 +251,7 @@ std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& we
   }
   // In out_dtype: the operands' own, or fp32 for the row stage's fp32 partials of 16-bit operands.
   const Tensor a = x.scalar_type() == out_dtype ? x.contiguous() : x.to(out_dtype);
-  const Tensor w = packed_weight(weight, out_dtype);
+  const Tensor w = weight_for_onednn(weight, out_dtype);
   c10::optional<Tensor> b;
   if (owner && bias.has_value()) b = bias->scalar_type() == out_dtype ? bias->contiguous() : bias->to(out_dtype);
   const bool add_residual = owner && residual.has_value();
@@ -316,7 +323,7 @@ TORCH_LIBRARY(tpkernels, m) {
       "epilogue_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor? preact, int activation, bool need_dx, "
       "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
   m.def("epilogue_dgelu_linear(Tensor grad, Tensor weight, Tensor preact, int activation, bool need_db) -> (Tensor, Tensor)");
-  m.def("cpu_weight_cache(int budget) -> int[]", &cpu_weight_cache);
+  m.def("cpu_weight_cache(int enabled, int budget) -> int[]", &cpu_weight_cache);
 }
 
 TORCH_LIBRARY_IMPL(tpkernels, CPU, m) {

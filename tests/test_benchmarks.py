@@ -16,7 +16,7 @@ FIELDS = {"op", "provider", "M", "K", "N", "dtype", "gelu", "ms", "ms_min", "ms_
           "timer", "rounds", "ms_rounds", "order_rounds", "config", "peak_tflops", "peak_source", "bandwidth_gbps",
           "sm_clock_mhz", "power_w"}
 COMPARE = os.path.join(os.path.dirname(RUN), "compare.py")
-CPU_PROVIDERS = {"tpkernels", "tpkernels_cpu", "eager", "torch_mm", "compile"}
+CPU_PROVIDERS = {"tpkernels", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm", "compile"}
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,10 @@ def test_smoke_rows_cover_every_op_and_provider_with_the_schema(smoke):
     assert all(r["status"] == "n/a" for r in rows if r["provider"] == "cublaslt"), "cuBLASLt is CUDA only"
     from tpkernels import extension
 
-    if extension.has("cpu"):  # the native C++ backend, timed beside the Triton one
+    if extension.has("cpu"):  # the native C++ backend, timed beside the Triton one, plain and packed
         assert {op for op, provider in timed if provider == "tpkernels_cpu"} == ops_ - {"tp_mlp"}
+        assert {op for op, provider in timed if provider == "tpkernels_cpu_packed"} == ops_ - {"tp_mlp"}
+        assert not extension.cpu_weight_cache()["enabled"]
     for r in rows:
         if r["status"] == "ok":
             assert r["ms_min"] <= r["ms"] <= r["ms_max"] and r["tflops"] > 0 and r["pct_of_floor"] > 0
@@ -206,18 +208,21 @@ def test_cpu_results_mode_refuses_the_interpreter_and_writes_a_cpu_table():
     sys.path.insert(0, os.path.dirname(RUN))
     import run
 
-    def row(M, dtype, band, gelu="none", op="column_fwd"):
-        return dict(op=op, M=M, K=1024, N=4096, dtype=dtype, gelu=gelu, provider="tpkernels_cpu", ms=1.0, cpu=True,
+    def row(M, dtype, band, gelu="none", op="column_fwd", provider="tpkernels_cpu"):
+        return dict(op=op, M=M, K=1024, N=4096, dtype=dtype, gelu=gelu, provider=provider, ms=1.0, cpu=True,
                     ratio_vs_eager=sum(band) / 2, ratio_vs_eager_band=band)
 
     rows = [row(1, "float32", [0.97, 1.03]), row(64, "float32", [0.8, 0.9]), row(512, "float32", [0.85, 0.95]),
-            row(64, "bfloat16", [1.1, 1.3]), row(64, "float32", [0.9, 0.99], op="row_fwd")]
+            row(64, "bfloat16", [1.1, 1.3]), row(64, "float32", [0.9, 0.99], op="row_fwd"),
+            row(1, "bfloat16", [0.4, 0.6], provider="tpkernels_cpu_packed"),
+            row(64, "bfloat16", [0.9, 1.01], provider="tpkernels_cpu_packed")]
     env = dict(device="cpu AMD EPYC (2 cores, 2 threads)", date="today", git_sha="abc", git_dirty=True, command="run.py")
     table = run.cpu_backend_table(rows, env)
     assert table["rules"] == [
-        {"dtypes": ["float32"], "activations": [0], "min_m": 64, "backend": "cpu"},
-        {"dtypes": ["float32"], "activations": [1], "min_m": 64, "backend": "cpu", "max_m": 511},
-        {"dtypes": ["float32"], "activations": [1], "min_m": 512, "backend": "cpu"},
+        {"dtypes": ["float32"], "activations": [0], "min_m": 64, "backend": "cpu", "packed": False},
+        {"dtypes": ["float32"], "activations": [1], "min_m": 64, "backend": "cpu", "max_m": 511, "packed": False},
+        {"dtypes": ["float32"], "activations": [1], "min_m": 512, "backend": "cpu", "packed": False},
+        {"dtypes": ["bfloat16"], "activations": [1], "min_m": 1, "backend": "cpu", "max_m": 63, "packed": True},
         {"backend": "eager"}]
     assert "(dirty)" in table["source"] and "AMD EPYC" in table["source"]
 

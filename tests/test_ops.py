@@ -208,26 +208,32 @@ def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
 
 def test_cpu_auto_follows_the_cpu_table():
     """Without the interpreter, auto on CPU tensors runs what tpkernels/backend_table_cpu.json chose: the
-    extension exactly inside its rules (where it was measured faster than eager), eager elsewhere, and
-    eager without the extension. Not a timing: the table's rules, one point inside each and one outside."""
+    extension exactly inside its rules for the packed-weight cache's state (where it was measured faster
+    than eager in that state), eager elsewhere, and eager without the extension. Not a timing: the
+    table's rules, one point inside each and one outside, with the cache off and on."""
     code = (
         "import json, os, torch, tpkernels, tpkernels.ops as ops\n"
         "from tpkernels import extension, reference\n"
         "assert not ops.INTERPRETED\n"
         "table = json.load(open(os.path.join(os.path.dirname(ops.__file__), 'backend_table_cpu.json')))\n"
         "cpu = extension.has('cpu')\n"
-        "def expected(dtype, M, activation):  # the table read by hand: its first matching, available rule\n"
+        "def expected(dtype, M, activation, packed):  # the table read by hand: its first matching, available rule\n"
         "    for r in table['rules']:\n"
         "        if dtype in r.get('dtypes', [dtype]) and activation in r.get('activations', [activation]) \\\n"
-        "                and r.get('min_m', 0) <= M <= r.get('max_m', M) and (cpu or r['backend'] != 'cpu'):\n"
+        "                and r.get('min_m', 0) <= M <= r.get('max_m', M) and r.get('packed', packed) == packed \\\n"
+        "                and (cpu or r['backend'] != 'cpu'):\n"
         "            return r['backend']\n"
         "    return 'eager'\n"
-        "for rule in table['rules']:\n"
-        "    for M in {rule.get('min_m', 1), rule.get('max_m', 1 << 20), rule.get('max_m', 1 << 20) + 1}:\n"
-        "        for dtype in rule.get('dtypes', ['float32', 'bfloat16']):\n"
-        "            for activation in rule.get('activations', [0, 1, 2]):\n"
-        "                got = ops.auto_backend('cpu', getattr(torch, dtype), M, 64, 64, activation)\n"
-        "                assert got == expected(dtype, M, activation), (rule, M, dtype, activation, got)\n"
+        "for packed in (False, True) if cpu else (False,):\n"
+        "    if cpu:\n"
+        "        extension.cpu_weight_cache(enabled=packed)\n"
+        "    for rule in table['rules']:\n"
+        "        for M in {rule.get('min_m', 1), rule.get('max_m', 1 << 20), rule.get('max_m', 1 << 20) + 1}:\n"
+        "            for dtype in rule.get('dtypes', ['float32', 'bfloat16']):\n"
+        "                for activation in rule.get('activations', [0, 1, 2]):\n"
+        "                    got = ops.auto_backend('cpu', getattr(torch, dtype), M, 64, 64, activation)\n"
+        "                    want = expected(dtype, M, activation, packed)\n"
+        "                    assert got == want, (rule, M, dtype, activation, packed, got)\n"
         "assert ops.auto_backend('cpu', torch.float64, 8, 64, 64, 1) == 'eager'  # no rule names float64\n"
         "x, w, b = torch.randn(5, 7), torch.randn(3, 7), torch.randn(3)\n"
         "torch.testing.assert_close(tpkernels.linear_gelu(x, w, b), reference.linear_gelu(x, w, b))\n"
@@ -473,12 +479,21 @@ def _check_gelu_on_cpu_backend(x, w, b):
     assert_close_to_ref(out, reference.linear_gelu(x, w, b), reference.linear_gelu(*fp64(x, w, b)))
 
 
+@pytest.fixture
+def weight_cache():
+    """The CPU backend's packed-weight cache, on for the test and back as it was after."""
+    before = extension.cpu_weight_cache()
+    yield extension.cpu_weight_cache(enabled=True, max_bytes=1 << 30)
+    extension.cpu_weight_cache(enabled=before["enabled"], max_bytes=before["max_bytes"])
+
+
 @needs_extension
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
-def test_native_cpu_backend_packs_each_weight_version_once():
-    """The CPU backend runs oneDNN on a packed copy of the weight: made on first use, found again by a view
-    made anew for the call, made again after an in-place write (a stale copy would give the old weight's
-    result), not kept for inference tensors or over the budget, and dropped with the weight."""
+def test_native_cpu_backend_packs_each_weight_version_once(weight_cache):
+    """With the cache on, the CPU backend runs oneDNN on a packed copy of the weight: made on first use,
+    found again by a view made anew for the call, made again after an in-place write (a stale copy would
+    give the old weight's result), not kept for inference tensors or over the budget, dropped with the
+    weight, and not made at all with the cache off."""
     x, w, b = linear_inputs((5,), 24, 40, torch.float32, "cpu")
 
     def delta(before):
@@ -504,26 +519,42 @@ def test_native_cpu_backend_packs_each_weight_version_once():
 
     held = extension.cpu_weight_cache()["weights"]
     del big
-    _check_gelu_on_cpu_backend(x, randn(40, 24, scale=24 ** -0.5), b)  # freed weights go on the next pack
+    _check_gelu_on_cpu_backend(x, randn(40, 24, scale=24 ** -0.5), b)  # freed weights go at the next copy
     assert extension.cpu_weight_cache()["weights"] <= held - 1
 
-    with torch.inference_mode():  # no version counter: run packed for the call, never cached
+    with torch.inference_mode():  # no version counter: always plain
         x_inf, w_inf, b_inf = linear_inputs((5,), 24, 40, torch.float32, "cpu")
         start = extension.cpu_weight_cache()
         _check_gelu_on_cpu_backend(x_inf, w_inf, b_inf)
         assert delta(start) == {"hits": 0, "packs": 0, "refused": 0}
 
-    budget = extension.cpu_weight_cache()["max_bytes"]
-    try:
-        emptied = extension.cpu_weight_cache(0)
-        assert emptied["bytes"] == 0 and emptied["weights"] == 0
-        start = extension.cpu_weight_cache()
-        _check_gelu_on_cpu_backend(x, w, b)
-        assert delta(start) == {"hits": 0, "packs": 0, "refused": 1}
-    finally:
-        extension.cpu_weight_cache(budget)
+    small = extension.cpu_weight_cache(max_bytes=40 * 24 * 4 - 1)  # one byte short of w's copy
+    assert small["bytes"] == 0 and small["weights"] == 0
+    start = extension.cpu_weight_cache()
+    _check_gelu_on_cpu_backend(x, w, b)
+    assert delta(start) == {"hits": 0, "packs": 0, "refused": 1}
+
+    off = extension.cpu_weight_cache(enabled=False, max_bytes=1 << 30)
+    assert not off["enabled"] and off["weights"] == 0
+    start = extension.cpu_weight_cache()
+    _check_gelu_on_cpu_backend(x, w, b)
+    assert delta(start) == {"hits": 0, "packs": 0, "refused": 0}
     with pytest.raises(ValueError, match="max_bytes must be None or an int >= 0, got -5"):
-        extension.cpu_weight_cache(-5)
+        extension.cpu_weight_cache(max_bytes=-5)
+    with pytest.raises(TypeError, match="enabled must be None, True or False, got 1"):
+        extension.cpu_weight_cache(enabled=1)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_cpu_backend_matches_eager_with_packed_weights(weight_cache, dtype):
+    """Forward and backward with the cache on (the training forward stores z; the row stage's fp32
+    partials of bf16 operands run on a widened packed copy), twice, so the second call runs the copy."""
+    x, w, b = linear_inputs((3, 7), 40, 24, dtype, "cpu", requires_grad=True)
+    r = randn(3, 7, 24, dtype=torch.float32, requires_grad=True)
+    for _ in range(2):
+        _check_both_functions_on("cpu", "tanh", x, w, b, r)
+    assert extension.cpu_weight_cache()["hits"] > weight_cache["hits"]
 
 
 @needs_extension

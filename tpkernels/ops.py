@@ -50,13 +50,15 @@ _TABLES = {"cuda": _BACKEND_TABLE, "cpu": _CPU_TABLE}
 _NOTHING, _NO_CPU_EXTENSION, _NO_CUBLASLT = frozenset(), frozenset({"cpu"}), frozenset({"cublaslt"})
 
 
-def _rule_lookup(table_name, dtype, M, activation, unavailable):
+def _rule_lookup(table_name, dtype, M, activation, unavailable, packed=False):
     """The backend of the table's first rule matching (dtype, M, activation) whose backend is not in
-    `unavailable` (a frozenset)."""
+    `unavailable` (a frozenset). A rule with "packed" applies only in that state of the CPU backend's
+    packed-weight cache (`extension.cpu_weight_cache`)."""
     name = str(dtype).replace("torch.", "")
     for rule in _TABLES[table_name]["rules"]:
         if (name in rule.get("dtypes", [name]) and activation in rule.get("activations", [activation])
-                and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and rule["backend"] not in unavailable):
+                and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and rule.get("packed", packed) == packed
+                and rule["backend"] not in unavailable):
             return rule["backend"]
     return None
 
@@ -72,13 +74,14 @@ def _first_rule(*key):
 def auto_backend(device_type, dtype, M, N, K, activation):
     """What backend="auto" runs: on CUDA the first matching rule of the GPU table (cuBLASLt only where the
     extension has CUDA kernels), else Triton; on CPU tensors Triton under the interpreter, else the CPU
-    table's first matching rule (the extension only where it was measured faster than eager), else
-    eager. A pure function of the shape, the dtype and the build, so every rank of a group chooses alike."""
+    table's first matching rule for the packed-weight cache's state (the extension only where it was
+    measured faster than eager in that state), else eager. A pure function of the shape, the dtype, the
+    build and that setting, so every rank of a group that sets it alike chooses alike."""
     if device_type == "cpu":
         if INTERPRETED:
             return "triton"  # how the CPU tests reach the Triton code
         unavailable = _NOTHING if extension.has("cpu") else _NO_CPU_EXTENSION
-        return _first_rule("cpu", dtype, M, activation, unavailable) or "eager"
+        return _first_rule("cpu", dtype, M, activation, unavailable, extension.weight_cache_on()) or "eager"
     if device_type != "cuda":
         return "eager"
     unavailable = _NOTHING if extension.has("cuda") else _NO_CUBLASLT
