@@ -21,7 +21,7 @@ modules' default), per point.
 
 Providers: tpkernels (backend="auto"); tpkernels_triton (backend="triton", on CUDA); tpkernels_cublaslt
 and tpkernels_cpu (the native extension's, where built); tpkernels_cpu_packed (tpkernels_cpu with its
-packed-weight cache in use: `extension.cpu_weight_cache`); eager (autograd over the unfused ops, doing the
+packed-weight cache in use: `extension.cpu_weight_cache`), tpkernels_packed (auto with it); eager (autograd over the unfused ops, doing the
 same work as ours: the row stage's GEMM in fp32 plus the fp32 residual); torch_mm (the GEMMs alone: a
 lower bound that skips the epilogue; row rows also give it plus the epilogue's extra bytes at the measured
 bandwidth); compile (torch.compile of eager); cublaslt (torch._addmm_activation, CUDA, tanh GELU);
@@ -75,7 +75,8 @@ import tpkernels  # noqa: E402
 from tpkernels import autotune, extension, launch, ops  # noqa: E402
 
 OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
-PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm", "compile",
+PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "tpkernels_cpu_packed",
+             "tpkernels_packed", "eager", "torch_mm", "compile",
              "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "tpkernels_pointer",
              "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8", "fp8_unfused", "scaled_mm")
 # The fp8 providers (`--dtypes fp8`), held to the unfused fp8 path's error.
@@ -113,7 +114,7 @@ CPU_RESULTS = ([("column_fwd", M, K, N, dt, gelu) for dt in ("float32", "bfloat1
                 for M, K, N in ((1, 4096, 2048), (16, 4096, 2048), (64, 1024, 4096), (512, 1024, 4096))]
                + [("row_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
                   for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))])
-CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm")
+CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_packed", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm")
 HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
                       "tpkernels_overlap", "tpkernels_pointer", "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8",
                       "fp8_unfused", "scaled_mm")
@@ -538,6 +539,8 @@ def _native(make, x, gelu):
         providers[f"tpkernels_{backend}"] = make(backend)
     if backend == "cpu" and extension.has("cpu"):
         providers["tpkernels_cpu_packed"] = _with_packed_weights(make("cpu"))
+        if not ops.INTERPRETED:  # auto is Triton there: the tpkernels row already times it
+            providers["tpkernels_packed"] = _with_packed_weights(make("auto"))
     return providers
 
 
@@ -921,6 +924,7 @@ _LIBRARY_PATHS = {
     "compile": "torch.compile of eager", "cublaslt": "torch._addmm_activation (cuBLASLt GELU epilogue)",
     "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C oneDNN GEMM, epilogue as its post-ops",
     "tpkernels_cpu_packed": "tpkernels._C as tpkernels_cpu, on the packed-weight cache's copy",
+    "tpkernels_packed": "backend=auto with the packed-weight cache on",
     "wrong": "planted error", "no_residual": "planted: skips the residual",
 }
 
@@ -995,6 +999,7 @@ TARGETS = [
 ]
 CPU_TARGETS = [
     ("eager / auto >= 1.0", None, "eager", "tpkernels", lambda r: True, 1.0, False),
+    ("eager / auto >= 1.0, packed-weight cache on", None, "eager", "tpkernels_packed", lambda r: True, 1.0, False),
     ("eager / extension >= 1.1, M >= 64, fp32", "column_fwd", "eager", "tpkernels_cpu",
      lambda r: r["M"] >= 64 and r["dtype"] == "float32", 1.1, False),
 ]
