@@ -507,6 +507,9 @@ def test_native_cpu_backend_packs_each_weight_version_once(weight_cache):
     _check_gelu_on_cpu_backend(randn(3, 24), w.view(40, 24), b)  # a new TensorImpl over the same view
     _check_gelu_on_cpu_backend(x, w, b)
     assert delta(start) == {"hits": 2, "packs": 0, "refused": 0}
+    start = extension.cpu_weight_cache()
+    _check_gelu_on_cpu_backend(randn(1, 24), randn(40, 24, scale=24 ** -0.5), b)  # fp32 at one row: plain
+    assert delta(start) == {"hits": 0, "packs": 0, "refused": 0}
 
     start = extension.cpu_weight_cache()
     with torch.no_grad():
@@ -543,6 +546,23 @@ def test_native_cpu_backend_packs_each_weight_version_once(weight_cache):
         extension.cpu_weight_cache(max_bytes=-5)
     with pytest.raises(TypeError, match="enabled must be None, True or False, got 1"):
         extension.cpu_weight_cache(enabled=1)
+
+
+@needs_extension
+def test_weight_cache_environment_switch():
+    """TPKERNELS_CPU_WEIGHT_CACHE=1 turns the cache on at import, 0 leaves it off, anything else is refused."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import tpkernels; print(tpkernels.extension.cpu_weight_cache()['enabled'])"
+    for value, expected in (("1", "True"), ("0", "False"), ("yes", None)):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                                env=dict(os.environ, TPKERNELS_CPU_WEIGHT_CACHE=value))
+        if expected is None:
+            assert result.returncode != 0 and "TPKERNELS_CPU_WEIGHT_CACHE='yes': use 1" in result.stderr
+        else:
+            assert result.returncode == 0 and result.stdout.strip() == expected, result.stderr[-2000:]
 
 
 @needs_extension

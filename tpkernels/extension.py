@@ -7,6 +7,7 @@ autograd; `ops` offers them as backends "cpu" and "cublaslt". `cpu_weight_cache`
 kernels' packed-weight cache.
 """
 import importlib.util
+import os
 
 import torch
 
@@ -45,6 +46,7 @@ def status():
 
 _CACHE_FIELDS = ("enabled", "max_bytes", "bytes", "weights", "hits", "packs", "refused")
 _weight_cache_on = False  # a mirror of the C++ flag for backend="auto" (torch.compile reads it, no op call)
+_CACHE_ENV = "TPKERNELS_CPU_WEIGHT_CACHE"  # "1" turns the cache on at import (a serving process's switch)
 
 
 def weight_cache_on():
@@ -59,7 +61,8 @@ def cpu_weight_cache(enabled=None, max_bytes=None):
     too): the gain is largest at decode, in bf16, and for the row stage's fp32 partials of bf16 operands
     (whose weight is widened once per version instead of per call). The copies cost their bytes in memory.
 
-    Off by default. Turn it on only where every write to a weight moves its version counter: optimizer
+    Off by default; TPKERNELS_CPU_WEIGHT_CACHE=1 in the environment turns it on at import. Turn it on
+    only where every write to a weight moves its version counter: optimizer
     steps, `load_state_dict`, and in-place ops on the weight itself do; a write through `.data`
     (`w.data.copy_(...)`, used by some optimizers and EMA updates) does not, and would leave a stale copy.
     Inference on fixed weights is the case it is for.
@@ -96,3 +99,10 @@ def pause_weight_cache(paused):
     if not (_weight_cache_on or torch.ops.tpkernels.cpu_weight_cache(-1, -1)[0] == 2):
         raise RuntimeError("pause_weight_cache: the packed-weight cache is off; turn it on first")
     _weight_cache_call(2 if paused else 1, -1)
+
+
+_cache_env = os.environ.get(_CACHE_ENV, "0").strip()
+if _cache_env not in ("0", "1", ""):
+    raise ValueError(f"{_CACHE_ENV}={_cache_env!r}: use 1 (the CPU backend's packed-weight cache on) or 0 (off)")
+if _cache_env == "1" and has("cpu"):
+    cpu_weight_cache(enabled=True)
