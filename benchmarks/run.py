@@ -1102,14 +1102,19 @@ def cpu_backend_table(rows, env):
     its paired ratio to eager lies wholly below 1 at every measured shape of an M, in rules for the
     packed-weight cache off (tpkernels_cpu's rows) and on (tpkernels_cpu_packed's); eager elsewhere."""
     rules, measured = [], ""
+    # Below the smallest measured weight the extension's host cost (~40 us a call against eager's ~15)
+    # can outweigh its GEMM: its rules stop there.
+    smallest = min((r["K"] * r["N"] for r in rows if r["provider"] == "tpkernels_cpu"), default=0)
     for provider, packed in (("tpkernels_cpu", False), ("tpkernels_cpu_packed", True)):
         wins, shapes = _rules_from_bands(rows, provider, "eager", "cpu", None, keep=lambda r: True)
         measured = measured or shapes
-        rules += [{**rule, "packed": packed} for rule in wins if rule["backend"] == "cpu"]
+        rules += [{**rule, "packed": packed, "min_weight_elements": smallest}
+                  for rule in wins if rule["backend"] == "cpu"]
     return _table(rules + [{"backend": "eager"}], measured, env, " and every CPU",
                   "the extension where its paired ratio band to eager lies wholly below 1 at every measured shape "
                   "of that M, with the packed-weight cache off (\"packed\": false: tpkernels_cpu's rows) or on "
-                  "(true: tpkernels_cpu_packed's); otherwise eager")
+                  "(true: tpkernels_cpu_packed's), for weights of at least the smallest measured K x N; otherwise "
+                  "eager")
 
 
 def kernel_table(rows, env, sms=None, capability=None):

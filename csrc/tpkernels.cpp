@@ -64,10 +64,14 @@ void check_linear(const Tensor& x, const Tensor& weight, const c10::optional<Ten
 // ---- oneDNN through ATen's registered ops ------------------------------------------------------------
 
 // Called boxed: these ops are registered by TORCH_LIBRARY in libtorch_cpu, with no C++ header shipped.
-Tensor call_boxed(const char* name, const char* overload, torch::jit::Stack stack) {
-  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
+// Each handle is looked up once (the dispatcher's lookup by name costs microseconds on every call).
+Tensor call_boxed(const c10::OperatorHandle& op, torch::jit::Stack stack) {
   op.callBoxed(&stack);
   return stack[0].toTensor();
+}
+
+c10::OperatorHandle handle(const char* name, const char* overload) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
 }
 
 // The batch size oneDNN's weight layout is chosen for; 16, 64 and 512 ran alike at M = 1 to 512 (fp32 and
@@ -75,20 +79,23 @@ Tensor call_boxed(const char* name, const char* overload, torch::jit::Stack stac
 constexpr int64_t kPackHint = 64;
 
 Tensor pack(const Tensor& weight) {
-  return call_boxed("mkldnn::_reorder_linear_weight", "", {weight.contiguous(), c10::IValue(kPackHint)});
+  static const c10::OperatorHandle op = handle("mkldnn::_reorder_linear_weight", "");
+  return call_boxed(op, {weight.contiguous(), c10::IValue(kPackHint)});
 }
 
 // y = x @ w.T + bias, then `attr` ("none" or "gelu" with algorithm "none" or "tanh"), inside oneDNN's kernel.
 Tensor onednn_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias, const char* attr,
                      c10::optional<std::string> algorithm) {
-  return call_boxed("mkldnn::_linear_pointwise", "",
+  static const c10::OperatorHandle op = handle("mkldnn::_linear_pointwise", "");
+  return call_boxed(op,
                     {x, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string(attr)),
                      c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue(std::move(algorithm))});
 }
 
 // y = x @ w.T + bias + other, the add a post-op of oneDNN's kernel.
 Tensor onednn_linear_add(const Tensor& x, const Tensor& other, const Tensor& w, const c10::optional<Tensor>& bias) {
-  return call_boxed("mkldnn::_linear_pointwise", "binary",
+  static const c10::OperatorHandle op = handle("mkldnn::_linear_pointwise", "binary");
+  return call_boxed(op,
                     {x, other, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string("add"))});
 }
 

@@ -218,11 +218,14 @@ def test_cpu_results_mode_refuses_the_interpreter_and_writes_a_cpu_table():
             row(64, "bfloat16", [0.9, 1.01], provider="tpkernels_cpu_packed")]
     env = dict(device="cpu AMD EPYC (2 cores, 2 threads)", date="today", git_sha="abc", git_dirty=True, command="run.py")
     table = run.cpu_backend_table(rows, env)
+    smallest = {"min_weight_elements": 1024 * 4096}  # the rows' K x N: no rule for smaller weights
     assert table["rules"] == [
-        {"dtypes": ["float32"], "activations": [0], "min_m": 64, "backend": "cpu", "packed": False},
-        {"dtypes": ["float32"], "activations": [1], "min_m": 64, "backend": "cpu", "max_m": 511, "packed": False},
-        {"dtypes": ["float32"], "activations": [1], "min_m": 512, "backend": "cpu", "packed": False},
-        {"dtypes": ["bfloat16"], "activations": [1], "min_m": 1, "backend": "cpu", "max_m": 63, "packed": True},
+        {"dtypes": ["float32"], "activations": [0], "min_m": 64, "backend": "cpu", "packed": False, **smallest},
+        {"dtypes": ["float32"], "activations": [1], "min_m": 64, "backend": "cpu", "max_m": 511, "packed": False,
+         **smallest},
+        {"dtypes": ["float32"], "activations": [1], "min_m": 512, "backend": "cpu", "packed": False, **smallest},
+        {"dtypes": ["bfloat16"], "activations": [1], "min_m": 1, "backend": "cpu", "max_m": 63, "packed": True,
+         **smallest},
         {"backend": "eager"}]
     assert "(dirty)" in table["source"] and "AMD EPYC" in table["source"]
 

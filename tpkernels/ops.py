@@ -50,15 +50,16 @@ _TABLES = {"cuda": _BACKEND_TABLE, "cpu": _CPU_TABLE}
 _NOTHING, _NO_CPU_EXTENSION, _NO_CUBLASLT = frozenset(), frozenset({"cpu"}), frozenset({"cublaslt"})
 
 
-def _rule_lookup(table_name, dtype, M, activation, unavailable, packed=False):
+def _rule_lookup(table_name, dtype, M, activation, unavailable, packed=False, weight_elements=0):
     """The backend of the table's first rule matching (dtype, M, activation) whose backend is not in
     `unavailable` (a frozenset). A rule with "packed" applies only in that state of the CPU backend's
-    packed-weight cache (`extension.cpu_weight_cache`)."""
+    packed-weight cache (`extension.cpu_weight_cache`); one with "min_weight_elements" only to weights of
+    at least that many elements (K x N: the smallest it was measured at; below, host costs decide)."""
     name = str(dtype).replace("torch.", "")
     for rule in _TABLES[table_name]["rules"]:
         if (name in rule.get("dtypes", [name]) and activation in rule.get("activations", [activation])
                 and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and rule.get("packed", packed) == packed
-                and rule["backend"] not in unavailable):
+                and weight_elements >= rule.get("min_weight_elements", 0) and rule["backend"] not in unavailable):
             return rule["backend"]
     return None
 
@@ -81,7 +82,7 @@ def auto_backend(device_type, dtype, M, N, K, activation):
         if INTERPRETED:
             return "triton"  # how the CPU tests reach the Triton code
         unavailable = _NOTHING if extension.has("cpu") else _NO_CPU_EXTENSION
-        return _first_rule("cpu", dtype, M, activation, unavailable, extension.weight_cache_on()) or "eager"
+        return _first_rule("cpu", dtype, M, activation, unavailable, extension.weight_cache_on(), N * K) or "eager"
     if device_type != "cuda":
         return "eager"
     unavailable = _NOTHING if extension.has("cuda") else _NO_CUBLASLT
