@@ -267,12 +267,15 @@ std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& we
   if (owner && bias.has_value()) b = bias->scalar_type() == out_dtype ? bias->contiguous() : bias->to(out_dtype);
   const bool add_residual = owner && residual.has_value();
   if (activation == 0) {
-    // The residual as oneDNN's post-op where it is the output's shape and dtype; else one add_ after.
-    const bool fused_add = add_residual && residual->scalar_type() == out_dtype && residual->sizes() == c10::IntArrayRef{x.size(0), weight.size(0)};
-    Tensor out = fused_add ? onednn_linear_add(a, residual->contiguous(), w, b) : onednn_linear(a, w, b, "none", c10::nullopt);
-    if (add_residual && !fused_add) out.add_(*residual);
+    // The residual as oneDNN's post-op where it is the output's shape and dtype and no pre-activation (the
+    // output before the residual) is asked for; else one add_ after.
+    const bool fused_add = add_residual && !store_preact && residual->scalar_type() == out_dtype &&
+                           residual->sizes() == c10::IntArrayRef{x.size(0), weight.size(0)};
+    Tensor out = fused_add ? onednn_linear_add(a, residual->contiguous(), w, b)
+                           : onednn_linear(a, w, b, "none", c10::nullopt);
     Tensor preact = store_preact ? (out.scalar_type() == x.scalar_type() ? out.clone() : out.to(x.scalar_type()))
                                  : at::empty({0}, x.options());
+    if (add_residual && !fused_add) out.add_(*residual);
     return {out, preact};
   }
   if (!store_preact) {  // the whole epilogue inside oneDNN's kernel

@@ -585,6 +585,12 @@ def test_native_cpu_backend_ops_pass_opcheck_and_compile():
     r = randn(6, 9, requires_grad=True)
     torch.library.opcheck(torch.ops.tpkernels.epilogue_linear.default, (x, w, b, r, 2, True, torch.float32, True))
     torch.library.opcheck(torch.ops.tpkernels.epilogue_linear.default, (x, w, b, None, 0, False, torch.float32, False))
+    # The row stage's pre-activation is its output before the residual, whatever path adds it.
+    for args in ((x, w, b, r, 0, True, torch.float32, True), (x, w, b, r, 0, True, torch.float32, False)):
+        out, preact = torch.ops.tpkernels.epilogue_linear(*args)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b) + r)
+        if args[-1]:
+            torch.testing.assert_close(preact, torch.nn.functional.linear(x, w, b))
     torch.library.opcheck(torch.ops.tpkernels.epilogue_dgelu_linear.default,
                           (randn(6, 4), randn(4, 9), randn(6, 9), 1, True))
 
