@@ -21,10 +21,10 @@ modules' default), per point.
 
 Providers: tpkernels (backend="auto"); tpkernels_triton (backend="triton", on CUDA); tpkernels_cublaslt
 and tpkernels_cpu (the native extension's, where built); tpkernels_cpu_packed (tpkernels_cpu with its
-packed-weight cache in use: `extension.cpu_weight_cache`), tpkernels_packed (auto with it); eager (autograd over the unfused ops, doing the
-same work as ours: the row stage's GEMM in fp32 plus the fp32 residual); torch_mm (the GEMMs alone: a
-lower bound that skips the epilogue; row rows also give it plus the epilogue's extra bytes at the measured
-bandwidth); compile (torch.compile of eager); cublaslt (torch._addmm_activation, CUDA, tanh GELU);
+packed-weight cache in use: `extension.cpu_weight_cache`), tpkernels_packed (auto with it); eager
+(autograd over the unfused ops, doing the same work as ours: the row stage's GEMM in fp32 plus the fp32
+residual); torch_mm (the GEMMs alone: a lower bound that skips the epilogue; row rows also give it plus
+the epilogue's extra bytes at the measured bandwidth); compile (torch.compile of eager); cublaslt (torch._addmm_activation, CUDA, tanh GELU);
 tpkernels_overlap, tpkernels_sp, tpkernels_sp_overlap (tp_mlp: TensorParallelMLP with overlap=True,
 sequence_parallel=True, both). Test providers, only when asked for: wrong (eager with an error planted)
 and no_residual (the row stage without its residual): the fp64 check must refuse both.
@@ -922,7 +922,8 @@ def cpu_model():
 _LIBRARY_PATHS = {
     "eager": "aten, unfused (autograd)", "torch_mm": "aten mm alone (lower bound: no epilogue)",
     "compile": "torch.compile of eager", "cublaslt": "torch._addmm_activation (cuBLASLt GELU epilogue)",
-    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues", "tpkernels_cpu": "tpkernels._C oneDNN GEMM, epilogue as its post-ops",
+    "tpkernels_cublaslt": "tpkernels._C cuBLASLt epilogues",
+    "tpkernels_cpu": "tpkernels._C oneDNN GEMM, epilogue as its post-ops",
     "tpkernels_cpu_packed": "tpkernels._C as tpkernels_cpu, on the packed-weight cache's copy",
     "tpkernels_packed": "backend=auto with the packed-weight cache on",
     "wrong": "planted error", "no_residual": "planted: skips the residual",
@@ -1110,7 +1111,8 @@ def cpu_backend_table(rows, env):
         measured = measured or shapes
         rules += [{**rule, "packed": packed, "min_weight_elements": smallest}
                   for rule in wins if rule["backend"] == "cpu"]
-    return _table(rules + [{"backend": "eager"}], measured, env, " and every CPU",
+    return _table(rules + [{"backend": "eager"}], measured, env,
+                  f" with at least {smallest} weight elements (K x N), and every CPU",
                   "the extension where its paired ratio band to eager lies wholly below 1 at every measured shape "
                   "of that M, with the packed-weight cache off (\"packed\": false: tpkernels_cpu's rows) or on "
                   "(true: tpkernels_cpu_packed's), for weights of at least the smallest measured K x N; otherwise "
