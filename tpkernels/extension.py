@@ -1,8 +1,8 @@
 """The optional native extension `tpkernels._C`: whether it loaded, and for which devices.
 
 It registers `tpkernels::epilogue_linear`, `epilogue_linear_backward` and `epilogue_dgelu_linear` with
-kernels for CPU (C++: oneDNN's GEMM with the epilogue as its post-ops, on weights packed once per
-version) and, where built with nvcc, CUDA (cuBLASLt epilogues). `custom_ops` gives them their fakes and
+kernels for CPU (C++: oneDNN's GEMM with the epilogue as its post-ops; with the packed-weight cache on,
+on weights packed once per version) and, where built with nvcc, CUDA (cuBLASLt epilogues). `custom_ops` gives them their fakes and
 autograd; `ops` offers them as backends "cpu" and "cublaslt". `cpu_weight_cache` reads and sets the CPU
 kernels' packed-weight cache.
 """
@@ -62,10 +62,10 @@ def cpu_weight_cache(enabled=None, max_bytes=None):
     (whose weight is widened once per version instead of per call). The copies cost their bytes in memory.
 
     Off by default; TPKERNELS_CPU_WEIGHT_CACHE=1 in the environment turns it on at import. Turn it on
-    only where every write to a weight moves its version counter: optimizer
-    steps, `load_state_dict`, and in-place ops on the weight itself do; a write through `.data`
-    (`w.data.copy_(...)`, used by some optimizers and EMA updates) does not, and would leave a stale copy.
-    Inference on fixed weights is the case it is for.
+    only where every write to a weight moves its version counter: optimizer steps, `load_state_dict`, and
+    in-place ops on the weight itself do; a write through `.data` (`w.data.copy_(...)`, used by some
+    optimizers and EMA updates) does not, and would leave a stale copy. Inference on fixed weights is
+    the case it is for. backend="auto" follows the CPU table's rules for the cache's state.
 
     Args:
         enabled: True turns it on; False turns it off and frees the copies; None leaves it.
