@@ -1103,7 +1103,7 @@ def cpu_backend_table(rows, env):
     its paired ratio to eager lies wholly below 1 at every measured shape of an M, in rules for the
     packed-weight cache off (tpkernels_cpu's rows) and on (tpkernels_cpu_packed's); eager elsewhere."""
     rules, measured = [], ""
-    # Below the smallest measured weight the extension's host cost (~40 us a call against eager's ~15)
+    # Below the smallest measured weight the extension's host cost (~27 us a call against eager's ~13)
     # can outweigh its GEMM: its rules stop there.
     smallest = min((r["K"] * r["N"] for r in rows if r["provider"] == "tpkernels_cpu"), default=0)
     for provider, packed in (("tpkernels_cpu", False), ("tpkernels_cpu_packed", True)):

@@ -32,7 +32,7 @@ from torch import Tensor
 from tpkernels import extension, launch, reference
 from tpkernels.kernels import IDENTITY
 
-__all__ = ["fused_linear_impl", "fused_linear_inference", "mlp_shard_impl"]
+__all__ = ["fused_linear_impl", "fused_linear_inference", "mlp_shard_impl", "native_linear"]
 
 
 def fused_linear_impl(
@@ -66,6 +66,19 @@ def fused_linear_inference(x, weight, bias, residual, activation, owner, out_dty
 
 
 _fused_linear = torch.library.custom_op("tpkernels::fused_linear", mutates_args=())(fused_linear_impl)
+
+_CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def native_linear(x, weight, bias, residual, activation, owner, out_dtype, store_preact):
+    """The extension's `epilogue_linear` with no autograd. On CPU tensors it goes straight to the CPU
+    kernel, past the op's Python autograd kernel, which adds ~10 us a call (as much as oneDNN's own host
+    cost at decode). Only for calls whose autograd has nothing to do: inside `mlp_shard`'s op or
+    inference calls that `ops.direct_call_ok` admits."""
+    op = torch.ops.tpkernels.epilogue_linear.default
+    if x.device.type == "cpu":
+        return op.redispatch(_CPU_KERNEL, x, weight, bias, residual, activation, owner, out_dtype, store_preact)
+    return op(x, weight, bias, residual, activation, owner, out_dtype, store_preact)
 
 
 @_fused_linear.register_fake
@@ -209,8 +222,8 @@ def mlp_shard_impl(
     `native` runs the native extension's kernels (cuBLASLt or C++) instead of Triton's.
     """
     if native:
-        h, z = torch.ops.tpkernels.epilogue_linear(x, w1, b1, None, activation, True, x.dtype, store_for_backward)
-        out, _ = torch.ops.tpkernels.epilogue_linear(h, w2, b2, residual, IDENTITY, owner, out_dtype, False)
+        h, z = native_linear(x, w1, b1, None, activation, True, x.dtype, store_for_backward)
+        out, _ = native_linear(h, w2, b2, residual, IDENTITY, owner, out_dtype, False)
         return out, (h if store_for_backward else x.new_empty(0)), z
     if not launch.runs_triton(x):
         return reference.mlp_shard(x, w1, b1, w2, b2, residual, activation, owner, out_dtype, store_for_backward)

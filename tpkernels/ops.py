@@ -152,7 +152,9 @@ def _linear(name, x, weight, bias, residual, activation, owner, out_dtype, backe
         if residual is None and out_dtype == x.dtype:  # the plain unfused call, nothing around it
             return reference.activation(F.linear(x, weight, bias if owner else None), activation)
         return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
-    if chosen == "triton" and not store and direct_call_ok(x, weight, bias, residual):
+    if not store and chosen in ("triton", "cpu") and direct_call_ok(x, weight, bias, residual):
+        if chosen == "cpu":
+            return custom_ops.native_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
         return custom_ops.fused_linear_inference(x, weight, bias, residual, activation, owner, out_dtype)
     op = torch.ops.tpkernels.fused_linear if chosen == "triton" else torch.ops.tpkernels.epilogue_linear
     return op(x, weight, bias, residual, activation, owner, out_dtype, store)[0]
