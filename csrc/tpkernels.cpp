@@ -88,7 +88,7 @@ Tensor onednn_linear(const Tensor& x, const Tensor& w, const c10::optional<Tenso
                      c10::optional<std::string> algorithm) {
   static const c10::OperatorHandle op = handle("mkldnn::_linear_pointwise", "");
   return call_boxed(op,
-                    {x, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string(attr)),
+                    {x, w, c10::IValue(bias), c10::IValue(std::string(attr)),
                      c10::IValue(c10::List<c10::optional<c10::Scalar>>()), c10::IValue(std::move(algorithm))});
 }
 
@@ -96,7 +96,7 @@ Tensor onednn_linear(const Tensor& x, const Tensor& w, const c10::optional<Tenso
 Tensor onednn_linear_add(const Tensor& x, const Tensor& other, const Tensor& w, const c10::optional<Tensor>& bias) {
   static const c10::OperatorHandle op = handle("mkldnn::_linear_pointwise", "binary");
   return call_boxed(op,
-                    {x, other, w, bias.has_value() ? c10::IValue(*bias) : c10::IValue(), c10::IValue(std::string("add"))});
+                    {x, other, w, c10::IValue(bias), c10::IValue(std::string("add"))});
 }
 
 // Whether oneDNN's linear runs `dtype` on this CPU: fp32 wherever torch has oneDNN; bf16 where oneDNN has
@@ -181,10 +181,14 @@ PackCache& cache() {
   return *instance;
 }
 
-// The weight for oneDNN's linear, in `dtype`: the cached packed copy (made now if missing or stale), or
-// the plain weight where the cache is off, cannot vouch for it, or is full.
-Tensor weight_for_onednn(const Tensor& weight, at::ScalarType dtype) {
+// The weight for oneDNN's linear of `rows` rows, in `dtype`: the cached packed copy (made now if missing or
+// stale), or the plain weight where the cache is off, cannot vouch for it, or is full. fp32 at one row
+// always reads the plain weight: oneDNN's GEMV on it beat the packed copy (0.81 against 1.07 ms at
+// K x N = 4096 x 2048, 0.97 against 1.33 at 2048 x 4096; a tie at 2 rows, the copy ahead from 4). bf16
+// gains most from the copy exactly there.
+Tensor weight_for_onednn(const Tensor& weight, at::ScalarType dtype, int64_t rows) {
   auto plain = [&] { return weight.scalar_type() == dtype ? weight.contiguous() : weight.to(dtype); };
+  if (rows == 1 && weight.scalar_type() == at::kFloat) return plain();
   PackCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);  // held while packing: a second caller waits for the copy
   if (!c.enabled || c.paused || weight.is_inference() || !weight.has_storage()) return plain();
@@ -258,11 +262,7 @@ std::tuple<Tensor, Tensor> epilogue_linear_cpu(const Tensor& x, const Tensor& we
   }
   // In out_dtype: the operands' own, or fp32 for the row stage's fp32 partials of 16-bit operands.
   const Tensor a = x.scalar_type() == out_dtype ? x.contiguous() : x.to(out_dtype);
-  // fp32 at one row: oneDNN's GEMV on the plain weight beat the packed copy (0.81 against 1.07 ms at
-  // K x N = 4096 x 2048, 0.97 against 1.33 at 2048 x 4096; a tie at 2 rows, the copy ahead from 4), so
-  // it reads the weight as it is. bf16 gains most from the copy exactly there.
-  const bool gemv = x.size(0) == 1 && x.scalar_type() == at::kFloat;
-  const Tensor w = gemv ? weight.contiguous() : weight_for_onednn(weight, out_dtype);
+  const Tensor w = weight_for_onednn(weight, out_dtype, x.size(0));
   c10::optional<Tensor> b;
   if (owner && bias.has_value()) b = bias->scalar_type() == out_dtype ? bias->contiguous() : bias->to(out_dtype);
   const bool add_residual = owner && residual.has_value();

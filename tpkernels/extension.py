@@ -2,9 +2,9 @@
 
 It registers `tpkernels::epilogue_linear`, `epilogue_linear_backward` and `epilogue_dgelu_linear` with
 kernels for CPU (C++: oneDNN's GEMM with the epilogue as its post-ops; with the packed-weight cache on,
-on weights packed once per version) and, where built with nvcc, CUDA (cuBLASLt epilogues). `custom_ops` gives them their fakes and
-autograd; `ops` offers them as backends "cpu" and "cublaslt". `cpu_weight_cache` reads and sets the CPU
-kernels' packed-weight cache.
+on weights packed once per version) and, where built with nvcc, CUDA (cuBLASLt epilogues). `custom_ops`
+gives them their fakes and autograd; `ops` offers them as backends "cpu" and "cublaslt".
+`cpu_weight_cache` reads and sets the CPU kernels' packed-weight cache.
 """
 import importlib.util
 import os
