@@ -6,6 +6,11 @@ device or interpreter time is. Runs anywhere; on the CPU it takes the launch pat
 (TRITON_INTERPRET=1 routes CPU tensors to the kernels). Launches that are not bound (the dGELU pass of a
 standalone layer's backward) have their kernel object stubbed instead.
 
+The modules are timed beside the functions they call, at world size 1 with torch.distributed
+initialised (gloo, one rank), so that their parameters are DTensors as in a distributed run: the
+module's host time over the function's is what the layer, the DTensor parameters and the collectives'
+world-size-1 bypass cost per call (target: at most 1.3x).
+
     python benchmarks/host_overhead.py            # a table of microseconds per call
     python benchmarks/host_overhead.py --profile  # and cProfile's top entries for linear_gelu
 """
@@ -15,6 +20,7 @@ import os
 import pstats
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -48,6 +54,16 @@ def _calls(device):
         out = tpkernels.mlp_shard(xg, w1g, b1g, w2g, b2g)
         torch.autograd.grad(out, (xg, w1g, b1g, w2g, b2g), torch.ones_like(out))
 
+    torch.manual_seed(0)
+    column = tpkernels.ColumnParallelLinear(256, 128, activation="gelu", device=device)
+    mlp = tpkernels.TensorParallelMLP(256, 128, device=device)
+
+    def inference(module):
+        def call():
+            with torch.no_grad():
+                return module(x)
+        return call
+
     tiny_x, tiny_w = torch.randn(1, 1, device=device), torch.randn(1, 1, device=device)
     return {
         "yardstick: torch.mm of 1 x 1 (torch's own host path)": lambda: torch.mm(tiny_x, tiny_w),
@@ -55,7 +71,14 @@ def _calls(device):
         "linear_partial (inference)": lambda: tpkernels.linear_partial(h, w2, b2),
         "mlp_shard (inference)": lambda: tpkernels.mlp_shard(x, w1, b1, w2, b2),
         "mlp_shard forward + backward": train_step,
+        "ColumnParallelLinear(gelu) (ws 1, no grad)": inference(column),
+        "TensorParallelMLP (ws 1, no grad)": inference(mlp),
     }
+
+
+# (module, the function it calls): the module's host time over the function's, stated beside the table
+MODULE_RATIOS = {"ColumnParallelLinear(gelu) (ws 1, no grad)": "linear_gelu (inference)",
+                 "TensorParallelMLP (ws 1, no grad)": "mlp_shard (inference)"}
 
 
 def measure(fn, rounds=9, seconds=0.1):
@@ -80,6 +103,10 @@ def main(argv=None):
     if not ops.INTERPRETED and not torch.cuda.is_available():
         sys.exit("set TRITON_INTERPRET=1 before triton is imported (the default here) or run on a GPU")
     device = "cuda" if torch.cuda.is_available() and not ops.INTERPRETED else "cpu"
+    import torch.distributed as dist
+
+    init = os.path.join(tempfile.mkdtemp(), "init")
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
     setattr(launch, "_dgelu_kernel", _NoLaunch())  # not bound: stubbed where launch looks it up
     calls = _calls(device)
     for fn in calls.values():
@@ -90,11 +117,15 @@ def main(argv=None):
     print(f"{len(entries)} bound launches, their launchers stubbed")
     print("| call | host us per call, median (min) of 9 rounds; compiled launch stubbed | / yardstick |\n"
           "| --- | --- | --- |")
-    yardstick = None
+    yardstick, medians = None, {}
     for name, fn in calls.items():
         median, least = measure(fn)
         yardstick = yardstick or median
+        medians[name] = median
         print(f"| {name} | {median:.1f} ({least:.1f}) | {median / yardstick:.1f} |")
+    for module, function in MODULE_RATIOS.items():
+        ratio = medians[module] / medians[function]
+        print(f"{module} / {function}: {ratio:.2f}x ({'within' if ratio <= 1.3 else 'over'} the 1.3x target)")
     if len(bound.BOUND) != len(entries):
         sys.exit("a launch was bound during the measurement: its kernel ran, and the numbers above count it")
     if args.profile:
@@ -102,6 +133,7 @@ def main(argv=None):
         profile = cProfile.Profile()
         profile.runcall(lambda: [fn() for _ in range(2000)])
         pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -380,8 +380,8 @@ class TPMLP(MLPShard):
         self.world = tpkernels.distributed.get_world_size()
         rank = tpkernels.distributed.get_rank()
         # sequence parallel: this rank's tokens in and out
-        self.x_shard = torch.tensor_split(self.x.detach(), self.world)[rank].clone().requires_grad_()
-        self.dy_shard = torch.tensor_split(self.dy, self.world)[rank]
+        self.x_shard = tpkernels.distributed.shard(self.x.detach(), self.world, rank).clone().requires_grad_()
+        self.dy_shard = tpkernels.distributed.shard(self.dy, self.world, rank)
         self.rank = rank
 
     def flops(self):
@@ -399,7 +399,7 @@ class TPMLP(MLPShard):
 
     def view_for(self, provider, outputs):
         if provider.startswith("tpkernels_sp"):
-            return [torch.tensor_split(t, self.world)[self.rank] for t in outputs]
+            return [tpkernels.distributed.shard(t, self.world, self.rank) for t in outputs]
         return outputs
 
     def reference(self):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tpkernels.kernels import GELU_TANH, IDENTITY, INTERPRETED
+from tpkernels.dtensor import local
 
 # The small absolute slack on top of 2x eager's error, per dtype.
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -117,7 +118,7 @@ def compare_params(name, tp, dense, dense64, shards, lr=0.1):
         tp_params, eager_params, params64 = (dict(m.named_parameters()) for m in models)
         for param, index in shards.items():
             pick = (lambda p: p.grad) if what == "grad" else (lambda p: p)
-            assert_close_to_ref(pick(tp_params[param]), pick(eager_params[param])[index],
+            assert_close_to_ref(local(pick(tp_params[param])), pick(eager_params[param])[index],
                                 pick(params64[param])[index], f"{name} {param} {what}")
 
 

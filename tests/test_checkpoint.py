@@ -14,6 +14,7 @@ from torch import nn
 import tpkernels
 from tpkernels import checkpoint_files
 from tpkernels.checkpoint import load_sharded, save_sharded
+from tpkernels.dtensor import local
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -235,7 +236,7 @@ def _streaming_save(rank, world_size, folder):
     model = nn.Sequential(nn.Linear(64, 200), nn.GELU(), nn.Linear(200, 64))
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     tpkernels.parallelize(model)
-    shards = {name: p.numel() * p.element_size() for name, p in model.named_parameters()}
+    shards = {name: local(p).numel() * p.element_size() for name, p in model.named_parameters()}
     written = save_sharded(model, folder, max_shard_size=64 * 200 * 4 // 4)
     return dict(written, shards=shards, dense=dense)
 

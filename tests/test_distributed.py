@@ -13,14 +13,21 @@ WORLD_SIZES = [1, 2, 3, 4]
 FEATURES = 11  # divides by none of the world sizes above but 1
 
 
-@pytest.mark.parametrize("features", [1, 4, 7, 13, 64])
+@pytest.mark.parametrize("features", [1, 4, 7, 9, 13, 64])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
-def test_shard_arithmetic_matches_tensor_split(features, world_size):
-    parts = torch.tensor_split(torch.arange(features), world_size)
+def test_shard_arithmetic_is_dtensor_layout(features, world_size):
+    # DTensor's Shard: torch.chunk's pieces, then empty shards where chunk gives fewer pieces
+    from torch.distributed.tensor import Shard
+
+    parts = list(torch.chunk(torch.arange(features), world_size))
+    parts += [torch.arange(0)] * (world_size - len(parts))
     assert tpd.shard_sizes(features, world_size) == [len(p) for p in parts]
     for rank, part in enumerate(parts):
         start, stop = tpd.shard_range(features, world_size, rank)
         assert torch.equal(torch.arange(features)[start:stop], part)
+        assert torch.equal(tpd.shard(torch.arange(features), world_size, rank), part)
+        assert tuple(Shard.local_shard_size_and_offset(features, world_size, rank)) == (stop - start, start) or \
+            stop == start  # an empty shard's offset is not defined alike across torch versions
 
 
 def _inputs(shape, seed):

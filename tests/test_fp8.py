@@ -16,6 +16,7 @@ from numerics import DEVICES, assert_close_to_ref, linear_inputs, randn
 from spawn import run_ranks
 from tpkernels import fp8, launch, reference
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
+from tpkernels.dtensor import local
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 ACTIVATIONS = [IDENTITY, GELU, GELU_TANH]
@@ -209,14 +210,14 @@ def test_mlp_forward_backward_against_fp64(one_rank, device, dtype, approximate,
     x = randn(3, 11, 48, dtype=dtype, device=device, requires_grad=True)
     grad = randn(3, 11, 40, dtype=dtype, device=device)
     mlp(x).backward(grad)  # step 1 records every amax; step 2 quantizes with scales from them
-    params = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+    params = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)  # DTensors (one rank)
     out = mlp(x)
-    eager = _eager_fp8_mlp(x, *params, mlp.fp8_scaling, approximate, backward)
-    inputs64 = [t.detach().double().requires_grad_() for t in (x, *params)]
+    eager = _eager_fp8_mlp(x, *(p.to_local() for p in params), mlp.fp8_scaling, approximate, backward)
+    inputs64 = [local(t).detach().double().requires_grad_() for t in (x, *params)]
     ref = _dense_fp64(*inputs64, approximate)
     assert_close_to_ref(out, eager, ref)
-    grads = torch.autograd.grad(out, (x, *params), grad)
-    eager_grads = torch.autograd.grad(eager, (x, *params), grad)
+    grads = [local(g) for g in torch.autograd.grad(out, (x, *params), grad)]
+    eager_grads = [local(g) for g in torch.autograd.grad(eager, (x, *params), grad)]
     ref_grads = torch.autograd.grad(ref, inputs64, grad.double())
     for name, g, e, r in zip(("dx", "dw1", "db1", "dw2", "db2"), grads, eager_grads, ref_grads):
         assert_close_to_ref(g, e, r, name)
@@ -244,7 +245,7 @@ def test_layers_fp8_against_unfused_path(one_rank, device, backward):
         row(column(x)).backward(grad)  # step 1 sets the scales
         params = (column.weight, column.bias, row.weight, row.bias)
         out = row(column(x))
-        results[backend] = (out, *torch.autograd.grad(out, (x, *params), grad))
+        results[backend] = (out, *(local(g) for g in torch.autograd.grad(out, (x, *params), grad)))
     torch.manual_seed(3)
     column = torch.nn.Linear(48, 64, device=device).double()
     row = torch.nn.Linear(64, 24, device=device).double()

@@ -14,6 +14,7 @@ from spawn import check_scenario, rank_setups, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
 from tpkernels import initialization
 from tpkernels import distributed as tpd
+from tpkernels.dtensor import local
 
 WORLD_SIZES = [1, 2, 3, 4]
 IN, HIDDEN, OUT = 10, 13, 7  # 13 and 10 divide by none of 2, 3, 4
@@ -60,7 +61,7 @@ def column(rank, world):
         tp = ColumnParallelLinear(IN, HIDDEN, activation=activation, gather_output=gather)
         rows = slice(tp.shard_start, tp.shard_stop)
         # the fresh sharded layer is the slice of the dense one built under the same seed
-        assert torch.equal(tp.weight, dense.weight[rows]) and torch.equal(tp.bias, dense.bias[rows])
+        assert torch.equal(local(tp.weight), dense.weight[rows]) and torch.equal(local(tp.bias), dense.bias[rows])
         act = {None: lambda t: t, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[activation]
         x, grad = same_everywhere(*LEAD, IN, seed=2), same_everywhere(*LEAD, HIDDEN, seed=3)
         dense64, fwd, bwd = _forward_backward(f"column {activation}", tp, dense, x, grad,
@@ -79,7 +80,7 @@ def row(rank, world):
         torch.manual_seed(4)
         tp = RowParallelLinear(HIDDEN, OUT, input_is_parallel=input_is_parallel)
         cols = slice(tp.shard_start, tp.shard_stop)
-        assert torch.equal(tp.weight, dense.weight[:, cols]) and torch.equal(tp.bias, dense.bias)
+        assert torch.equal(local(tp.weight), dense.weight[:, cols]) and torch.equal(local(tp.bias), dense.bias)
         x, grad = same_everywhere(*LEAD, HIDDEN, seed=5), same_everywhere(*LEAD, OUT, seed=6)
         dense64, fwd, bwd = _forward_backward("row", tp, dense, x, grad,
                                               x_part=cols if input_is_parallel else slice(None))
@@ -98,8 +99,8 @@ def mlp(rank, world):
         torch.manual_seed(7)
         tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate=approximate, reduce_dtype=reduce_dtype)
         hidden = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
-        assert torch.equal(tp.fc1.weight, dense.fc1.weight[hidden])
-        assert torch.equal(tp.fc2.weight, dense.fc2.weight[:, hidden]) and torch.equal(tp.fc2.bias, dense.fc2.bias)
+        assert torch.equal(local(tp.fc1.weight), dense.fc1.weight[hidden])
+        assert torch.equal(local(tp.fc2.weight), dense.fc2.weight[:, hidden]) and torch.equal(local(tp.fc2.bias), dense.fc2.bias)
         x, grad = same_everywhere(*LEAD, IN, seed=8), same_everywhere(*LEAD, OUT, seed=9)
         dense64, fwd, bwd = _forward_backward("mlp", tp, dense, x, grad)
         compare_params("mlp", tp, dense, dense64, {"fc1.weight": hidden, "fc1.bias": hidden,
@@ -113,8 +114,8 @@ def mlp(rank, world):
 def bias_added_once(rank, world):
     tp = RowParallelLinear(HIDDEN, OUT, input_is_parallel=False)
     with torch.no_grad():
-        tp.weight.zero_()
-        tp.bias.copy_(torch.arange(1.0, OUT + 1))  # the same on every rank
+        local(tp.weight).zero_()
+        local(tp.bias).copy_(torch.arange(1.0, OUT + 1))  # the same on every rank
     y = tp(same_everywhere(4, HIDDEN, seed=10))
     assert torch.equal(y, torch.arange(1.0, OUT + 1).expand(4, OUT)), f"bias added {y[0, 0].item()} times"
     return "ok"
@@ -126,9 +127,14 @@ def state_dicts(rank, world):
     torch.manual_seed(11)
     tp = TensorParallelMLP(IN, HIDDEN, OUT)
     hidden = tp.fc1.shard_stop - tp.fc1.shard_start
-    shapes = {k: tuple(v.shape) for k, v in tp.state_dict().items()}
+    shapes = {k: tuple(local(v).shape) for k, v in tp.state_dict().items()}
     assert shapes == {"fc1.weight": (hidden, IN), "fc1.bias": (hidden,), "fc2.weight": (OUT, hidden),
                       "fc2.bias": (OUT,)}, shapes
+    # DTensors that say how they are sharded (torch.distributed.checkpoint reads that), global shapes
+    placements = {k: str(v.placements[0]) for k, v in tp.state_dict().items()}
+    assert placements == {"fc1.weight": "S(0)", "fc1.bias": "S(0)", "fc2.weight": "S(1)", "fc2.bias": "R"}, placements
+    assert {k: tuple(v.shape) for k, v in tp.state_dict().items()} == {
+        "fc1.weight": (HIDDEN, IN), "fc1.bias": (HIDDEN,), "fc2.weight": (OUT, HIDDEN), "fc2.bias": (OUT,)}
     # sharded -> dense: the gathered state dict loads into the dense MLP and equals it
     full = tp.full_state_dict()
     restored = reference.MLP(IN, HIDDEN, OUT)
@@ -143,14 +149,26 @@ def state_dicts(rank, world):
     from_dense = TensorParallelMLP.from_dense(dense.fc1, dense.fc2)
     for module in (other, from_dense):
         for k, v in tp.state_dict().items():
-            assert torch.equal(module.state_dict()[k], v), k
+            assert torch.equal(local(module.state_dict()[k]), local(v)), k
     # the layers alone, from an existing nn.Linear
     column = ColumnParallelLinear.from_linear(dense.fc1, activation="gelu")
     row_layer = RowParallelLinear.from_linear(dense.fc2)
-    assert torch.equal(column.weight, tp.fc1.weight) and torch.equal(row_layer.weight, tp.fc2.weight)
+    assert torch.equal(local(column.weight), local(tp.fc1.weight))
+    assert torch.equal(local(row_layer.weight), local(tp.fc2.weight))
     for layer, linear in ((column, dense.fc1), (row_layer, dense.fc2)):
         for k, v in layer.full_state_dict().items():
             assert torch.equal(v, linear.state_dict()[k]), k
+    # load_state_dict: its own DTensors, or the dense tensors (sliced here); plain shards are refused,
+    # since they are what torch.distributed.checkpoint would collapse to one rank's copy
+    again = TensorParallelMLP(IN, HIDDEN, OUT)
+    again.load_state_dict(tp.state_dict())
+    assert all(torch.equal(local(a), local(b)) for a, b in zip(again.parameters(), tp.parameters()))
+    again.load_state_dict(dense.state_dict())
+    assert all(torch.equal(local(a), local(b)) for a, b in zip(again.parameters(), tp.parameters()))
+    if world > 1:
+        plain = {k: local(v).clone() for k, v in tp.state_dict().items()}
+        with pytest.raises(ValueError, match=r"fc1.weight is a plain tensor of shape .* a DTensor of global shape"):
+            again.load_state_dict(plain)
     return "ok"
 
 
@@ -161,6 +179,9 @@ def bad_input(rank, world):
                 ColumnParallelLinear(4, world - 1)
             with pytest.raises(ValueError, match=rf"{world} ranks cannot share in_features={world - 1}"):
                 RowParallelLinear(world - 1, 4)
+        if world == 4:  # 5 features in torch.chunk's layout: 2, 2, 1 and none for rank 3
+            with pytest.raises(ValueError, match=r"4 ranks cannot share out_features=5: .* shards are \[2, 2, 1, 0\]"):
+                ColumnParallelLinear(4, 5)
             row_layer = RowParallelLinear(HIDDEN, OUT)
             in_r = row_layer.shard_stop - row_layer.shard_start
             with pytest.raises(ValueError, match=rf"input has {HIDDEN} features .* takes {in_r} of in_features={HIDDEN}"):

@@ -17,6 +17,7 @@ from numerics import assert_close_to_ref
 from spawn import check_scenario, rank_setups, run_scenarios
 from tpkernels import ColumnParallelLinear, RowParallelLinear, empty_parameters, parallelize
 from tpkernels.checkpoint import shard_slice, load_sharded, save_sharded
+from tpkernels.dtensor import local
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -93,7 +94,7 @@ def real_models(rank, world):
             params = [dict(m.named_parameters()) for m in models]
             assert params[0].keys() == params[1].keys()
             for name, p in params[0].items():
-                pick = (lambda t: t.grad) if what == "grad" else (lambda t: t.detach())
+                pick = (lambda t: local(t.grad)) if what == "grad" else (lambda t: local(t.detach()))
                 assert_close_to_ref(pick(p), _dense_part(tp, name, pick(params[1][name])),
                                     _dense_part(tp, name, pick(params[2][name])), f"{family} {name} {what}")
         # a dense checkpoint that transformers loads, then a sharded load into a model built on meta
@@ -104,7 +105,7 @@ def real_models(rank, world):
         limit = sum(p.numel() * p.element_size() for p in dense.parameters()) // 3
         written = save_sharded(tp, folder, max_shard_size=limit)
         assert len(written["files"]) >= 3 and written["index"].endswith("model.safetensors.index.json"), written
-        mine = sum(getattr(layer, kind).numel() * getattr(layer, kind).element_size()
+        mine = sum(local(getattr(layer, kind)).numel() * getattr(layer, kind).element_size()
                    for layer in _layers(tp).values() for kind in ("weight", "bias")
                    if getattr(layer, kind) is not None and (kind == "weight" or isinstance(layer, ColumnParallelLinear)))
         if rank > 0:  # each rank sends its own shards of the sharded tensors, once, to rank 0 alone
@@ -115,7 +116,7 @@ def real_models(rank, world):
             after = _logits(tp, ids)
         loaded = cls.from_pretrained(folder)
         for name, p in loaded.named_parameters():
-            assert torch.equal(_dense_part(tp, name, p.detach().to(device)), dict(tp.named_parameters())[name].detach()), name
+            assert torch.equal(_dense_part(tp, name, p.detach().to(device)), local(dict(tp.named_parameters())[name].detach())), name
         with empty_parameters():  # no dense weight on any rank: parameters on meta, buffers real
             fresh = cls(config)
         assert all(p.is_meta for p in fresh.parameters())
@@ -124,7 +125,7 @@ def real_models(rank, world):
         stats = load_sharded(fresh, folder, device=device)
         with torch.no_grad():
             torch.testing.assert_close(_logits(fresh, ids), after)
-        shards = sum(p.numel() * p.element_size() for layer in _layers(fresh).values() for p in layer.parameters())
+        shards = sum(local(p).numel() * p.element_size() for layer in _layers(fresh).values() for p in layer.parameters())
         assert stats["sharded_bytes_read"] == shards, stats
         if world > 1:  # about 1/W of the MLP weights: the row biases are whole on every rank
             assert stats["sharded_bytes_read"] < stats["sharded_bytes_in_checkpoint"] / world * 1.3, stats

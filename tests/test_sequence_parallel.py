@@ -22,7 +22,7 @@ LAYOUTS = [((2, 7, IN), -2), ((9, IN), 0), ((7, 2, IN), 0)]
 
 
 def _mine(t, world, rank, dim):
-    return torch.tensor_split(t, world, dim)[rank]
+    return tpd.shard(t, world, rank, dim)
 
 
 def _check_against_dense(name, tp, dense, x, grad, dim, world, rank, x_sharded=True, y_sharded=True,

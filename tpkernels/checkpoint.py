@@ -8,8 +8,11 @@ or files of at most `max_shard_size` and their index), atomically. `empty_parame
 with its parameters on the meta device, so that no rank allocates the dense weights before loading.
 
 For a ColumnParallelLinear of F output features on W ranks, rank r reads rows
-`tensor_split(range(F), W)[r]` of the weight and bias; for a RowParallelLinear, those columns of the
-weight and the whole bias. GPT-2's Conv1D weights are stored [in, out]: the slice is transposed.
+`shard(range(F), W, r)` (torch.chunk's layout, DTensor's Shard: the layout of the layers' DTensor
+parameters and of torch.distributed.checkpoint's) of the weight and bias; for a RowParallelLinear, those
+columns of the weight and the whole bias. GPT-2's Conv1D weights are stored [in, out]: the slice is
+transposed. For checkpoints of training state (the optimizer's too) at any world size, use
+torch.distributed.checkpoint with `get_state_dict`: the layers' parameters are DTensors.
 """
 import contextlib
 import dataclasses
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 
 from tpkernels import checkpoint_files
-from tpkernels.distributed import get_rank, get_world_size, shard_range
+from tpkernels.distributed import get_rank, get_world_size, group_of, shard_range
+from tpkernels.dtensor import local
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["empty_parameters", "load_sharded", "save_sharded"]
@@ -167,9 +171,10 @@ def load_sharded(model, path, device=None):
             transposed = index is not None and kind == "weight" and getattr(layer, "checkpoint_transposed", False)
             if transposed:
                 got = got[::-1]
-            if got != tuple(target.shape):
+            want = tuple(local(target).shape)  # a DTensor's local shard
+            if got != want:
                 raise ValueError(f"load_sharded: {stored} in {file} is {shape}, which gives {got} here, but the "
-                                 f"model's {name} is {tuple(target.shape)}")
+                                 f"model's {name} is {want} on this rank")
             dtype = checkpoint_files.DTYPES.get(dtype_name)
             if dtype is None or (dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point)):
                 raise ValueError(f"load_sharded: {stored} in {file} is {dtype_name}, but the model's {name} is "
@@ -197,7 +202,11 @@ def load_sharded(model, path, device=None):
                 value = handle(file).get_tensor(stored)
             stats["bytes_read"] += value.numel() * value.element_size()
             stats["tensors"] += 1
-            _load_into(holders.get(id(target), []), target, value, device)
+            if name in sharded:  # the layer holds its shard (a DTensor parameter where distributed)
+                layer, kind = sharded[name]
+                layer._assign(kind, value.to(device or "cpu", target.dtype) if target.is_meta else value)
+            else:
+                _load_into(holders.get(id(target), []), target, value, device)
     return stats
 
 
@@ -298,17 +307,17 @@ class _Gather:
 
     def __call__(self, entry):
         """Rank 0: the entry's dense tensor (file layout, CPU, contiguous). Other ranks: None."""
-        local = entry.tensor.detach()
+        local_tensor = local(entry.tensor.detach())
         if entry.transposed:
-            local = local.t()
+            local_tensor = local_tensor.t()
         if entry.split_dim is None or self.world == 1:
             if self.rank != 0:
                 return None
-            out = local.cpu().contiguous()
+            out = local_tensor.cpu().contiguous()
             self.peak_bytes = max(self.peak_bytes, out.numel() * out.element_size())
             return out
         if self.rank != 0:
-            shard = self._wire(local).contiguous()
+            shard = self._wire(local_tensor).contiguous()
             nbytes = shard.numel() * shard.element_size()
             self.dist.send(shard, dst=self.root, group=self.group)
             self.bytes_gathered += nbytes
@@ -320,11 +329,11 @@ class _Gather:
             place = out.narrow(entry.split_dim, start, size)
             start += size
             if r == 0:
-                place.copy_(local)
+                place.copy_(local_tensor)
                 continue
             direct = place.is_contiguous() and not self.nccl
             buffer = place if direct else torch.empty(place.shape, dtype=entry.dtype,
-                                                      device=local.device if self.nccl else "cpu")
+                                                      device=local_tensor.device if self.nccl else "cpu")
             self.dist.recv(buffer, src=self.peers[r], group=self.group)
             if not direct:
                 place.copy_(buffer)
@@ -360,7 +369,8 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
     Args:
         model: the parallelized model.
         path: a folder, or a .safetensors file (then everything must fit in one file).
-        process_group: the tensor-parallel group; None is the default group.
+        process_group: the tensor-parallel group (a ProcessGroup or a 1-D DeviceMesh); None is the default
+            group.
         max_shard_size: bytes per file at most: an int, or transformers' notation ("5GB", "500MiB").
 
     Returns:
@@ -369,6 +379,7 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
         bytes of gathered tensors it held at once.
     """
     limit = checkpoint_files.parse_size(max_shard_size)
+    process_group = group_of(process_group)
     gather = _Gather(process_group)
     entries = _entries(model, gather.world)
     groups = _files_of(entries, limit)

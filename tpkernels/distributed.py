@@ -1,7 +1,7 @@
 """Conjugate collectives as autograd functions, shard arithmetic, and process-group helpers.
 
 Each pair is one collective forward and its adjoint backward (per-rank shapes, W ranks, F_r = the
-rank's share of F features under `torch.tensor_split`):
+rank's share of F features, `torch.chunk(full, W)[r]`: DTensor's `Shard` layout, see `shard_sizes`):
 
     copy_to(x [..., F])        forward: identity                 backward: all-reduce of dX
     reduce_from(p [..., F])    forward: all-reduce of partials   backward: identity
@@ -9,7 +9,7 @@ rank's share of F features under `torch.tensor_split`):
     scatter_to(x [..., F])     forward: keep this rank's F_r     backward: all-gather -> [..., F]
 
 and for sequence parallelism, along a sequence dim of L positions (rank r holds L_r of them, its
-`torch.tensor_split(full, W, dim)[r]`):
+`torch.chunk(full, W, dim)[r]`, the same layout):
 
     gather_sequence(x [.., L_r, ..])          forward: all-gather -> [.., L, ..]
                                               backward: reduce-scatter of dX -> [.., L_r, ..]
@@ -20,7 +20,7 @@ One all-gather and one reduce-scatter move the bytes of one all-reduce; between 
 are 1/W of their size. `sequence_sizes` checks that the ranks' shards fit together before any of them
 collectively moves data.
 
-All take an explicit `process_group` (None: the default group) and return their input untouched at
+All take an explicit `process_group` (None: the default group, or a 1-D DeviceMesh: its group) and return their input untouched at
 world size 1 or when torch.distributed is not initialised. The collectives are torch's traceable
 functional collectives, so `torch.compile(fullgraph=True)` keeps them in the graph: NCCL for CUDA
 tensors, gloo for CPU ones, whatever backend the group was created with.
@@ -35,10 +35,11 @@ import os
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = ["copy_to", "count_collectives", "gather_from", "gather_sequence", "gather_sequence_chunk", "get_rank",
-           "get_world_size", "reduce_from", "reduce_scatter_sequence", "reduce_scatter_sequence_chunk", "scatter_to",
-           "sequence_sizes", "shard_range", "shard_sizes"]
+           "get_world_size", "group_of", "reduce_from", "reduce_scatter_sequence", "reduce_scatter_sequence_chunk", "scatter_to",
+           "sequence_sizes", "shard", "shard_range", "shard_sizes"]
 
 DEBUG_ENV = "TPKERNELS_DEBUG_COLLECTIVES"
 # all_gather_single replaced all_gather_tensor in newer torch; both gather along dim 0.
@@ -51,8 +52,24 @@ _counters = []
 # Process groups and shards
 
 
+def group_of(process_group):
+    """The ProcessGroup that `process_group` names: a ProcessGroup as it is, None (the default group) as
+    None, and a 1-D DeviceMesh (`mesh["tp"]`) as its group."""
+    if isinstance(process_group, DeviceMesh):
+        if process_group.ndim != 1:
+            raise ValueError(f"tpkernels takes a 1-D DeviceMesh (the tensor-parallel dimension, mesh['tp']), "
+                             f"got a {process_group.ndim}-D mesh of shape {tuple(process_group.shape)} with dims "
+                             f"{process_group.mesh_dim_names}")
+        return process_group.get_group()
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be None, a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
+                        f"got {type(process_group).__name__}")
+    return process_group
+
+
 def _group(process_group):
-    return dist.group.WORLD if process_group is None else process_group
+    group = group_of(process_group)
+    return dist.group.WORLD if group is None else group
 
 
 def get_world_size(process_group=None):
@@ -70,16 +87,26 @@ def get_rank(process_group=None):
 
 
 def shard_sizes(features, world_size):
-    """Sizes of `torch.tensor_split` into `world_size` parts: the first `features % world_size` are one larger."""
-    base, extra = divmod(features, world_size)
-    return [base + (1 if r < extra else 0) for r in range(world_size)]
+    """Sizes of `torch.chunk` into `world_size` parts, the layout of DTensor's `Shard`: ceil(F / W) each,
+    the last ranks' shards shorter, and empty once the features run out (F = 9 on 4 ranks: 3, 3, 3, 0).
+    One layout for parameters and sequence shards alike, so that torch.distributed.checkpoint, FSDP2 and
+    DTensor's own layers read them as they are."""
+    width = -(-features // world_size) if world_size else 0
+    return [max(0, min(width, features - r * width)) for r in range(world_size)]
 
 
 def shard_range(features, world_size, rank):
-    """(start, stop) of rank's slice, matching `torch.tensor_split(t, world_size, dim)[rank]`."""
-    sizes = shard_sizes(features, world_size)
-    start = sum(sizes[:rank])
-    return start, start + sizes[rank]
+    """(start, stop) of rank's slice, matching `torch.chunk(t, world_size, dim)[rank]` (empty past the end)."""
+    width = -(-features // world_size)
+    start = min(rank * width, features)
+    return start, min(start + width, features)
+
+
+def shard(t, world_size, rank, dim=0):
+    """Rank's shard of t along dim: `torch.chunk(t, world_size, dim)[rank]`, or an empty slice where
+    torch.chunk gives fewer pieces."""
+    start, stop = shard_range(t.shape[dim], world_size, rank)
+    return t.narrow(dim, start, stop - start)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -206,7 +233,7 @@ def _all_gather_dim(t, sizes, dim, group):
 
 
 def _reduce_scatter_dim(t, sizes, dim, group):
-    """Sum t over the ranks and keep this rank's `tensor_split` slice along dim (sizes[rank] long)."""
+    """Sum t over the ranks and keep this rank's slice along dim (sizes[rank] long)."""
     width = max(sizes)
     parts = torch.split(t.movedim(dim, 0), sizes)
     padded = torch.cat([pad_dim0(part, width) for part in parts]).contiguous()
@@ -227,7 +254,7 @@ def sequence_sizes(x, sequence_dim, process_group=None, name="sequence_sizes"):
 
     One small all-gather of every rank's shape (counted as "shape_exchange"). Every rank gets the same
     shapes, so every rank raises the same ValueError, before any collective moves data, when the shards
-    are not `torch.tensor_split(full, world_size, sequence_dim)` of one tensor: a shard of the wrong
+    are not `torch.chunk(full, world_size, sequence_dim)` of one tensor: a shard of the wrong
     length, or other dims that differ.
 
     Returns:
@@ -247,8 +274,8 @@ def sequence_sizes(x, sequence_dim, process_group=None, name="sequence_sizes"):
     if len(others) > 1 or lengths != expected:
         described = "; ".join(f"rank {r}: {shape}" for r, shape in enumerate(shapes))
         raise ValueError(
-            f"{name}: with sequence_parallel=True rank r must hold torch.tensor_split(x, {world}, "
-            f"dim={sequence_dim})[r] of one tensor, so the shards along dim {dim} must be {expected} "
+            f"{name}: with sequence_parallel=True rank r must hold tpkernels.distributed.shard(x, {world}, r, "
+            f"dim={sequence_dim}) of one tensor (torch.chunk's layout), so the shards along dim {dim} must be {expected} "
             f"long (for {sum(lengths)} positions) and every other dim equal; got {described}"
         )
     return lengths
@@ -326,7 +353,7 @@ def gather_from(shard, features, process_group=None):
     """All-gather column shards [..., F_r] into [..., features]; backward keeps this rank's slice.
 
     Args:
-        shard: this rank's `torch.tensor_split(full, world_size, -1)[rank]`.
+        shard: this rank's `shard(full, world_size, rank, -1)` (torch.chunk's layout).
         features: the full width F, so that uneven shards are reassembled exactly.
     """
     world = get_world_size(process_group)
@@ -336,7 +363,7 @@ def gather_from(shard, features, process_group=None):
 
 
 def scatter_to(x, process_group=None):
-    """Keep this rank's `tensor_split` slice of the last dim; backward all-gathers the gradient."""
+    """Keep this rank's slice of the last dim (`shard`); backward all-gathers the gradient."""
     if get_world_size(process_group) == 1:
         return x
     return _ScatterTo.apply(x, _group(process_group))
@@ -370,7 +397,7 @@ def gather_sequence(x, sizes, sequence_dim=-2, process_group=None):
     """All-gather sequence shards into the full sequence; backward reduce-scatters the gradient.
 
     Args:
-        x: this rank's shard, `torch.tensor_split(full, world_size, sequence_dim)[rank]`.
+        x: this rank's shard, `shard(full, world_size, rank, sequence_dim)`.
         sizes: every rank's shard length (`sequence_sizes`).
         sequence_dim: the sequence dim of x.
     """
@@ -381,7 +408,7 @@ def gather_sequence(x, sizes, sequence_dim=-2, process_group=None):
 
 
 def reduce_scatter_sequence(partial, sequence_dim=-2, process_group=None):
-    """Sum the ranks' partials and keep this rank's `tensor_split` slice of the sequence; backward
+    """Sum the ranks' partials and keep this rank's slice of the sequence (`shard`); backward
     all-gathers the gradient. Returns [.., L_r, ..]."""
     world = get_world_size(process_group)
     if world == 1:

@@ -17,7 +17,8 @@ Delayed scaling (TransformerEngine's DelayedScaling): each forward first runs on
 (`kernels.fp8._scale_update_kernel`), scale = fmax / amax / 2^margin from the amax history (its max, or
 the newest entry; fmax = 448 for e4m3, 57344 for e5m2), then moves the history down a row; that step's
 kernels, forward and backward, raise row 0 to their amax.
-The history, scale and scale_inv are buffers of `FP8Scaling`, saved by `state_dict`.
+The history, scale and scale_inv are buffers of `FP8Scaling`, saved by `state_dict` as the group's most
+conservative state (see `FP8Scaling`).
 
 Backward (`FP8Recipe.backward`): "fp8" (the default, as TransformerEngine's) runs the four GEMMs in fp8,
 the gradients in e5m2 with their own delayed scales (dY's and dZ's histories), the operands laid out
@@ -42,6 +43,7 @@ import triton
 from torch import nn
 
 from tpkernels import custom_ops, launch, ops, reference  # noqa: F401  (custom_ops registers the backward ops)
+from tpkernels.distributed import get_world_size, group_of
 from tpkernels.kernels import IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
 
 __all__ = ["FP8Recipe", "FP8Scaling", "fp8_linear", "fp8_mlp_shard", "quantize"]
@@ -99,19 +101,27 @@ def check_recipe(name, fp8, backend):
 class FP8Scaling(nn.Module):
     """The delayed-scaling state of a layer's fp8 activations, and its quantized weights.
 
-    Buffers (saved by `state_dict`; per rank: a row-parallel input and the MLP's h are rank-local):
+    Buffers (per rank: a row-parallel input and the MLP's h are rank-local):
         amax_history [amax_history_len, n]   row 0 the current step's amax
         scale [n], scale_inv [n]             the scales this step quantizes with, and their inverses
+
+    `state_dict()` saves the group's most conservative state, the same on every rank: the history's
+    elementwise max over the ranks, the smallest scale and the largest scale_inv (a collective on every
+    rank, unless keep_vars=True, which returns the live buffers). Identical tensors under one name are
+    what torch.distributed.checkpoint keeps once, so a checkpoint loads at any world size; a rank-local
+    history (h's, a row input's) resumes as the group's max, which bounds every rank's amax.
 
     Args:
         recipe: an FP8Recipe.
         tensors: {name: fp8 dtype} of the n scaled tensors (`LINEAR_TENSORS`, `MLP_TENSORS`).
         device: where the buffers live (moved with the module; a forward on another device resets them).
+        process_group: the layer's tensor-parallel group (None: the default group), for `state_dict`.
     """
 
-    def __init__(self, recipe, tensors, device=None):
+    def __init__(self, recipe, tensors, device=None, process_group=None):
         super().__init__()
         self.recipe = recipe
+        self.process_group = group_of(process_group)
         self.tensors = tuple(tensors)
         self.formats = dict(tensors)
         device = None if device is None or torch.device(device).type == "meta" else device
@@ -124,6 +134,21 @@ class FP8Scaling(nn.Module):
 
     def extra_repr(self):
         return f"tensors={self.tensors}, recipe={self.recipe}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars or get_world_size(self.process_group) == 1:
+            return
+        import torch.distributed as dist
+
+        history = self.amax_history.detach()
+        # One all-reduce (max) for all three: min(scale) = -max(-scale).
+        packed = torch.cat([history.flatten(), self.scale_inv.detach(), -self.scale.detach()]).float()
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
+        count = self.scale.numel()
+        destination[prefix + "amax_history"] = packed[:history.numel()].view(history.shape).clone()
+        destination[prefix + "scale_inv"] = packed[history.numel():history.numel() + count].clone()
+        destination[prefix + "scale"] = -packed[history.numel() + count:]
 
     def _reset(self, device):
         self.amax_history = torch.zeros(self.amax_history.shape, device=device)

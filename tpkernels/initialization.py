@@ -1,6 +1,6 @@
 """A tensor-parallel layer's share of `nn.Linear`'s initialisation, drawn without the dense weight.
 
-Rank r's shard of a [out_features, in_features] weight is `tensor_split` along dim 0 (column) or 1 (row);
+Rank r's shard of a [out_features, in_features] weight is its `torch.chunk` slice (`distributed.shard`) along dim 0 (column) or 1 (row);
 under the same `torch.manual_seed` on every rank, the shards equal slicing one dense CPU-initialised
 `nn.Linear`, and no rank allocates the dense weight.
 """

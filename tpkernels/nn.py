@@ -1,6 +1,7 @@
 """Drop-in tensor-parallel layers over torch.distributed, running the fused kernels.
 
-Per-rank shapes, for W ranks and rank r; F_r is the r-th size of `torch.tensor_split` of F features:
+Per-rank shapes, for W ranks and rank r; F_r is rank r's share of F features in `torch.chunk`'s layout
+(`tpkernels.distributed.shard_sizes`: ceil(F / W), the last ranks' shorter):
 
     ColumnParallelLinear  x [..., K] -> h_shard_n [..., N_r]   ([..., N] with gather_output=True)
         weight_shard_n [N_r, K], bias_shard_n [N_r]
@@ -20,15 +21,21 @@ Initialisation: a module draws only its shard of what the dense `nn.Linear` woul
 generator, in chunks of rows; `_init_linear_shard`), so after the same `torch.manual_seed(s)` on every
 rank the sharded model equals slicing a dense CPU model built under that seed (`reference.MLP` for the
 MLP: fc1, then fc2), and no rank allocates a dense weight. On the meta device nothing is drawn. `from_linear` / `from_dense` shard an existing model.
-Every rank's `state_dict()` holds its shards; `full_state_dict()` gathers the dense one (a collective:
-call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
+Parameters: with torch.distributed initialised, each weight and bias is a DTensor on the tensor-parallel
+mesh (`tpkernels.dtensor`: Shard(0) for the column layer's, Shard(1) for the row weight, Replicate for the
+row bias), and the kernels run on its local tensor. So `state_dict()` holds DTensors, which
+torch.distributed.checkpoint saves and reshards to any world size, the optimizer's state follows, and
+FSDP2's `fully_shard(mesh=mesh["dp"])` goes on top. `full_state_dict()` gathers the dense state dict (a
+collective: call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
 """
 import torch
 from torch import nn
 
 from tpkernels import overlap as chunked  # the chunked (overlapped) schedules; `overlap` is an option
-from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_rank, get_world_size, reduce_from,
-                                   reduce_scatter_sequence, scatter_to, sequence_sizes, shard_range)
+from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_rank, get_world_size, group_of,
+                                   reduce_from, reduce_scatter_sequence, scatter_to, sequence_sizes, shard,
+                                   shard_range, shard_sizes)
+from tpkernels.dtensor import DeviceMesh, DTensor, is_dtensor, local, mesh_of, parameter, placement
 from tpkernels.fp8 import LINEAR_TENSORS, MLP_TENSORS, FP8Scaling, check_recipe, fp8_linear, fp8_mlp_shard
 from tpkernels.initialization import init_linear_shard
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
@@ -80,21 +87,35 @@ class _ParallelLinear(nn.Module):
     def __init__(self, in_features, out_features, bias, process_group, device, dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.process_group = process_group
+        # a DeviceMesh given is kept, so that FSDP2 finds the TP mesh's parent (the 2-D mesh) on the DTensors
+        self.device_mesh = process_group if isinstance(process_group, DeviceMesh) else None
+        self.process_group = group_of(process_group)
         self.world_size = get_world_size(process_group)
         self.rank = get_rank(process_group)
         sharded = out_features if self.shard_dim == 0 else in_features
-        if sharded < self.world_size:
+        sizes = shard_sizes(sharded, self.world_size)
+        if 0 in sizes:
             name = "out_features" if self.shard_dim == 0 else "in_features"
             raise ValueError(
-                f"{type(self).__name__}: {self.world_size} ranks cannot share {name}={sharded}; each rank "
-                f"needs at least one feature, so use at most {sharded} ranks or a wider layer"
+                f"{type(self).__name__}: {self.world_size} ranks cannot share {name}={sharded}: in torch.chunk's "
+                f"layout (DTensor's Shard) the shards are {sizes}, and every rank needs at least one feature; use "
+                f"fewer ranks or a wider layer"
             )
         self.shard_start, self.shard_stop = shard_range(sharded, self.world_size, self.rank)
         weight, bias = init_linear_shard(in_features, out_features, bias, self.shard_dim, self.shard_start,
                                           self.shard_stop, device, dtype)
-        self.weight = nn.Parameter(weight)
-        self.bias = None if bias is None else nn.Parameter(bias)
+        self._set_parameter("weight", weight)
+        self._set_parameter("bias", bias)
+
+    def _set_parameter(self, kind, value, requires_grad=True):
+        """Hold this rank's shard `value` of the weight or bias as the layer's parameter (a DTensor where
+        torch.distributed is initialised), or None."""
+        if value is None:
+            self.register_parameter(kind, None)
+            return
+        shape = (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
+        mesh = mesh_of(self.device_mesh or self.process_group, value.device)
+        setattr(self, kind, parameter(value, mesh, placement(self.shard_dim, kind), shape, requires_grad))
 
     def use_fp8(self, recipe):
         """Run this layer with fp8 (e4m3) input and weight from now on, scaled by `recipe` (a
@@ -105,7 +126,7 @@ class _ParallelLinear(nn.Module):
             if "fp8_scaling" in self._modules:
                 del self.fp8_scaling
         else:
-            self.fp8_scaling = FP8Scaling(recipe, LINEAR_TENSORS, self.weight.device)
+            self.fp8_scaling = FP8Scaling(recipe, LINEAR_TENSORS, self.weight.device, self.process_group)
 
     def _check_full_width(self, x):
         if x.shape[-1] != self.in_features:
@@ -147,16 +168,44 @@ class _ParallelLinear(nn.Module):
             self._assign("bias", self._shard_bias(state_dict["bias"]))
 
     def _assign(self, name, value):
+        """Set this rank's shard of the weight or bias to `value` (its local shape)."""
         param = getattr(self, name)
-        if param.is_meta:  # built on the meta device by from_linear: take the value as it is
-            setattr(self, name, nn.Parameter(value.detach().clone(memory_format=torch.contiguous_format),
-                                             requires_grad=param.requires_grad))
+        if param.is_meta:  # built on the meta device (from_linear, empty_parameters): take the value as it is
+            self._set_parameter(name, value.detach().clone(memory_format=torch.contiguous_format),
+                                param.requires_grad)
         else:
-            param.copy_(value)
+            local(param).copy_(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A DTensor parameter loads a DTensor, or a dense tensor (sliced here). A plain tensor of this rank's
+        # shard shape is refused: state dicts of these layers hold DTensors, and plain shards under one name
+        # are what torch.distributed.checkpoint collapses to one rank's copy.
+        for kind in ("weight", "bias"):
+            param, value = getattr(self, kind), state_dict.get(prefix + kind)
+            if not is_dtensor(param) or value is None or is_dtensor(value):
+                continue
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {prefix}{kind} is a plain tensor of shape "
+                    f"{tuple(value.shape)}, but this layer's {kind} is a DTensor of global shape "
+                    f"{tuple(param.shape)} (rank {self.rank}'s shard {tuple(local(param).shape)}). Load a "
+                    f"state dict saved from this layer (it holds DTensors; torch.distributed.checkpoint "
+                    f"reshards it), or the dense tensor (load_full_state_dict)")
+            piece = value if param.placements[0].is_replicate() else shard(value, self.world_size, self.rank,
+                                                                          param.placements[0].dim)
+            state_dict[prefix + kind] = DTensor.from_local(piece.to(param.device), param.device_mesh,
+                                                           param.placements, run_check=False,
+                                                           shape=param.shape, stride=param.stride())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @torch.no_grad()
     def full_state_dict(self):
         """The dense nn.Linear's state dict, gathered from every rank (call it on every rank)."""
+        if is_dtensor(self.weight):  # any placements: FSDP2's dp x tp ones included
+            return {name: param.full_tensor() for name, param in (("weight", self.weight), ("bias", self.bias))
+                    if param is not None}
         if self.shard_dim == 0:
             weight = gather_from(self.weight.t(), self.out_features, self.process_group).t()
         else:
@@ -181,18 +230,19 @@ class ColumnParallelLinear(_ParallelLinear):
 
     Args:
         in_features, out_features, bias: as nn.Linear; rank r keeps rows
-            `torch.tensor_split(range(out_features), world_size)[r]` of the weight and bias.
+            `shard(range(out_features), world_size, r)` (torch.chunk's layout) of the weight and bias.
         activation: None, "gelu" (exact, erf) or "gelu_tanh", applied per shard in the kernel.
         gather_output: all-gather the shards into [..., out_features] (one collective forward).
         sequence_parallel: the input is this rank's shard of the sequence along `sequence_dim`,
-            `torch.tensor_split(x, world_size, sequence_dim)[rank]` (lengths may differ by one); the
+            `shard(x, world_size, rank, sequence_dim)` (torch.chunk's layout); the
             layer all-gathers it (backward: reduce-scatters its gradient) and outputs the full sequence.
         sequence_dim: the sequence dim of the input: -2 is tokens for [T, H] and the sequence for [B, S, H].
         overlap: False, True or "auto": run the GEMM in chunks of rows, each chunk's collective
             overlapping another chunk's GEMMs: with sequence_parallel, the input's all-gather (each chunk's
             GEMM runs as it arrives); without, the backward all-reduce of the input gradient. "auto" does
             so on CUDA where `tpkernels.perfmodel` predicts a gain.
-        process_group: the tensor-parallel group; None is the default group.
+        process_group: the tensor-parallel group: a ProcessGroup, a 1-D DeviceMesh (`mesh["tp"]`: under
+            FSDP2 pass the mesh), or None, the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
         fp8: None, or a `tpkernels.FP8Recipe`: x and the weight shard in e4m3 (`tpkernels.fp8`).
@@ -224,11 +274,12 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def _shard_forward(self, x):
         if self.fp8 is not None:
-            return fp8_linear(x, self.weight, self.bias, self.fp8_scaling, activation=_ACTIVATION_CODES[self.activation],
-                              backend=self.backend)
-        if self.activation is None:
-            return linear_partial(x, self.weight, self.bias, backend=self.backend)  # owner=True: a plain linear
-        return linear_gelu(x, self.weight, self.bias, approximate=_ACTIVATIONS[self.activation], backend=self.backend)
+            return fp8_linear(x, local(self.weight), local(self.bias), self.fp8_scaling,
+                              activation=_ACTIVATION_CODES[self.activation], backend=self.backend)
+        if self.activation is None:  # owner=True: a plain linear
+            return linear_partial(x, local(self.weight), local(self.bias), backend=self.backend)
+        return linear_gelu(x, local(self.weight), local(self.bias), approximate=_ACTIVATIONS[self.activation],
+                           backend=self.backend)
 
     def forward(self, x):
         self._check_full_width(x)
@@ -263,20 +314,21 @@ class RowParallelLinear(_ParallelLinear):
 
     Args:
         in_features, out_features, bias: as nn.Linear; rank r keeps columns
-            `torch.tensor_split(range(in_features), world_size)[r]` of the weight. The bias is replicated;
+            `shard(range(in_features), world_size, r)` of the weight. The bias is replicated;
             rank 0's kernel epilogue adds it, and its gradient is sum(dY) on every rank.
         input_is_parallel: the input is already this rank's shard [..., in_r] (the output of a
             ColumnParallelLinear); False splits a full-width input [..., in_features] here.
         reduce_dtype: None (the input's dtype) or torch.float32, to all-reduce fp32 partials and
             round once after the sum.
         sequence_parallel: reduce-scatter the partial sums along `sequence_dim` instead of all-reducing
-            them: the output is this rank's `torch.tensor_split(y, world_size, sequence_dim)[rank]`
+            them: the output is this rank's `shard(y, world_size, rank, sequence_dim)`
             (backward: all-gather of its gradient). The bias is still added once.
         sequence_dim: the sequence dim of the input and output (-2 by default).
         overlap: False, True or "auto": run the GEMM in chunks, each chunk's all-reduce (or
             reduce-scatter) overlapping the next chunk's GEMM; "auto" does so on CUDA where
             `tpkernels.perfmodel` predicts a gain.
-        process_group: the tensor-parallel group; None is the default group.
+        process_group: the tensor-parallel group: a ProcessGroup, a 1-D DeviceMesh (`mesh["tp"]`: under
+            FSDP2 pass the mesh), or None, the default group.
         device, dtype: as nn.Linear.
         backend: the kernels' backend, as in `tpkernels.linear_gelu` ("auto" by default).
         fp8: None, or a `tpkernels.FP8Recipe`: the input and weight shards in e4m3, the input's scale per rank.
@@ -321,11 +373,13 @@ class RowParallelLinear(_ParallelLinear):
         if self.fp8 is not None:
             self.fp8_scaling.update(x.device)
 
+        weight, bias = local(self.weight), local(self.bias)
+
         def partial(rows):
             if self.fp8 is not None:
-                return fp8_linear(rows, self.weight, self.bias, self.fp8_scaling, owner=self.rank == 0,
+                return fp8_linear(rows, weight, bias, self.fp8_scaling, owner=self.rank == 0,
                                   out_dtype=self.reduce_dtype, backend=self.backend)
-            return linear_partial(rows, self.weight, self.bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
+            return linear_partial(rows, weight, bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
                                   backend=self.backend)
 
         group = self.process_group
@@ -352,7 +406,7 @@ class TensorParallelMLP(nn.Module):
         bias: both layers get a bias.
         approximate: "none" (exact GELU) or "tanh".
         reduce_dtype: None or torch.float32, see RowParallelLinear.
-        sequence_parallel: input and output are this rank's `torch.tensor_split` shard of the sequence
+        sequence_parallel: input and output are this rank's `shard` of the sequence
             along `sequence_dim`: one all-gather in, one reduce-scatter out (the bytes of one
             all-reduce), and the activations between blocks are 1/W of their size.
         sequence_dim: the sequence dim of input and output (-2 by default).
@@ -386,7 +440,7 @@ class TensorParallelMLP(nn.Module):
                                      process_group=process_group, device=device, dtype=dtype, backend=backend)
         self.fp8 = fp8
         if fp8 is not None:
-            self.fp8_scaling = FP8Scaling(fp8, MLP_TENSORS, device)
+            self.fp8_scaling = FP8Scaling(fp8, MLP_TENSORS, device, self.fc1.process_group)
 
     @classmethod
     def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, sequence_parallel=False,
@@ -417,13 +471,15 @@ class TensorParallelMLP(nn.Module):
         if self.fp8 is not None:
             self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
 
+        w1, b1, w2, b2 = local(fc1.weight), local(fc1.bias), local(fc2.weight), local(fc2.bias)
+
         def shards(rows):
             if self.fp8 is not None:
-                return fp8_mlp_shard(rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.fp8_scaling,
+                return fp8_mlp_shard(rows, w1, b1, w2, b2, self.fp8_scaling,
                                      activation=_ACTIVATION_CODES[fc1.activation], owner=fc2.rank == 0,
                                      out_dtype=fc2.reduce_dtype, backend=self.backend)
-            return mlp_shard(rows, fc1.weight, fc1.bias, fc2.weight, fc2.bias, approximate=self.approximate,
-                             owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype, backend=self.backend)
+            return mlp_shard(rows, w1, b1, w2, b2, approximate=self.approximate, owner=fc2.rank == 0,
+                             out_dtype=fc2.reduce_dtype, backend=self.backend)
 
         if self.sequence_parallel:
             dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)

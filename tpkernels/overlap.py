@@ -59,7 +59,8 @@ def overlapping(overlap, x, tokens, hidden, ffn, world):
 def sequence_chunks(sizes, chunks):
     """Each rank's shard split by `torch.tensor_split` into `chunks` pieces: [[L_{r,c} for r] for c],
     and the chunks' padded widths max_r L_{r,c} (their sum is max_r L_r: chunking adds no bytes)."""
-    per_rank = [shard_sizes(length, chunks) for length in sizes]
+    # tensor_split's sizes: a chunking inside one rank, not a layout, so every chunk gets rows while any remain
+    per_rank = [[length // chunks + (c < length % chunks) for c in range(chunks)] for length in sizes]
     lengths = [[per_rank[r][c] for r in range(len(sizes))] for c in range(chunks)]
     return lengths, [max(column) for column in lengths]
 

@@ -3,7 +3,7 @@
 `parallelize(model)` finds each GELU MLP block (Linear in -> hidden, GELU, Linear hidden -> out, in one
 module or split across two sibling modules) and swaps, in place, its first Linear for a
 ColumnParallelLinear with the GELU fused, the activation for an identity and its second Linear for a
-RowParallelLinear. Per rank, for W ranks and hidden width F (F_r = the r-th `tensor_split` size):
+RowParallelLinear. Per rank, for W ranks and hidden width F (F_r = rank r's `torch.chunk` size):
 
     fc1 [F, K] -> ColumnParallelLinear  weight_shard_n [F_r, K]   h_r = gelu(x @ W1_r.T + b1_r)
     act        -> identity (GELU runs in fc1's epilogue)
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpkernels.distributed import get_world_size
+from tpkernels.distributed import get_world_size, group_of, shard_sizes
 from tpkernels.fp8 import check_recipe
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
 
@@ -198,9 +198,10 @@ def _agree(ok, process_group):
         return ok
     import torch.distributed as dist
 
-    on_gpu = dist.get_backend(process_group) == "nccl"
+    group = group_of(process_group)
+    on_gpu = dist.get_backend(group) == "nccl"
     flag = torch.tensor([1 if ok else 0], device=torch.cuda.current_device() if on_gpu else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=process_group)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
@@ -225,7 +226,9 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
 
     Args:
         model: an nn.Module (a `transformers` model, a timm ViT, your own).
-        process_group: the tensor-parallel group; None is the default group.
+        process_group: the tensor-parallel group: a ProcessGroup, a 1-D DeviceMesh (`mesh["tp"]`, as
+            torchtitan's `apply_tp` takes; then `fully_shard(..., mesh=mesh["dp"])` goes on top), or None,
+            the default group.
         plan: {module path pattern (fnmatch): (fc1, act, fc2)} attribute paths relative to each matched
             module, e.g. {"transformer.h.*.mlp": ("c_fc", "act", "c_proj")}, instead of the search.
         sequence_parallel: must be False: a sequence-parallel block would hand sequence shards to the
@@ -349,8 +352,9 @@ def _check_candidate(fc1, act, fc2, world):
         return f"fc1 has {f1[1]} outputs but fc2 takes {f2[0]} inputs"
     if _gelu_form(act) is None:
         return f"the activation ({type(act).__name__}) is not GELU (exact or tanh) on a probe"
-    if f1[1] < world:
-        return f"hidden width {f1[1]} is smaller than the {world} ranks"
+    if 0 in shard_sizes(f1[1], world):
+        return (f"hidden width {f1[1]} leaves a rank without features in torch.chunk's layout over {world} ranks "
+                f"({shard_sizes(f1[1], world)})")
     if fc1.weight.dtype != fc2.weight.dtype or fc1.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"weights are {fc1.weight.dtype} and {fc2.weight.dtype}; the kernels take float32, float16 or bfloat16"
     return None
