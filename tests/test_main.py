@@ -59,3 +59,26 @@ def test_parallelize_example_loads_a_checkpoint_shard_by_shard(tmp_path):
                "--family", "gpt_neox", "--checkpoint", str(tmp_path / "checkpoint"))
     assert "parallelize: 2 MLP blocks replaced, 0 left alone" in out
     assert "logits over 2 ranks, float32: max error" in out
+
+
+def test_train_2d_example_on_4_ranks_resumes_on_2(tmp_path):
+    """dp 2 x tp 2 (FSDP2 over the tensor-parallel MLPs) trains and writes DCP checkpoints; tp 2 alone
+    resumes from the newest. On CPU ranks without the interpreter, as its docstring runs it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    small = ["--dim", "32", "--hidden", "72", "--layers", "1", "--checkpoint-dir", str(tmp_path),
+             "--checkpoint-every", "3"]
+
+    def train(ranks, *args):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
+                                 "examples/train_2d.py", "--tp", "2", *small, *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{ranks} ranks failed:\n{result.stdout}\n{result.stderr}"
+        return result.stdout
+
+    out = train(4, "--steps", "4")
+    assert "training on 4 ranks: dp 2 x tp 2" in out and "step 4/4 | loss" in out
+    assert sorted(os.listdir(tmp_path)) == ["step-000003", "step-000004"]
+    out = train(2, "--steps", "6", "--resume")
+    assert f"resumed from {tmp_path / 'step-000004'} (step 4) on 2 ranks: dp 1 x tp 2" in out
+    assert "step 5/6" in out and "step 6/6 | loss" in out and "step 4/" not in out
+    assert sorted(os.listdir(tmp_path)) == ["step-000003", "step-000004", "step-000006"]

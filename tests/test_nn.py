@@ -175,13 +175,6 @@ def state_dicts(rank, world):
 def bad_input(rank, world):
     with tpd.count_collectives() as counts:
         if world > 1:
-            with pytest.raises(ValueError, match=rf"{world} ranks cannot share out_features={world - 1}"):
-                ColumnParallelLinear(4, world - 1)
-            with pytest.raises(ValueError, match=rf"{world} ranks cannot share in_features={world - 1}"):
-                RowParallelLinear(world - 1, 4)
-        if world == 4:  # 5 features in torch.chunk's layout: 2, 2, 1 and none for rank 3
-            with pytest.raises(ValueError, match=r"4 ranks cannot share out_features=5: .* shards are \[2, 2, 1, 0\]"):
-                ColumnParallelLinear(4, 5)
             row_layer = RowParallelLinear(HIDDEN, OUT)
             in_r = row_layer.shard_stop - row_layer.shard_start
             with pytest.raises(ValueError, match=rf"input has {HIDDEN} features .* takes {in_r} of in_features={HIDDEN}"):
@@ -200,6 +193,26 @@ def bad_input(rank, world):
     return "ok"
 
 
+def empty_shards(rank, world):
+    """Hidden widths that leave the last ranks without features in torch.chunk's layout (5 on 4 ranks: 2, 2,
+    1, 0; 1 on any number): those ranks hold empty DTensor pieces, add nothing to the sum, and the MLP
+    still equals the dense one, output, input gradient and every parameter's gradient and step."""
+    for hidden in (5, 1):
+        torch.manual_seed(15)
+        dense = reference.MLP(IN, hidden, OUT)
+        torch.manual_seed(15)
+        tp = TensorParallelMLP(IN, hidden, OUT)
+        rows = slice(tp.fc1.shard_start, tp.fc1.shard_stop)
+        assert tuple(local(tp.fc1.weight).shape) == (len(range(hidden)[rows]), IN)
+        x, grad = same_everywhere(*LEAD, IN, seed=16), same_everywhere(*LEAD, OUT, seed=17)
+        dense64, _, _ = _forward_backward(f"mlp hidden {hidden}", tp, dense, x, grad)
+        compare_params("mlp", tp, dense, dense64, {"fc1.weight": rows, "fc1.bias": rows,
+                                                    "fc2.weight": (slice(None), rows), "fc2.bias": slice(None)})
+        column = ColumnParallelLinear(IN, hidden, activation="gelu", gather_output=True)
+        torch.testing.assert_close(column(x), F.gelu(F.linear(x, *column.full_state_dict().values())))
+    return "ok"
+
+
 def compiled_mlp(rank, world):
     torch.manual_seed(12)
     tp = TensorParallelMLP(IN, HIDDEN, OUT, approximate="tanh")
@@ -210,7 +223,7 @@ def compiled_mlp(rank, world):
 
 # The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
 # scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
-SCENARIOS = [column, row, mlp, bias_added_once, state_dicts, bad_input]
+SCENARIOS = [column, row, mlp, bias_added_once, state_dicts, bad_input, empty_shards]
 
 
 @functools.cache

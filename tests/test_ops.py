@@ -694,3 +694,19 @@ def test_cublaslt_backend_matches_eager(dtype):
         return reference.linear_partial(reference.linear_gelu(x, w, b, approximate="tanh"), w2, b2)
 
     check_forward_backward(fused_mlp, eager_mlp, (x, w, b, w2, b2), ("x", "w1", "b1", "w2", "b2"))
+
+
+@pytest.mark.parametrize("backend", ["eager", "auto"])
+def test_a_non_owner_still_gives_bias_and_residual_their_gradient(backend):
+    """owner=False adds neither bias nor residual, yet their gradients are sum(dY) and dY on every rank
+    (replicated parameters stay identical), on the eager path too (it gave None for the bias)."""
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    b = torch.randn(5, requires_grad=True)
+    r = torch.randn(3, 5, requires_grad=True)
+    grad = torch.randn(3, 5)
+    out = tpkernels.linear_partial(x, w, b, residual=r, owner=False, backend=backend)
+    torch.testing.assert_close(out, x @ w.t())
+    db, dr = torch.autograd.grad(out, (b, r), grad)
+    torch.testing.assert_close(db, grad.sum(0))
+    torch.testing.assert_close(dr, grad)

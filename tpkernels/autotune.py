@@ -116,7 +116,8 @@ def sync_autotuning(process_group=None):
     triton's cache (`TPKERNELS_AUTOTUNE_CACHE=0` turns that off).
 
     Args:
-        process_group: the tensor-parallel group; None is the default group.
+        process_group: the tensor-parallel group (a ProcessGroup or a 1-D DeviceMesh); None is the default
+            group.
 
     Returns:
         The number of (kernel, shape) entries taken from rank 0.
@@ -125,6 +126,10 @@ def sync_autotuning(process_group=None):
 
     if not dist.is_available() or not dist.is_initialized():
         return 0
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(process_group, DeviceMesh):  # a 1-D mesh (mesh["tp"]) stands for its group
+        process_group = process_group.get_group()
     group = dist.group.WORLD if process_group is None else process_group
     if dist.get_world_size(group) == 1:
         return 0

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from tpkernels.distributed import group_of
 
-__all__ = ["DTensor", "is_dtensor", "local", "mesh_of", "parameter", "placement"]
+__all__ = ["DTensor", "is_dtensor", "local", "locals_of", "mesh_of", "parameter", "placement"]
 
 _meshes = {}  # (group, device type) -> the DeviceMesh made for it, so that every layer shares one
 
@@ -81,16 +81,29 @@ def local(t):
     An in-place op on a DTensor (an optimizer step, `copy_`) moves the DTensor's version counter but not
     its local tensor's, which every cache keyed by version reads (fp8's quantized weights, the CPU's
     packed weights): the local tensor's counter is moved here to catch up first."""
-    if not isinstance(t, DTensor):
+    if type(t) is not DTensor and not isinstance(t, DTensor):  # the exact type first: isinstance costs more
         return t
-    if torch.compiler.is_compiling():
+    return _local(t, torch.compiler.is_compiling(), torch.is_grad_enabled())
+
+
+def locals_of(*tensors):
+    """`local` of each tensor (None passes through), the mode read once for all: a layer's hot path."""
+    compiling, grad = torch.compiler.is_compiling(), torch.is_grad_enabled()
+    out = []
+    for t in tensors:
+        out.append(_local(t, compiling, grad) if type(t) is DTensor or isinstance(t, DTensor) else t)
+    return out
+
+
+def _local(t, compiling, grad):
+    if compiling:
         return t.to_local()
     inner = t._local_tensor
     version = t._version
-    if t.__dict__.get("_tpkernels_version", 0) != version:
+    if getattr(t, "_tpkernels_version", 0) != version:
         if not inner.is_inference():
             increment_version(inner)
         t._tpkernels_version = version
-    if torch.is_grad_enabled() and t.requires_grad:
+    if grad and t.requires_grad:
         return t.to_local()
     return inner

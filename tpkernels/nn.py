@@ -35,7 +35,7 @@ from tpkernels import overlap as chunked  # the chunked (overlapped) schedules; 
 from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_rank, get_world_size, group_of,
                                    reduce_from, reduce_scatter_sequence, scatter_to, sequence_sizes, shard,
                                    shard_range, shard_sizes)
-from tpkernels.dtensor import DeviceMesh, DTensor, is_dtensor, local, mesh_of, parameter, placement
+from tpkernels.dtensor import DeviceMesh, DTensor, is_dtensor, local, locals_of, mesh_of, parameter, placement
 from tpkernels.fp8 import LINEAR_TENSORS, MLP_TENSORS, FP8Scaling, check_recipe, fp8_linear, fp8_mlp_shard
 from tpkernels.initialization import init_linear_shard
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
@@ -93,14 +93,9 @@ class _ParallelLinear(nn.Module):
         self.world_size = get_world_size(process_group)
         self.rank = get_rank(process_group)
         sharded = out_features if self.shard_dim == 0 else in_features
-        sizes = shard_sizes(sharded, self.world_size)
-        if 0 in sizes:
-            name = "out_features" if self.shard_dim == 0 else "in_features"
-            raise ValueError(
-                f"{type(self).__name__}: {self.world_size} ranks cannot share {name}={sharded}: in torch.chunk's "
-                f"layout (DTensor's Shard) the shards are {sizes}, and every rank needs at least one feature; use "
-                f"fewer ranks or a wider layer"
-            )
+        # torch.chunk's layout leaves the last ranks empty when F < W * ceil(F / W) - ceil(F / W) (F = 9 on
+        # 4 ranks: 3, 3, 3, 0). An empty shard is a valid DTensor piece; its rank runs the eager ops, which
+        # take empty operands as they are (`_kernel_backend`), and contributes nothing to the sum.
         self.shard_start, self.shard_stop = shard_range(sharded, self.world_size, self.rank)
         weight, bias = init_linear_shard(in_features, out_features, bias, self.shard_dim, self.shard_start,
                                           self.shard_stop, device, dtype)
@@ -116,6 +111,12 @@ class _ParallelLinear(nn.Module):
         shape = (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
         mesh = mesh_of(self.device_mesh or self.process_group, value.device)
         setattr(self, kind, parameter(value, mesh, placement(self.shard_dim, kind), shape, requires_grad))
+
+    @property
+    def _kernel_backend(self):
+        """The backend of this rank's calls: eager for an empty shard (the kernels are not launched on
+        empty operands), else the layer's."""
+        return self.backend if self.shard_stop > self.shard_start else "eager"
 
     def use_fp8(self, recipe):
         """Run this layer with fp8 (e4m3) input and weight from now on, scaled by `recipe` (a
@@ -259,6 +260,7 @@ class ColumnParallelLinear(_ParallelLinear):
         _check_parallel_options("ColumnParallelLinear", sequence_parallel, sequence_dim, overlap)
         super().__init__(in_features, out_features, bias, process_group, device, dtype)
         self.activation = activation
+        self._approximate = _ACTIVATIONS[activation]
         self.gather_output = gather_output
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
         self.backend = backend
@@ -273,33 +275,42 @@ class ColumnParallelLinear(_ParallelLinear):
                                 process_group=process_group, backend=backend, fp8=fp8)
 
     def _shard_forward(self, x):
+        params = self._parameters  # as in TensorParallelMLP.forward: no attribute search per call
+        weight, bias = locals_of(params["weight"], params["bias"])
         if self.fp8 is not None:
-            return fp8_linear(x, local(self.weight), local(self.bias), self.fp8_scaling,
-                              activation=_ACTIVATION_CODES[self.activation], backend=self.backend)
+            return fp8_linear(x, weight, bias, self.fp8_scaling, activation=_ACTIVATION_CODES[self.activation],
+                              backend=self._kernel_backend)
         if self.activation is None:  # owner=True: a plain linear
-            return linear_partial(x, local(self.weight), local(self.bias), backend=self.backend)
-        return linear_gelu(x, local(self.weight), local(self.bias), approximate=_ACTIVATIONS[self.activation],
-                           backend=self.backend)
+            return linear_partial(x, weight, bias, backend=self._kernel_backend)
+        return linear_gelu(x, weight, bias, approximate=_ACTIVATIONS[self.activation], backend=self._kernel_backend)
 
     def forward(self, x):
-        self._check_full_width(x)
+        if x.shape[-1] != self.in_features:
+            self._check_full_width(x)
+        if self.fp8 is None and self.activation is not None and not (self.sequence_parallel or self.gather_output
+                                                                     or self.overlap is not False):
+            # the common path, as TensorParallelMLP's: nothing per call beyond the op and the collective
+            params = self._parameters
+            weight, bias = locals_of(params["weight"], params["bias"])
+            return linear_gelu(copy_to(x, self.process_group) if self.world_size > 1 else x, weight, bias,
+                               approximate=self._approximate, backend=self._kernel_backend)
         if self.fp8 is not None:
             self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
         if self.sequence_parallel:
             dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
-            tokens = sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1)
+            tokens = sum(sizes) * x.shape[:-1].numel() // max(x.shape[dim], 1)
             if chunked.overlapping(self.overlap, x, tokens, self.in_features, self.out_features, self.world_size):
                 h = chunked.column_sequence(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
             else:
                 h = self._shard_forward(gather_sequence(x, sizes, dim, self.process_group))
-        elif chunked.overlapping(self.overlap, x, x[..., 0].numel(), self.in_features, self.out_features,
-                                 self.world_size):
+        elif self.overlap is not False and chunked.overlapping(self.overlap, x, x.shape[:-1].numel(),
+                                                               self.in_features, self.out_features, self.world_size):
             # The forward needs no collective; the backward all-reduces each chunk's input gradient
             # while the other chunks' backward GEMMs run.
             h = chunked.rows(x, self.process_group, self._shard_forward, copy_in=True, reduce_out=False)
-        else:
-            h = self._shard_forward(copy_to(x, self.process_group))
+        else:  # the group's size read once, at construction: a decode step pays no lookup per layer
+            h = self._shard_forward(copy_to(x, self.process_group) if self.world_size > 1 else x)
         if self.gather_output:
             h = gather_from(h, self.out_features, self.process_group)
         return h
@@ -373,23 +384,23 @@ class RowParallelLinear(_ParallelLinear):
         if self.fp8 is not None:
             self.fp8_scaling.update(x.device)
 
-        weight, bias = local(self.weight), local(self.bias)
+        weight, bias = locals_of(self._parameters["weight"], self._parameters["bias"])
 
         def partial(rows):
             if self.fp8 is not None:
                 return fp8_linear(rows, weight, bias, self.fp8_scaling, owner=self.rank == 0,
-                                  out_dtype=self.reduce_dtype, backend=self.backend)
+                                  out_dtype=self.reduce_dtype, backend=self._kernel_backend)
             return linear_partial(rows, weight, bias, owner=self.rank == 0, out_dtype=self.reduce_dtype,
-                                  backend=self.backend)
+                                  backend=self._kernel_backend)
 
         group = self.process_group
-        if chunked.overlapping(self.overlap, x, x[..., 0].numel(), self.out_features, self.in_features, self.world_size):
+        if chunked.overlapping(self.overlap, x, x.shape[:-1].numel(), self.out_features, self.in_features, self.world_size):
             if self.sequence_parallel:
                 return chunked.row_sequence(x, dim, group, self.world_size, self.rank, partial).to(x.dtype)
             return chunked.rows(x, group, partial).to(x.dtype)
         if self.sequence_parallel:
             return reduce_scatter_sequence(partial(x), dim, group).to(x.dtype)
-        return reduce_from(partial(x), group).to(x.dtype)
+        return (reduce_from(partial(x), group) if self.world_size > 1 else partial(x)).to(x.dtype)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, input_is_parallel={self.input_is_parallel}" + _parallel_repr(self)
@@ -442,6 +453,10 @@ class TensorParallelMLP(nn.Module):
         if fp8 is not None:
             self.fp8_scaling = FP8Scaling(fp8, MLP_TENSORS, device, self.fc1.process_group)
 
+    @property
+    def _kernel_backend(self):
+        return self.backend if self.fc1.shard_stop > self.fc1.shard_start else "eager"  # as the layers'
+
     @classmethod
     def from_dense(cls, fc1, fc2, *, approximate="none", reduce_dtype=None, sequence_parallel=False,
                    sequence_dim=-2, overlap=False, process_group=None, backend="auto", fp8=None):
@@ -465,31 +480,41 @@ class TensorParallelMLP(nn.Module):
     def forward(self, x):
         # One op for both shards, so that the backward fuses across them: dZ = (dY @ W2_r) * gelu'(z_r)
         # in one GEMM's epilogue. The collectives are the layers' own: copy_to in, reduce_from out.
-        fc1, fc2 = self.fc1, self.fc2
-        fc1._check_full_width(x)
+        fc1, fc2 = self._modules["fc1"], self._modules["fc2"]  # no attribute search: see below
+        if x.shape[-1] != fc1.in_features:
+            fc1._check_full_width(x)
         group, world = fc1.process_group, fc1.world_size
+        # the parameters read from the tables nn.Module's attribute lookup would search (FSDP2 swaps its
+        # unsharded parameters in there too): a decode step reads them on every layer
+        first, second = fc1._parameters, fc2._parameters
+        w1, b1, w2, b2 = locals_of(first["weight"], first["bias"], second["weight"], second["bias"])
+        if self.fp8 is None and not self.sequence_parallel and self.overlap is False:
+            # The common path (decode's every layer), with nothing per call beyond the op and the
+            # collectives: host time is a decode step's budget.
+            partial = mlp_shard(copy_to(x, group) if world > 1 else x, w1, b1, w2, b2, approximate=self.approximate,
+                                owner=fc2.rank == 0, out_dtype=fc2.reduce_dtype, backend=self._kernel_backend)
+            out = reduce_from(partial, group) if world > 1 else partial
+            return out if out.dtype == x.dtype else out.to(x.dtype)
         if self.fp8 is not None:
             self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
-
-        w1, b1, w2, b2 = local(fc1.weight), local(fc1.bias), local(fc2.weight), local(fc2.bias)
 
         def shards(rows):
             if self.fp8 is not None:
                 return fp8_mlp_shard(rows, w1, b1, w2, b2, self.fp8_scaling,
                                      activation=_ACTIVATION_CODES[fc1.activation], owner=fc2.rank == 0,
-                                     out_dtype=fc2.reduce_dtype, backend=self.backend)
+                                     out_dtype=fc2.reduce_dtype, backend=self._kernel_backend)
             return mlp_shard(rows, w1, b1, w2, b2, approximate=self.approximate, owner=fc2.rank == 0,
-                             out_dtype=fc2.reduce_dtype, backend=self.backend)
+                             out_dtype=fc2.reduce_dtype, backend=self._kernel_backend)
 
         if self.sequence_parallel:
             dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, group, "TensorParallelMLP")
-            tokens = sum(sizes) * x[..., 0].numel() // max(x.shape[dim], 1)
+            tokens = sum(sizes) * x.shape[:-1].numel() // max(x.shape[dim], 1)
             if chunked.overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
                 return chunked.mlp_sequence(x, sizes, dim, group, fc1.rank, shards).to(x.dtype)
             partial = shards(gather_sequence(x, sizes, dim, group))
             return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
-        if chunked.overlapping(self.overlap, x, x[..., 0].numel(), fc1.in_features, fc1.out_features, world):
+        if chunked.overlapping(self.overlap, x, x.shape[:-1].numel(), fc1.in_features, fc1.out_features, world):
             return chunked.rows(x, group, shards, copy_in=True).to(x.dtype)
         return reduce_from(shards(copy_to(x, group)), group).to(x.dtype)
 

@@ -70,8 +70,25 @@ def _gather_chunks(x, sizes, dim, group, rank):
     un-waited: [(chunk index, [W * width, ...])], with the chunks' lengths and widths."""
     lengths, widths = sequence_chunks(sizes, OVERLAP_CHUNKS)
     own = torch.split(x.movedim(dim, 0), [lengths[c][rank] for c in range(OVERLAP_CHUNKS)])
-    gathered = [(c, gather_sequence_chunk(own[c], widths[c], group)) for c in range(OVERLAP_CHUNKS) if widths[c]]
+    # Every chunk a slice of one padded tensor, at its own offset (see _own_rows)
+    padded = torch.cat([pad_dim0(own[c], widths[c]) for c in range(OVERLAP_CHUNKS)])
+    starts = [sum(widths[:c]) for c in range(OVERLAP_CHUNKS)]
+    gathered = [(c, gather_sequence_chunk(padded[starts[c]:starts[c] + widths[c]], widths[c], group))
+                for c in range(OVERLAP_CHUNKS) if widths[c]]
     return gathered, lengths, widths
+
+
+def _own_rows(reduced, lengths, rank):
+    """This rank's rows of each reduced chunk [(c, [width_c, ...])], concatenated.
+
+    The chunks are joined first and then sliced, so that every collective's input, forward and backward,
+    is a slice of one tensor at its own offset. A rank whose shard is short keeps no rows of several
+    chunks; sliced one by one, their gradients would be identical zero tensors, and under torch.compile
+    identical all-gathers of them are one (AOT autograd merges common subexpressions): that rank would
+    issue fewer collectives than the others, and every rank would wait forever."""
+    joined = torch.cat([part for _, part in reduced])
+    starts = [sum(part.shape[0] for _, part in reduced[:i]) for i in range(len(reduced))]
+    return torch.cat([joined[start:start + lengths[c][rank]] for (c, _), start in zip(reduced, starts)])
 
 
 def column_sequence(x, sizes, dim, group, rank, fn):
@@ -95,7 +112,7 @@ def row_sequence(x, dim, group, world, rank, fn):
         if width:
             chunk = torch.cat([pad_dim0(pieces[r][c], width) for r in range(world)])
             reduced.append((c, reduce_scatter_sequence_chunk(fn(chunk), group)))
-    return torch.cat([part[:lengths[c][rank]] for c, part in reduced]).movedim(0, dim)
+    return _own_rows(reduced, lengths, rank).movedim(0, dim)
 
 
 def rows(x, group, fn, copy_in=False, reduce_out=True):
@@ -121,4 +138,4 @@ def mlp_sequence(x, sizes, dim, group, rank, fn):
     layout its reduce-scatter takes, so nothing is reordered."""
     gathered, lengths, _ = _gather_chunks(x, sizes, dim, group, rank)
     reduced = [(c, reduce_scatter_sequence_chunk(fn(g), group)) for c, g in gathered]
-    return torch.cat([part[:lengths[c][rank]] for c, part in reduced]).movedim(0, dim)
+    return _own_rows(reduced, lengths, rank).movedim(0, dim)

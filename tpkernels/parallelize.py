@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpkernels.distributed import get_world_size, group_of, shard_sizes
+from tpkernels.distributed import get_world_size, group_of
 from tpkernels.fp8 import check_recipe
 from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
 
@@ -261,7 +261,7 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
         except AttributeError as error:
             report.left_alone.append(dict(entry, reason=f"no such attribute: {error}"))
             continue
-        reason = _check_candidate(fc1, act, fc2, world)
+        reason = _check_candidate(fc1, act, fc2)
         if reason:
             report.left_alone.append(dict(entry, reason=reason))
             continue
@@ -344,7 +344,7 @@ def _prove(block, paths, form, reduce_dtype, options, probe_tokens, seed):
     return verdict, originals
 
 
-def _check_candidate(fc1, act, fc2, world):
+def _check_candidate(fc1, act, fc2):
     f1, f2 = _features(fc1), _features(fc2)
     if f1 is None or f2 is None:
         return "fc1 and fc2 must be nn.Linear or Conv1D"
@@ -352,9 +352,6 @@ def _check_candidate(fc1, act, fc2, world):
         return f"fc1 has {f1[1]} outputs but fc2 takes {f2[0]} inputs"
     if _gelu_form(act) is None:
         return f"the activation ({type(act).__name__}) is not GELU (exact or tanh) on a probe"
-    if 0 in shard_sizes(f1[1], world):
-        return (f"hidden width {f1[1]} leaves a rank without features in torch.chunk's layout over {world} ranks "
-                f"({shard_sizes(f1[1], world)})")
     if fc1.weight.dtype != fc2.weight.dtype or fc1.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"weights are {fc1.weight.dtype} and {fc2.weight.dtype}; the kernels take float32, float16 or bfloat16"
     return None

@@ -27,6 +27,23 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
     return out
 
 
+class _UnownedTerms(torch.autograd.Function):
+    """out as it is, with the gradients the bias and residual would get had they been added (sum(dY),
+    dY): a rank that does not own them still gives its replicas the gradient every other rank's do."""
+
+    @staticmethod
+    def forward(ctx, out, bias, residual):
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        db = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        dr = None if ctx.residual_dtype is None else grad.to(ctx.residual_dtype)
+        return grad, db, dr
+
+
 def fused_linear(x, weight, bias, residual, act, owner, out_dtype, store_preact):
     """Eager `act(x @ weight.T + bias) + residual`, bias and residual only where `owner`.
 
@@ -40,6 +57,9 @@ def fused_linear(x, weight, bias, residual, act, owner, out_dtype, store_preact)
     out = activation(preact, act)
     if owner and residual is not None:
         out = out + residual
+    if not owner and act == 0 and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (bias, residual)):
+        out = _UnownedTerms.apply(out, bias, residual)  # a partial sum: only linear terms go unowned
     out = out.to(out_dtype)
     return out, (preact if store_preact else preact.new_empty(0))
 
