@@ -76,10 +76,11 @@ setup(
     package_data={"tpkernels": ["backend_table.json", "backend_table_cpu.json", "kernel_table.json"]},
     python_requires=">=3.10",
     # numpy: triton's interpreter (TRITON_INTERPRET=1, the CPU path) imports it, and so does the kernels'
-    # module, which checks whether it was decorated under the interpreter.
-    install_requires=["torch>=2.6", "triton>=3.6", "numpy"],
-    # transformers and safetensors: the tests of parallelize and load_sharded on real model code
-    extras_require={"test": ["pytest", "transformers", "safetensors"], "bench": ["matplotlib", "tqdm"]},
+    # module, which checks whether it was decorated under the interpreter. safetensors: save_sharded and
+    # load_sharded read and write its files (an ImportError at a user's first checkpoint without it).
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "safetensors"],
+    # transformers: the tests of parallelize and load_sharded on real model code
+    extras_require={"test": ["pytest", "transformers"], "bench": ["matplotlib", "tqdm"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

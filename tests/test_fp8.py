@@ -257,7 +257,9 @@ def test_layers_fp8_against_unfused_path(one_rank, device, backward):
 
 
 def test_weights_quantized_once_per_version(one_rank):
-    mlp = tpkernels.TensorParallelMLP(16, 32, fp8=tpkernels.FP8Recipe())
+    """With cache_weights (inference on fixed weights), a weight is quantized once per version: an
+    in-place op on the DTensor parameter (an optimizer step) moves it."""
+    mlp = tpkernels.TensorParallelMLP(16, 32, fp8=tpkernels.FP8Recipe(cache_weights=True))
     x = randn(4, 16)
     mlp(x)
     cached = {name: entry[1] for name, entry in mlp.fp8_scaling._weights.items()}
@@ -268,6 +270,48 @@ def test_weights_quantized_once_per_version(one_rank):
     mlp(x)
     assert mlp.fp8_scaling._weights["w1"][1] is not cached["w1"]
     assert mlp.fp8_scaling._weights["w2"][1] is cached["w2"]
+
+
+def _dense_out(mlp, x):
+    w1, b1, w2, b2 = (local(p).detach() for p in (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias))
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def _relative_error(got, expected):
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def test_writes_through_data_reach_the_fp8_weights(one_rank):
+    """The default recipe quantizes the weights at each step's first forward, so a write through .data
+    (which moves no version counter: EMA updates, loading code) is used at the next step; it gave the old
+    weights' output before (relative error 4.2). With cache_weights the copy is kept, as documented."""
+    torch.manual_seed(2)
+    for cache, stale in ((False, False), (True, True)):
+        mlp = tpkernels.TensorParallelMLP(32, 64, fp8=tpkernels.FP8Recipe(cache_weights=cache))
+        x = randn(6, 32)
+        for _ in range(2):  # the scales settle
+            mlp(x)
+        with torch.no_grad():
+            for p in mlp.parameters():
+                p.data.mul_(-0.5)
+        error = _relative_error(mlp(x), _dense_out(mlp, x))
+        assert (error > 1.0) if stale else (error < 0.1), (cache, error)
+
+
+def test_tiny_and_huge_activations_keep_the_scales_finite(one_rank):
+    """A subnormal amax (activations of 1e-39) made 448 / amax overflow to an inf scale, which the next
+    steps ran on; the scale is capped at float32's largest. A zero input keeps the previous scale, and
+    huge inputs saturate. Every output stays finite and, once normal inputs return, right."""
+    torch.manual_seed(3)
+    mlp = tpkernels.TensorParallelMLP(32, 64, fp8=tpkernels.FP8Recipe(amax_history_len=1))
+    x = randn(6, 32)
+    for scale in (1e-39, 0.0, 1e-39, 1e30):
+        out = mlp(x * scale)
+        assert torch.isfinite(mlp.fp8_scaling.scale).all(), (scale, mlp.fp8_scaling.scale)
+        assert torch.isfinite(out).all() or scale == 1e30, scale
+    for _ in range(3):  # delayed scaling: x's scale is right at the second step, h's (from x's) at the third
+        out = mlp(x)
+    assert torch.isfinite(mlp.fp8_scaling.scale).all() and _relative_error(out, _dense_out(mlp, x)) < 0.1
 
 
 def test_state_dict_carries_the_amax_history(one_rank):

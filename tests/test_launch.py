@@ -30,11 +30,11 @@ def test_a_key_launches_in_full_once_then_bound(device, monkeypatch):
     output; its launch is recorded as the first one was."""
     calls = _first_launches(monkeypatch)
     x, w, b = linear_inputs((5,), 40, 24, torch.float32, device)
+    if not launch.runs_triton(x):  # said, not passed: a return here asserted nothing
+        pytest.skip("this call does not run the Triton kernels here (no GPU and no TRITON_INTERPRET=1)")
     with launch.record_launches() as launches:
         first = tpkernels.linear_gelu(x, w, b)
         again = tpkernels.linear_gelu(x, w, b)
-    if not launch.runs_triton(x):
-        return
     assert len(calls) == 1 and len(bound.BOUND) == 1
     assert launches[0] == launches[1] and launches[0].startswith("pointer")
     assert torch.equal(first, again) and first.data_ptr() != again.data_ptr()

@@ -68,12 +68,19 @@ class FP8Recipe:
         amax_compute_algo: "max" (the history's largest) or "most_recent" (the last step's).
         backward: "fp8" (the GEMMs of the backward in fp8, gradients in e5m2) or "master" (the backward
             in the master weights' dtype).
+        cache_weights: keep each weight's e4m3 copy across steps, made again only when the weight's
+            version counter moves (optimizer steps, copy_, load_state_dict). Off (the default), each step
+            quantizes the weights once, at its first forward, and the backward reuses that copy: a write
+            through `.data` (EMA updates, loading code) moves no version counter, and a cache would
+            then keep the old weights silently. Turn it on for inference on fixed weights (decode then
+            reads only the e4m3 copy).
     """
 
     margin: int = 0
     amax_history_len: int = 16
     amax_compute_algo: str = "max"
     backward: str = "fp8"
+    cache_weights: bool = False
 
     def __post_init__(self):
         if not isinstance(self.margin, int) or isinstance(self.margin, bool) or self.margin < 0:
@@ -85,6 +92,8 @@ class FP8Recipe:
             raise ValueError(f"FP8Recipe: amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}")
         if self.backward not in _BACKWARDS:
             raise ValueError(f"FP8Recipe: backward must be 'fp8' or 'master', got {self.backward!r}")
+        if not isinstance(self.cache_weights, bool):
+            raise TypeError(f"FP8Recipe: cache_weights must be True or False, got {self.cache_weights!r}")
 
 
 def check_recipe(name, fp8, backend):
@@ -157,7 +166,10 @@ class FP8Scaling(nn.Module):
         self.fmax = self.fmax.to(device)
 
     def update(self, device):
-        """Start a step: scales from the amax history, then the history moved down a row (one launch)."""
+        """Start a step: scales from the amax history, then the history moved down a row (one launch);
+        without `recipe.cache_weights`, the weights are quantized again at this step's first use."""
+        if not self.recipe.cache_weights:
+            self._weights.clear()
         if self.amax_history.device != device:
             self._reset(device)
         recipe = self.recipe
@@ -173,6 +185,7 @@ class FP8Scaling(nn.Module):
         amax = history[0] if recipe.amax_compute_algo == "most_recent" else history.amax(0)
         usable = (amax > 0) & torch.isfinite(amax)
         scale = torch.where(usable, self.fmax / torch.where(usable, amax, 1.0) / 2.0 ** recipe.margin, self.scale)
+        scale = scale.clamp(max=torch.finfo(torch.float32).max)  # as the kernel: a subnormal amax overflows
         self.scale.copy_(scale)
         self.scale_inv.copy_(1.0 / scale)
         history.copy_(torch.roll(history, 1, 0))
@@ -184,8 +197,9 @@ class FP8Scaling(nn.Module):
         return self.scale[i:i + 1], self.scale_inv[i:i + 1], self.amax_history[0, i:i + 1]
 
     def weight(self, name, weight, backend):
-        """(w_q, scale_inv): the weight quantized with current scaling (448 / max |w|), made again only when
-        the weight changed (its version: an optimizer step or a copy_ bumps it) or moved."""
+        """(w_q, scale_inv): the weight quantized with current scaling (448 / max |w|), made again when the
+        weight changed (its version: an optimizer step or a copy_ bumps it) or moved, and at every step's
+        first use unless `recipe.cache_weights` (`update` empties the cache)."""
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, weight.device, backend)
         cached = self._weights.get(name)
         if cached is not None and cached[0] == key:
@@ -193,6 +207,7 @@ class FP8Scaling(nn.Module):
         with torch.no_grad():
             amax = weight.abs().amax().float() if weight.numel() else torch.zeros((), device=weight.device)
             scale = torch.where(amax > 0, FP8_MAX[E4M3] / torch.where(amax > 0, amax, 1.0), 1.0).reshape(1)
+            scale = scale.clamp(max=torch.finfo(torch.float32).max)  # a subnormal amax overflows to inf
             w_q = quantize(weight, scale, backend=backend)
         self._weights[name] = (key, w_q, 1.0 / scale)
         return w_q, self._weights[name][2]

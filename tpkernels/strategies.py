@@ -11,7 +11,7 @@ nonlinearity. Column, GELU, row, then one all-reduce: the one-collective path. T
     (c) column (GELU fused) -> row -> all-reduce      (TensorParallelMLP)
     (d) all-gather -> column (GELU fused) -> row -> reduce-scatter
                                                       (TensorParallelMLP(sequence_parallel=True): x and
-                                                       y are each rank's tensor_split of the tokens)
+                                                       y are each rank's shard of the tokens)
 
 `rank_main` is what each spawned rank runs; `python -m tpkernels` spawns them.
 """
@@ -61,15 +61,15 @@ def notebook(rank, world, device):
     baseline = F.gelu(X @ W)
     _print0(rank, "Column-wise: W split by output features, GELU on each rank's shard, then all-gather")
     _show(rank, "baseline gelu(X @ W)", baseline)
-    w_shard_n = torch.tensor_split(W.t(), world, dim=0)[rank]  # nn.Linear layout: rows are W's columns
+    w_shard_n = tpd.shard(W.t(), world, rank, 0)  # nn.Linear layout: rows are W's columns
     column = tpd.gather_from(tpkernels.linear_gelu(X, w_shard_n), 4)
     _show(rank, "all-gather(gelu(X @ W_r))", column)
     column_ok = torch.allclose(column, baseline, rtol=1e-5, atol=1e-5)
     _print0(rank, f"  column-wise {'match' if column_ok else 'MISMATCH'}\n")
 
     _print0(rank, "Row-wise: X and W split along the inner dim, partial sums all-reduced")
-    x_shard_k = torch.tensor_split(X, world, dim=1)[rank]
-    w_shard_k = torch.tensor_split(W.t(), world, dim=1)[rank]
+    x_shard_k = tpd.shard(X, world, rank, 1)
+    w_shard_k = tpd.shard(W.t(), world, rank, 1)
     partial = tpkernels.linear_partial(x_shard_k, w_shard_k)
     gelu_then_sum = tpd.reduce_from(F.gelu(partial))
     sum_then_gelu = F.gelu(tpd.reduce_from(partial))
@@ -105,20 +105,20 @@ def _strategy_a(x, w1, b1, w2, b2, world, rank):
     """column -> all-gather -> GELU -> column -> all-gather."""
 
     hidden, out = w1.shape[0], w2.shape[0]
-    h_shard = tpkernels.linear_partial(x, torch.tensor_split(w1, world)[rank], torch.tensor_split(b1, world)[rank])
+    h_shard = tpkernels.linear_partial(x, tpd.shard(w1, world, rank), tpd.shard(b1, world, rank))
     g = F.gelu(tpd.gather_from(h_shard, hidden))
-    y_shard = tpkernels.linear_partial(g, torch.tensor_split(w2, world)[rank], torch.tensor_split(b2, world)[rank])
+    y_shard = tpkernels.linear_partial(g, tpd.shard(w2, world, rank), tpd.shard(b2, world, rank))
     return tpd.gather_from(y_shard, out)
 
 
 def _strategy_b(x, w1, b1, w2, b2, world, rank):
     """row -> all-reduce -> GELU -> row -> all-reduce."""
 
-    x_shard = torch.tensor_split(x, world, dim=-1)[rank]
-    h = tpd.reduce_from(tpkernels.linear_partial(x_shard, torch.tensor_split(w1, world, dim=1)[rank], b1,
+    x_shard = tpd.shard(x, world, rank, -1)
+    h = tpd.reduce_from(tpkernels.linear_partial(x_shard, tpd.shard(w1, world, rank, 1), b1,
                                                  owner=rank == 0))
-    g_shard = torch.tensor_split(F.gelu(h), world, dim=-1)[rank]
-    return tpd.reduce_from(tpkernels.linear_partial(g_shard, torch.tensor_split(w2, world, dim=1)[rank], b2,
+    g_shard = tpd.shard(F.gelu(h), world, rank, -1)
+    return tpd.reduce_from(tpkernels.linear_partial(g_shard, tpd.shard(w2, world, rank, 1), b2,
                                                     owner=rank == 0))
 
 
@@ -136,7 +136,7 @@ def strategies(rank, world, device, args):
     w1, b1, w2, b2 = (p.detach() for p in (dense.fc1.weight, dense.fc1.bias, dense.fc2.weight, dense.fc2.bias))
     mlp = tpkernels.TensorParallelMLP.from_dense(dense.fc1, dense.fc2)
     sequence_mlp = tpkernels.TensorParallelMLP.from_dense(dense.fc1, dense.fc2, sequence_parallel=True)
-    x_tokens = torch.tensor_split(x, world)[rank]
+    x_tokens = tpd.shard(x, world, rank)
     b = torch.finfo(dtype).bits // 8
     ring = (world - 1) / world
     longest = -(-M // world)  # an all-gather or reduce-scatter of uneven token shards pads them to this
@@ -152,7 +152,7 @@ def strategies(rank, world, device, args):
         "d": ("all-gather -> column (GELU) -> row -> reduce-scatter", lambda: sequence_mlp(x_tokens),
               (world - 1) * longest * (K + N) * b, "(W-1) * ceil(M/W) * (K + N) * b"),
     }
-    y_parts = {"a": y_ref, "b": y_ref, "c": y_ref, "d": torch.tensor_split(y_ref, world)[rank]}
+    y_parts = {"a": y_ref, "b": y_ref, "c": y_ref, "d": tpd.shard(y_ref, world, rank)}
     predicted = perfmodel.strategy_times(M, K, H, N, world, perfmodel.machine(perfmodel.DEFAULT_MACHINE), b)
     _print0(rank, f"Strategies for y = MLP(x): M={M} tokens, in={K}, hidden={H}, out={N}, {args.dtype}, "
                   f"{world} ranks, {args.repeat} timed runs each (eager single-device error: {eager_error:.2e})")

@@ -5,7 +5,8 @@
     per tensor j of a layer's state, from its amax history [LENGTH, COUNT] (row 0 the newest):
         amax_j = max over the history (or row 0 alone)                         (`_scale_update_kernel`)
         scale_j = fmax_j / amax_j / 2^MARGIN where amax_j is positive and finite, else unchanged
-                  (fmax_j: the largest value of tensor j's format, 448 for e4m3, 57344 for e5m2)
+                  (fmax_j: the largest value of tensor j's format, 448 for e4m3, 57344 for e5m2),
+                  at most FP32_MAX: a subnormal amax (1e-39) would make it inf, and inf * 0 = NaN
         scale_inv_j = 1 / scale_j;   the history moves down a row and row 0 starts again at 0
 
 The matmul kernels apply the scales in their epilogue (`matmul._epilogue`: SCALED, QUANTIZE,
@@ -16,6 +17,8 @@ import triton
 import triton.language as tl
 
 from tpkernels.kernels.matmul import _cast_for_store, _elementwise_block, _saturate
+
+FP32_MAX = tl.constexpr(3.4028234663852886e38)  # the largest finite float32: the cap on a scale
 
 
 @triton.jit
@@ -67,6 +70,7 @@ def _scale_update_kernel(
     fmax = tl.load(fmax_ptr + cols, mask=in_cols, other=1.0)
     usable = (amax > 0.0) & (amax < float("inf"))
     scale = tl.where(usable, fmax / tl.where(usable, amax, 1.0) / tl.exp2(MARGIN * 1.0), old)
+    scale = tl.minimum(scale, FP32_MAX)
     tl.debug_barrier()  # every thread has read the history before any row is overwritten
     tl.store(history_ptr + rows[:, None] * COUNT + cols[None, :], above, mask=mask)
     tl.store(scale_ptr + cols, scale, mask=in_cols)
