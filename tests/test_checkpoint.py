@@ -229,6 +229,56 @@ def test_a_failed_save_raises_on_every_rank(tmp_path, world_size):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def _failing_shard_on_rank_1(rank, world_size, folder):
+    """Rank 1 cannot produce its shard of the second sharded tensor (a device copy failing, say)."""
+    from tpkernels import checkpoint as module
+
+    real_wire, calls = module._Gather._wire, []
+
+    def failing(self, t):
+        calls.append(t)
+        if self.rank == 1 and len(calls) == 2:
+            raise RuntimeError("device copy failed")
+        return real_wire(self, t)
+
+    module._Gather._wire = failing  # a spawned process of its own: nothing to restore
+    try:
+        save_sharded(_model(2), folder, max_shard_size=500)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_failure_on_another_rank_raises_on_every_rank(tmp_path, world_size):
+    """A rank other than 0 failing mid-save was a hang (rank 0 waiting for its shard); now every rank
+    raises, naming the rank, and the old checkpoint stays."""
+    from spawn import run_ranks
+
+    folder = tmp_path / "ckpt"
+    save_sharded(_model(0), str(folder))
+    old_bytes = (folder / "model.safetensors").read_bytes()
+    errors = run_ranks(_failing_shard_on_rank_1, world_size, str(folder), timeout=240, collective_timeout=60)
+    assert all(e is not None and "failed on rank 1" in e and "device copy failed" in e for e in errors), errors
+    assert (folder / "model.safetensors").read_bytes() == old_bytes
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_save_is_flushed_to_disk_before_and_after_its_move(tmp_path, monkeypatch):
+    """Every file and the staging folder are fsynced before the move into place, the parent after it."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    save_sharded(_model(0), str(tmp_path / "ckpt"), max_shard_size=500)
+    moves = [i for i, e in enumerate(events) if e[0] == "replace"]
+    synced_before = {e[1] for e in events[:moves[0]] if e[0] == "fsync"}
+    staging = events[moves[0]][1]
+    assert staging in synced_before and len([p for p in synced_before if p.startswith(staging + "/")]) >= 3
+    assert ("fsync", str(tmp_path)) in events[moves[-1]:]
+
+
 def _streaming_save(rank, world_size, folder):
     """A model whose dense weights are several times max_shard_size: each is a file of its own, gathered
     to rank 0 alone; what each rank held at once and sent, by its own count."""

@@ -294,6 +294,7 @@ class _Gather:
         self.rank, self.world = get_rank(process_group), get_world_size(process_group)
         self.bytes_gathered = 0
         self.peak_bytes = 0
+        self.error = None  # this rank's first failure (ranks but 0: sending), reported to every rank at the end
         if self.world > 1:
             import torch.distributed as dist
 
@@ -317,7 +318,14 @@ class _Gather:
             self.peak_bytes = max(self.peak_bytes, out.numel() * out.element_size())
             return out
         if self.rank != 0:
-            shard = self._wire(local_tensor).contiguous()
+            try:
+                shard = self._wire(local_tensor).contiguous()
+            except Exception as failure:
+                # rank 0 is waiting for this shard: it gets zeros of its shape, so that nobody hangs,
+                # and the failure is reported to every rank before anything is moved into place
+                self.error = self.error or _described(failure)
+                shard = torch.zeros(local_tensor.shape, dtype=entry.dtype,
+                                    device=local_tensor.device if self.nccl else "cpu")
             nbytes = shard.numel() * shard.element_size()
             self.dist.send(shard, dst=self.root, group=self.group)
             self.bytes_gathered += nbytes
@@ -364,7 +372,10 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
     file's header and size, and only then moves it into place, replacing an existing checkpoint as a
     whole (other files in the folder, a tokenizer say, are carried into the new one; the old checkpoint's
     own files are not). If a write fails, rank 0 still takes the other ranks' shards (so that none
-    waits), removes the temporary, leaves `path` as it was, and every rank raises a RuntimeError.
+    waits), removes the temporary, leaves `path` as it was, and every rank raises a RuntimeError. If
+    another rank fails to produce a shard, it sends zeros in its place (so that none waits), every rank
+    learns of it before rank 0 moves anything into place, and it goes the same way. Files and folders
+    are flushed to the disk (fsync) before and after the move.
 
     Args:
         model: the parallelized model.
@@ -419,23 +430,31 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
                 f.close()
             except Exception as failure:
                 error = error or _described(failure)
+    failed_rank = 0 if error is not None else None
+    if gather.world > 1:
+        # Every rank's failure (another rank's while it sent its shards) reaches rank 0 before anything
+        # is moved into place.
+        errors = [None] * gather.world
+        gather.dist.all_gather_object(errors, error if gather.rank == 0 else gather.error, group=process_group)
+        failed_rank = next((r for r, e in enumerate(errors) if e is not None), None)
+        error = None if failed_rank is None else errors[failed_rank]
     if gather.rank == 0:
         try:
             if error is None:
                 checkpoint_files.finish(path, staging, names, groups, index, getattr(model, "config", None))
         except Exception as failure:
-            error = _described(failure)
+            error, failed_rank = _described(failure), 0
         if error is not None and staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
     if gather.world > 1:
         # Rank 0's outcome reaches every rank (instead of a barrier a failed rank 0 would never reach),
         # after the checkpoint is whole.
-        outcome = [error]
+        outcome = [(error, failed_rank)]
         gather.dist.broadcast_object_list(outcome, src=gather.root, group=process_group)
-        error = outcome[0]
+        error, failed_rank = outcome[0]
     if error is not None:
-        raise RuntimeError(f"save_sharded: writing {path} failed on rank 0 ({error}); what was at {path} "
-                           f"before is as it was, and nothing of the new checkpoint is left")
+        raise RuntimeError(f"save_sharded: writing {path} failed on rank {failed_rank} ({error}); what was at "
+                           f"{path} before is as it was, and nothing of the new checkpoint is left")
     return dict(files=[os.path.join(folder, name) for name in names], index=index, tensors=len(entries),
                 bytes_gathered=gather.bytes_gathered, peak_bytes=gather.peak_bytes)
 

@@ -111,14 +111,29 @@ def staging_folder(path):
     return tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.saving-", dir=parent)
 
 
+def fsync(path):
+    """Flush a file, or a folder's entries, to the disk: a rename is durable only after what it names
+    is, and after the folder that holds it (a power cut could otherwise leave a renamed, empty file)."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def finish(path, staging, names, groups, index, config):
-    """Check every written file, add the index and the config, then move the checkpoint into place: an
-    existing one is untouched until the new one is whole, then replaced as a whole."""
+    """Check every written file, add the index and the config, flush them all to the disk, then move the
+    checkpoint into place: an existing one is untouched until the new one is whole, then replaced as a
+    whole, and the folder holding it is flushed after the move."""
     for name, group in zip(names, groups):
         check_written(os.path.join(staging, name), group)
     target = os.path.abspath(path)
+    parent = os.path.dirname(target)
     if path.endswith(".safetensors"):
+        fsync(os.path.join(staging, names[0]))
         os.replace(os.path.join(staging, names[0]), target)  # atomic on one filesystem
+        fsync(parent)
         shutil.rmtree(staging)
         return
     if index is not None:
@@ -128,15 +143,22 @@ def finish(path, staging, names, groups, index, config):
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if config is not None and hasattr(config, "save_pretrained"):
         config.save_pretrained(staging)
-    if os.path.isdir(target):  # the old folder moves aside, the new one in, then the old one goes
+    if os.path.isdir(target):
         _carry_over(target, staging)
+    for name in os.listdir(staging):
+        if os.path.isfile(os.path.join(staging, name)):
+            fsync(os.path.join(staging, name))
+    fsync(staging)
+    if os.path.isdir(target):  # the old folder moves aside, the new one in, then the old one goes
         old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
         os.rmdir(old)
         os.replace(target, old)
         os.replace(staging, target)
+        fsync(parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+        fsync(parent)
 
 
 def _is_checkpoint_file(name):
