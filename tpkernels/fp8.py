@@ -167,7 +167,14 @@ class FP8Scaling(nn.Module):
 
     def update(self, device):
         """Start a step: scales from the amax history, then the history moved down a row (one launch);
-        without `recipe.cache_weights`, the weights are quantized again at this step's first use."""
+        without `recipe.cache_weights`, the weights are quantized again at this step's first use.
+
+        A forward that runs inside a backward pass is activation checkpointing's recompute (torch's
+        `checkpoint`, reentrant or not, recomputes from the unpack of a saved tensor): it must quantize
+        as the original forward did, so the step is not started again, and the history does not advance
+        twice per step."""
+        if torch._C._current_graph_task_id() != -1:
+            return
         if not self.recipe.cache_weights:
             self._weights.clear()
         if self.amax_history.device != device:
