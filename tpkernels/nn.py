@@ -193,6 +193,11 @@ class _ParallelLinear(nn.Module):
                     f"{tuple(param.shape)} (rank {self.rank}'s shard {tuple(local(param).shape)}). Load a "
                     f"state dict saved from this layer (it holds DTensors; torch.distributed.checkpoint "
                     f"reshards it), or the dense tensor (load_full_state_dict)")
+            if param.device_mesh.ndim != 1:
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {prefix}{kind} is a plain tensor, but this layer's "
+                    f"{kind} is sharded over a {param.device_mesh.ndim}-D mesh (FSDP2 over tensor parallel); load "
+                    f"with torch.distributed.checkpoint.state_dict.set_model_state_dict, which reshards")
             piece = value if param.placements[0].is_replicate() else shard(value, self.world_size, self.rank,
                                                                           param.placements[0].dim)
             state_dict[prefix + kind] = DTensor.from_local(piece.to(param.device), param.device_mesh,
