@@ -11,7 +11,7 @@ from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
 from spawn import check_scenario, rank_setups, run_scenarios
-from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
+from tpkernels import ColumnParallelLinear, FP8Recipe, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
 from tpkernels import initialization
 from tpkernels import distributed as tpd
 from tpkernels.dtensor import local
@@ -165,6 +165,15 @@ def state_dicts(rank, world):
     assert all(torch.equal(local(a), local(b)) for a, b in zip(again.parameters(), tp.parameters()))
     again.load_state_dict(dense.state_dict())
     assert all(torch.equal(local(a), local(b)) for a, b in zip(again.parameters(), tp.parameters()))
+    on_meta = TensorParallelMLP(IN, HIDDEN, OUT, device="meta")
+    on_meta.load_state_dict(dense.state_dict(), assign=True)  # takes the values and their device
+    assert all(not p.is_meta and torch.equal(local(p), local(q)) for p, q in zip(on_meta.parameters(), tp.parameters()))
+    # full_state_dict holds copies, not the live parameters
+    full = again.full_state_dict()
+    with torch.no_grad():
+        for p in again.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in full.items())
     if world > 1:
         plain = {k: local(v).clone() for k, v in tp.state_dict().items()}
         with pytest.raises(ValueError, match=r"fc1.weight is a plain tensor of shape .* a DTensor of global shape"):
@@ -210,6 +219,12 @@ def empty_shards(rank, world):
                                                     "fc2.weight": (slice(None), rows), "fc2.bias": slice(None)})
         column = ColumnParallelLinear(IN, hidden, activation="gelu", gather_output=True)
         torch.testing.assert_close(column(x), F.gelu(F.linear(x, *column.full_state_dict().values())))
+        # a row layer over the empty shard: fp8, and overlapped (their reshapes of an empty input)
+        for options in (dict(overlap=True), dict(fp8=FP8Recipe())):
+            row_layer = RowParallelLinear(hidden, OUT, input_is_parallel=False, **options)
+            full = row_layer.full_state_dict()
+            torch.testing.assert_close(row_layer(x[..., :hidden]), F.linear(x[..., :hidden], full["weight"], full["bias"]),
+                                       rtol=0.1 if "fp8" in options else 1e-5, atol=0.1 if "fp8" in options else 1e-5)
     return "ok"
 
 

@@ -391,6 +391,13 @@ def save_sharded(model, path, process_group=None, *, max_shard_size="5GB"):
     """
     limit = checkpoint_files.parse_size(max_shard_size)
     process_group = group_of(process_group)
+    for name, (layer, kind) in _sharded_layers(model).items():
+        param = getattr(layer, kind)
+        if getattr(param, "device_mesh", None) is not None and param.device_mesh.ndim != 1:
+            raise ValueError(f"save_sharded: {name} is sharded over a {param.device_mesh.ndim}-D mesh (FSDP2 over "
+                             f"tensor parallel); save training state with torch.distributed.checkpoint, or a "
+                             f"dense checkpoint from get_model_state_dict(..., options=StateDictOptions("
+                             f"full_state_dict=True))")
     gather = _Gather(process_group)
     entries = _entries(model, gather.world)
     groups = _files_of(entries, limit)

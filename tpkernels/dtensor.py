@@ -30,7 +30,9 @@ _meshes = {}  # (group, device type) -> the DeviceMesh made for it, so that ever
 
 def mesh_of(process_group, device):
     """The 1-D DeviceMesh a layer's DTensors live on: the one given, or one over the ProcessGroup (None:
-    the default group) for `device`'s type; None when torch.distributed is not initialised."""
+    the default group): a CUDA mesh for an NCCL group (whatever device the layer is built on, so that a
+    layer built on the CPU and moved by `.cuda()` keeps a mesh of its kind), else `device`'s type; None
+    when torch.distributed is not initialised."""
     if isinstance(process_group, DeviceMesh):
         group_of(process_group)  # checks that it is 1-D
         return process_group
@@ -38,10 +40,10 @@ def mesh_of(process_group, device):
         return None
     group = group_of(process_group) or dist.group.WORLD
     device = torch.device(device) if device is not None else torch.get_default_device()
-    if device.type == "meta":  # a placeholder until the values arrive (`parameter` is called again then)
-        kind = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    else:
-        kind = device.type
+    if dist.get_backend(group) == "nccl":
+        kind = "cuda"
+    else:  # gloo: CPU tensors, or CUDA ones (a meta device is a placeholder until the values arrive)
+        kind = "cpu" if device.type == "meta" else device.type
     key = (group, kind)
     if key not in _meshes:
         _meshes[key] = DeviceMesh.from_group(group, kind)

@@ -43,7 +43,7 @@ import triton
 from torch import nn
 
 from tpkernels import custom_ops, launch, ops, reference  # noqa: F401  (custom_ops registers the backward ops)
-from tpkernels.distributed import get_world_size, group_of
+from tpkernels.distributed import get_world_size
 from tpkernels.kernels import IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
 
 __all__ = ["FP8Recipe", "FP8Scaling", "fp8_linear", "fp8_mlp_shard", "quantize"]
@@ -114,9 +114,10 @@ class FP8Scaling(nn.Module):
         amax_history [amax_history_len, n]   row 0 the current step's amax
         scale [n], scale_inv [n]             the scales this step quantizes with, and their inverses
 
-    `state_dict()` saves the group's most conservative state, the same on every rank: the history's
-    elementwise max over the ranks, the smallest scale and the largest scale_inv (a collective on every
-    rank, unless keep_vars=True, which returns the live buffers). Identical tensors under one name are
+    `state_dict()` saves the most conservative state of all ranks, the same on every rank: the
+    history's elementwise max over the ranks, the smallest scale and the largest scale_inv (a collective
+    over the default group: call it on every rank, as torch.distributed.checkpoint's get_state_dict
+    does; keep_vars=True returns the live buffers without one). Identical tensors under one name are
     what torch.distributed.checkpoint keeps once, so a checkpoint loads at any world size; a rank-local
     history (h's, a row input's) resumes as the group's max, which bounds every rank's amax.
 
@@ -124,13 +125,11 @@ class FP8Scaling(nn.Module):
         recipe: an FP8Recipe.
         tensors: {name: fp8 dtype} of the n scaled tensors (`LINEAR_TENSORS`, `MLP_TENSORS`).
         device: where the buffers live (moved with the module; a forward on another device resets them).
-        process_group: the layer's tensor-parallel group (None: the default group), for `state_dict`.
     """
 
-    def __init__(self, recipe, tensors, device=None, process_group=None):
+    def __init__(self, recipe, tensors, device=None):
         super().__init__()
         self.recipe = recipe
-        self.process_group = group_of(process_group)
         self.tensors = tuple(tensors)
         self.formats = dict(tensors)
         device = None if device is None or torch.device(device).type == "meta" else device
@@ -146,14 +145,19 @@ class FP8Scaling(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if keep_vars or get_world_size(self.process_group) == 1:
+        if keep_vars or get_world_size(None) == 1:
             return
         import torch.distributed as dist
 
         history = self.amax_history.detach()
-        # One all-reduce (max) for all three: min(scale) = -max(-scale).
+        # One all-reduce (max) for all three: min(scale) = -max(-scale). Over every rank, not the
+        # tensor-parallel group alone: under dp x tp each data-parallel replica's history differs too,
+        # and DCP keeps one copy of a plain tensor. On the device the default group's backend takes.
         packed = torch.cat([history.flatten(), self.scale_inv.detach(), -self.scale.detach()]).float()
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.process_group)
+        if dist.get_backend() == "nccl":
+            packed = packed.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        packed = packed.to(history.device)
         count = self.scale.numel()
         destination[prefix + "amax_history"] = packed[:history.numel()].view(history.shape).clone()
         destination[prefix + "scale_inv"] = packed[history.numel():history.numel() + count].clone()
@@ -428,7 +432,7 @@ def fp8_linear(x, weight, bias, scaling, *, name="w", activation=IDENTITY, owner
     """
     ops._check_linear("fp8_linear", x, weight, bias)
     _check_out_dtype("fp8_linear", x, out_dtype)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     out = _FP8Linear.apply(rows, weight, bias, scaling, name, activation, owner, out_dtype or x.dtype, backend)
     return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -441,6 +445,6 @@ def fp8_mlp_shard(x, w1, b1, w2, b2, scaling, *, activation, owner=True, out_dty
     ops._check_linear("fp8_mlp_shard", x, w1, b1)
     ops._check_linear("fp8_mlp_shard", x.new_empty((0, w1.shape[0])), w2, b2)  # w2, b2 against the hidden width
     _check_out_dtype("fp8_mlp_shard", x, out_dtype)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     out = _FP8MLP.apply(rows, w1, b1, w2, b2, scaling, activation, owner, out_dtype or x.dtype, backend)
     return out.view(*x.shape[:-1], w2.shape[0])

@@ -28,6 +28,8 @@ torch.distributed.checkpoint saves and reshards to any world size, the optimizer
 FSDP2's `fully_shard(mesh=mesh["dp"])` goes on top. `full_state_dict()` gathers the dense state dict (a
 collective: call it on every rank), and `load_full_state_dict()` loads a dense one into the shards.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -93,7 +95,7 @@ class _ParallelLinear(nn.Module):
         self.world_size = get_world_size(process_group)
         self.rank = get_rank(process_group)
         sharded = out_features if self.shard_dim == 0 else in_features
-        # torch.chunk's layout leaves the last ranks empty when F < W * ceil(F / W) - ceil(F / W) (F = 9 on
+        # torch.chunk's layout leaves the last ranks empty when F <= (W - 1) * ceil(F / W) (F = 9 on
         # 4 ranks: 3, 3, 3, 0). An empty shard is a valid DTensor piece; its rank runs the eager ops, which
         # take empty operands as they are (`_kernel_backend`), and contributes nothing to the sum.
         self.shard_start, self.shard_stop = shard_range(sharded, self.world_size, self.rank)
@@ -127,7 +129,7 @@ class _ParallelLinear(nn.Module):
             if "fp8_scaling" in self._modules:
                 del self.fp8_scaling
         else:
-            self.fp8_scaling = FP8Scaling(recipe, LINEAR_TENSORS, self.weight.device, self.process_group)
+            self.fp8_scaling = FP8Scaling(recipe, LINEAR_TENSORS, self.weight.device)
 
     def _check_full_width(self, x):
         if x.shape[-1] != self.in_features:
@@ -200,8 +202,11 @@ class _ParallelLinear(nn.Module):
                     f"with torch.distributed.checkpoint.state_dict.set_model_state_dict, which reshards")
             piece = value if param.placements[0].is_replicate() else shard(value, self.world_size, self.rank,
                                                                           param.placements[0].dim)
-            state_dict[prefix + kind] = DTensor.from_local(piece.to(param.device), param.device_mesh,
-                                                           param.placements, run_check=False,
+            if param.is_meta:  # load_state_dict(..., assign=True) into a layer built on meta: the values' device
+                mesh = mesh_of(self.device_mesh or self.process_group, piece.device)
+            else:
+                mesh, piece = param.device_mesh, piece.to(param.device)
+            state_dict[prefix + kind] = DTensor.from_local(piece, mesh, param.placements, run_check=False,
                                                            shape=param.shape, stride=param.stride())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -210,7 +215,8 @@ class _ParallelLinear(nn.Module):
     def full_state_dict(self):
         """The dense nn.Linear's state dict, gathered from every rank (call it on every rank)."""
         if is_dtensor(self.weight):  # any placements: FSDP2's dp x tp ones included
-            return {name: param.full_tensor() for name, param in (("weight", self.weight), ("bias", self.bias))
+                # copies: full_tensor() of a Replicate (or one-rank) DTensor is the live parameter itself
+            return {name: param.full_tensor().clone() for name, param in (("weight", self.weight), ("bias", self.bias))
                     if param is not None}
         if self.shard_dim == 0:
             weight = gather_from(self.weight.t(), self.out_features, self.process_group).t()
@@ -304,7 +310,7 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
-            tokens = sum(sizes) * x.shape[:-1].numel() // max(x.shape[dim], 1)
+            tokens = sum(sizes) * math.prod(x.shape[i] for i in range(x.dim() - 1) if i != dim)  # alike on every rank
             if chunked.overlapping(self.overlap, x, tokens, self.in_features, self.out_features, self.world_size):
                 h = chunked.column_sequence(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
             else:
@@ -456,7 +462,7 @@ class TensorParallelMLP(nn.Module):
                                      process_group=process_group, device=device, dtype=dtype, backend=backend)
         self.fp8 = fp8
         if fp8 is not None:
-            self.fp8_scaling = FP8Scaling(fp8, MLP_TENSORS, device, self.fc1.process_group)
+            self.fp8_scaling = FP8Scaling(fp8, MLP_TENSORS, device)
 
     @property
     def _kernel_backend(self):
@@ -514,7 +520,7 @@ class TensorParallelMLP(nn.Module):
         if self.sequence_parallel:
             dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)
             sizes = sequence_sizes(x, dim, group, "TensorParallelMLP")
-            tokens = sum(sizes) * x.shape[:-1].numel() // max(x.shape[dim], 1)
+            tokens = sum(sizes) * math.prod(x.shape[i] for i in range(x.dim() - 1) if i != dim)  # alike on every rank
             if chunked.overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
                 return chunked.mlp_sequence(x, sizes, dim, group, fc1.rank, shards).to(x.dtype)
             partial = shards(gather_sequence(x, sizes, dim, group))

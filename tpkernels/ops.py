@@ -149,7 +149,7 @@ def _linear(name, x, weight, bias, residual, activation, owner, out_dtype, backe
     chosen = _resolve_backend(name, backend, x, N, K, activation)
     store = _needs_grad(x, weight, bias, residual)
     if chosen == "eager":
-        if residual is None and out_dtype == x.dtype:  # the plain unfused call, nothing around it
+        if residual is None and out_dtype == x.dtype and (owner or bias is None):  # the plain unfused call
             return reference.activation(F.linear(x, weight, bias if owner else None), activation)
         return reference.fused_linear(x, weight, bias, residual, activation, owner, out_dtype, False)[0]
     if not store and chosen in ("triton", "cpu") and direct_call_ok(x, weight, bias, residual):

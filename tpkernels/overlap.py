@@ -119,7 +119,7 @@ def rows(x, group, fn, copy_in=False, reduce_out=True):
     """fn(x) in chunks of rows. With reduce_out (a row stage last), all-reduce(fn(x)): a chunk's all-reduce
     runs while the next chunk's GEMM does. With copy_in (a column stage first), each chunk's input
     gradient is all-reduced in the backward while the other chunks' backward GEMMs run."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     parts = []
     for part in torch.tensor_split(flat, OVERLAP_CHUNKS):
         if part.shape[0]:

@@ -39,7 +39,7 @@ class _UnownedTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        db = None if ctx.bias_dtype is None else grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        db = None if ctx.bias_dtype is None else grad.reshape(grad.shape[:-1].numel(), grad.shape[-1]).sum(0).to(ctx.bias_dtype)
         dr = None if ctx.residual_dtype is None else grad.to(ctx.residual_dtype)
         return grad, db, dr
 
