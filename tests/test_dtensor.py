@@ -77,7 +77,7 @@ def _full(model):
     state = {f"mlp.{k}": v for k, v in model.mlp.full_state_dict().items()}
     for name in ("up", "down"):
         state.update({f"{name}.{k}": v for k, v in getattr(model, name).full_state_dict().items()})
-    return {k: v.detach().cpu().clone() for k, v in state.items()}  # at one rank, the live tensors
+    return {k: v.detach().cpu() for k, v in state.items()}  # copies: full_state_dict's own
 
 
 def _full_optimizer(model, opt):

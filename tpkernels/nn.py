@@ -111,8 +111,12 @@ class _ParallelLinear(nn.Module):
             self.register_parameter(kind, None)
             return
         shape = (self.out_features, self.in_features) if kind == "weight" else (self.out_features,)
-        mesh = mesh_of(self.device_mesh or self.process_group, value.device)
-        setattr(self, kind, parameter(value, mesh, placement(self.shard_dim, kind), shape, requires_grad))
+        setattr(self, kind, parameter(value, self._mesh(value.device), placement(self.shard_dim, kind), shape,
+                                      requires_grad))
+
+    def _mesh(self, device):
+        """The mesh of this layer's DTensors for values on `device`: the DeviceMesh given, or one over the group."""
+        return mesh_of(self.device_mesh or self.process_group, device)
 
     @property
     def _kernel_backend(self):
@@ -203,7 +207,7 @@ class _ParallelLinear(nn.Module):
             piece = value if param.placements[0].is_replicate() else shard(value, self.world_size, self.rank,
                                                                           param.placements[0].dim)
             if param.is_meta:  # load_state_dict(..., assign=True) into a layer built on meta: the values' device
-                mesh = mesh_of(self.device_mesh or self.process_group, piece.device)
+                mesh = self._mesh(piece.device)
             else:
                 mesh, piece = param.device_mesh, piece.to(param.device)
             state_dict[prefix + kind] = DTensor.from_local(piece, mesh, param.placements, run_check=False,
@@ -293,7 +297,7 @@ class ColumnParallelLinear(_ParallelLinear):
                               backend=self._kernel_backend)
         if self.activation is None:  # owner=True: a plain linear
             return linear_partial(x, weight, bias, backend=self._kernel_backend)
-        return linear_gelu(x, weight, bias, approximate=_ACTIVATIONS[self.activation], backend=self._kernel_backend)
+        return linear_gelu(x, weight, bias, approximate=self._approximate, backend=self._kernel_backend)
 
     def forward(self, x):
         if x.shape[-1] != self.in_features:
