@@ -9,6 +9,7 @@ import threading
 import triton
 
 from tpkernels.kernels import (
+    GLU,
     IDENTITY,
     TMA_CONFIGS,
     MatmulConfig,
@@ -48,9 +49,11 @@ def pruner(operand, store_operand=None):
         a = getattr(a, "base", a)  # a TensorDescriptor holds its tensor as .base
         store = getattr(named_args[store_operand], "base", None) if store_operand else None
         grad_activation = kwargs.get("GRAD_ACTIVATION", named_args.get("GRAD_ACTIVATION", IDENTITY)) != IDENTITY
+        gated = kwargs.get("ACTIVATION", named_args.get("ACTIVATION", IDENTITY)) >= GLU
         kept = prune([MatmulConfig.from_triton(c) for c in configs], a.element_size(),
                      device_shared_memory(a.device.index),
-                     store_element_size=0 if store is None else store.element_size(), grad_activation=grad_activation)
+                     store_element_size=0 if store is None else store.element_size(), grad_activation=grad_activation,
+                     gated=gated)
         return [c for c in configs if MatmulConfig.from_triton(c) in kept]
 
     return early_config_prune

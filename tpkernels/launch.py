@@ -6,6 +6,13 @@ autotuners' sync across ranks. No `torch.library` here (`custom_ops` wraps these
     linear(x, w, out, ...) the same with b = w.T, without building the view on the hot path
     dgelu(grad, z, ...)    dZ = dY * act'(z), and db = the column sums of dZ, in one elementwise pass
 
+Gated activations (`kernels.GLU` + act): `linear(x, gate, out, activation=GLU + act)` computes
+act(x @ gate.T + b_gate) * (x @ up.T + b_up), where `gate` [F, K] is the first F rows of a [2F, K] weight
+[gate; up] (up lies F rows further in memory, and so does the bias's up half), in one launch that reads
+each x tile once for both; `matmul(dy, w2, dg, z=g, grad_activation=GLU + act)` writes dG into dg and dU F
+columns further (dg and g: the first F columns of [M, 2F] tensors). The TMA kernel has no gated form: the
+pointer or split-K kernel runs them.
+
 Kernel choice (`kernel_for`): on a GPU, the kernel table's entry for the shape (`kernel_table.json`,
 written by a GPU run), else the rule (`rule_kernel`): the split-K kernel (`kernels.matmul_splitk`) at
 decode sizes, where one program per output tile would leave SMs idle; the persistent TMA kernel
@@ -37,6 +44,7 @@ from tpkernels.kernels import (
     DGELU_BLOCK_M,
     DGELU_BLOCK_N,
     DGELU_NUM_WARPS,
+    GLU,
     IDENTITY,
     INTERPRETED,
     INTERPRETER_CONFIG,
@@ -327,6 +335,8 @@ def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activatio
     sizes = (M, N, K, bucket(M), bucket(N), bucket(K))
     config = PINNED_CONFIG.get() or (None if a.is_cuda and not INTERPRETED else INTERPRETER_CONFIG)
     kind = kernel_for(a, b, c, residual)
+    if kind == "tma" and (activation >= GLU or grad_activation >= GLU):
+        kind = "pointer"  # the TMA kernel has no gated epilogue (its C descriptor covers one half)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         if kind == "tma":
             return _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config)
@@ -350,6 +360,8 @@ def _matmul_splitk(a, b, c, epilogue, sizes, strides, meta, config):
     programs = num_sms(a.device.index) if a.is_cuda and not INTERPRETED else INTERPRETER_PROGRAMS
     candidates = splitk_configs(device_capability(a.device.index)) if config is None else (config,)
     elements, tiles = _splitk_extent(M, N, K, candidates, programs)
+    if meta["ACTIVATION"] >= GLU:
+        elements *= 2  # a gate and an up partial per split
     workspace, counters = bound.splitk_workspace(a.device, elements, tiles)
     meta = dict(meta, INT64_OFFSETS=meta["INT64_OFFSETS"] or elements >= INT32_LIMIT)
     args = (a, b, c, *epilogue, workspace, counters, *sizes, *strides)
@@ -425,11 +437,13 @@ def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
 
 def dgelu(grad, z, activation, need_db):
     """(dZ, db): dZ = grad * act'(z) in z's dtype, and db = its column sums (fp32 per row block, then
-    summed), from one elementwise pass; db is None unless `need_db`."""
+    summed), from one elementwise pass; db is None unless `need_db`. Gated (`GLU` + act): z is [g | u]
+    [M, 2N] and dZ is [dG | dU] (`kernels.matmul._dgelu_kernel`), db 2N long."""
     M, N = grad.shape
-    dz = torch.empty((M, N), dtype=z.dtype, device=z.device)
+    columns = 2 * N if activation >= GLU else N
+    dz = torch.empty((M, columns), dtype=z.dtype, device=z.device)
     row_blocks = triton.cdiv(M, DGELU_BLOCK_M)
-    colsum = torch.empty((row_blocks, N), dtype=torch.float32, device=z.device) if need_db else dz
+    colsum = torch.empty((row_blocks, columns), dtype=torch.float32, device=z.device) if need_db else dz
     if M and N:
         grid = (row_blocks, triton.cdiv(N, DGELU_BLOCK_N))
         with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
@@ -446,5 +460,5 @@ def dgelu(grad, z, activation, need_db):
             record(f"dgelu {DGELU_BLOCK_M}x{DGELU_BLOCK_N} warps={DGELU_NUM_WARPS}", None)
     if not need_db:
         return dz, None
-    db = colsum.sum(0) if M else torch.zeros(N, dtype=torch.float32, device=z.device)
+    db = colsum.sum(0) if M else torch.zeros(columns, dtype=torch.float32, device=z.device)
     return dz, db

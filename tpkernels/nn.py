@@ -41,9 +41,10 @@ from tpkernels.dtensor import DeviceMesh, DTensor, is_dtensor, local, locals_of,
 from tpkernels.fp8 import LINEAR_TENSORS, MLP_TENSORS, FP8Scaling, check_recipe, fp8_linear, fp8_mlp_shard
 from tpkernels.initialization import init_linear_shard
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
-from tpkernels.ops import BACKENDS, linear_gelu, linear_partial, mlp_shard
+from tpkernels.custom_ops_gated import adjacent
+from tpkernels.ops import BACKENDS, GATED_ACTIVATIONS, glu_mlp_shard, linear_gelu, linear_partial, mlp_shard
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelMLP"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelGatedMLP", "TensorParallelMLP"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
 _ACTIVATION_CODES = {None: IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH}
@@ -79,6 +80,27 @@ def _check_backend(name, backend):
     # Checked at construction, on every rank alike; whether the backend can run an input is checked per call.
     if backend not in BACKENDS:
         raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def _around_shards(mlp, x, column, shards):
+    """An MLP's output from `shards(rows)`, one rank's partial sum of its rows of x, with the collectives
+    around it: copy-to in and reduce-from out, as sequence shards (all-gather in, reduce-scatter out) with
+    `mlp.sequence_parallel`, and in chunks whose collectives overlap the others' GEMMs with `mlp.overlap`.
+    `column` is the MLP's first (column-parallel) layer: its group, rank and widths."""
+    group, world, name = column.process_group, column.world_size, type(mlp).__name__
+    if mlp.sequence_parallel:
+        dim = _sequence_dim(name, mlp.sequence_dim, x)
+        sizes = sequence_sizes(x, dim, group, name)
+        tokens = sum(sizes) * math.prod(x.shape[i] for i in range(x.dim() - 1) if i != dim)  # alike on every rank
+        if chunked.overlapping(mlp.overlap, x, tokens, column.in_features, column.out_features, world):
+            return chunked.mlp_sequence(x, sizes, dim, group, column.rank, shards).to(x.dtype)
+        partial = shards(gather_sequence(x, sizes, dim, group))
+        return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
+    if chunked.overlapping(mlp.overlap, x, x.shape[:-1].numel(), column.in_features, column.out_features, world):
+        return chunked.rows(x, group, shards, copy_in=True).to(x.dtype)
+    if world == 1:
+        return shards(x).to(x.dtype)
+    return reduce_from(shards(copy_to(x, group)), group).to(x.dtype)
 
 
 class _ParallelLinear(nn.Module):
@@ -521,17 +543,7 @@ class TensorParallelMLP(nn.Module):
             return mlp_shard(rows, w1, b1, w2, b2, approximate=self.approximate, owner=fc2.rank == 0,
                              out_dtype=fc2.reduce_dtype, backend=self._kernel_backend)
 
-        if self.sequence_parallel:
-            dim = _sequence_dim("TensorParallelMLP", self.sequence_dim, x)
-            sizes = sequence_sizes(x, dim, group, "TensorParallelMLP")
-            tokens = sum(sizes) * math.prod(x.shape[i] for i in range(x.dim() - 1) if i != dim)  # alike on every rank
-            if chunked.overlapping(self.overlap, x, tokens, fc1.in_features, fc1.out_features, world):
-                return chunked.mlp_sequence(x, sizes, dim, group, fc1.rank, shards).to(x.dtype)
-            partial = shards(gather_sequence(x, sizes, dim, group))
-            return reduce_scatter_sequence(partial, dim, group).to(x.dtype)
-        if chunked.overlapping(self.overlap, x, x.shape[:-1].numel(), fc1.in_features, fc1.out_features, world):
-            return chunked.rows(x, group, shards, copy_in=True).to(x.dtype)
-        return reduce_from(shards(copy_to(x, group)), group).to(x.dtype)
+        return _around_shards(self, x, fc1, shards)
 
     def full_state_dict(self):
         """The dense MLP's state dict ("fc1.weight", ...), gathered from every rank (call it on every rank)."""
@@ -544,3 +556,193 @@ class TensorParallelMLP(nn.Module):
             getattr(self, name).load_full_state_dict(
                 {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
             )
+
+
+def _storage_local(param):
+    """The tensor that holds a parameter's values on this rank: a DTensor's local tensor, or the parameter."""
+    return param._local_tensor if is_dtensor(param) else param
+
+
+class TensorParallelGatedMLP(nn.Module):
+    """`down_proj(act(gate_proj(x)) * up_proj(x))`, the MLP of Llama, Mistral, Qwen (SiLU), Gemma (tanh GELU)
+    and Phi-3, with gate and up column-parallel over the same hidden features and down row-parallel.
+
+    Per rank, F_r = rank r's `shard` of the hidden features F:
+
+        gate_proj  ColumnParallelLinear  weight [F_r, K]   Shard(0)  \\  one [2F_r, K] buffer: the kernel reads
+        up_proj    ColumnParallelLinear  weight [F_r, K]   Shard(0)  /  each x tile once for both
+        down_proj  RowParallelLinear     weight [N, F_r]   Shard(1)
+        forward    y = all-reduce_r(down_r(act(x @ gate_r.T) * (x @ up_r.T)))      one all-reduce
+        backward   [dG | dU] in the epilogue of dH = dY @ down_r, then one GEMM each for dX, [dWg; dWu], dWd
+
+    The product is elementwise, so it commutes with splitting the hidden features, as GELU does; gate and up
+    must be split by the same rows. Each is its own DTensor (`Shard(0)` of its own [F, K]), never one merged
+    [2F, K] tensor: resharding a merged [gate; up] into W consecutive pieces would pair gate features with
+    the wrong up features. The two local shards live in one buffer, gate rows then up rows, so that the
+    kernel reads them as one operand; where something replaces them with separate tensors (FSDP2's
+    unsharded parameters), the forward copies them together first, and stays correct.
+
+    Args:
+        in_features, hidden_features: gate_proj and up_proj are [hidden, in]; hidden is split across ranks
+            (it need not divide by the world size: torch.chunk's layout).
+        out_features: down_proj's outputs; None means in_features.
+        bias: all three layers get a bias (Llama's have none).
+        activation: "silu" (Llama, Mistral, Qwen, Phi-3), "gelu_tanh" (Gemma) or "gelu" (exact).
+        reduce_dtype, sequence_parallel, sequence_dim, overlap, process_group, device, dtype, backend: as
+            `TensorParallelMLP`'s.
+        fp8: None. fp8 for the gated MLP is not built yet: a recipe is refused with a ValueError.
+    """
+
+    def __init__(self, in_features, hidden_features, out_features=None, bias=False, *, activation="silu",
+                 reduce_dtype=None, sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None,
+                 device=None, dtype=None, backend="auto", fp8=None):
+        super().__init__()
+        name = "TensorParallelGatedMLP"
+        if activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"{name}: activation must be one of {', '.join(map(repr, GATED_ACTIVATIONS))}, "
+                             f"got {activation!r}")
+        _check_backend(name, backend)
+        if backend in ("cublaslt", "cpu"):
+            raise ValueError(f"{name}: backend={backend!r} has no gated epilogue; use 'auto', 'triton' or 'eager'")
+        if fp8 is not None:
+            raise ValueError(f"{name}: fp8 is not available for the gated MLP yet; pass fp8=None "
+                             f"(TensorParallelMLP and the linear layers take an FP8Recipe)")
+        _check_parallel_options(name, sequence_parallel, sequence_dim, overlap)
+        out_features = in_features if out_features is None else out_features
+        self.activation, self.backend, self.fp8 = activation, backend, None
+        self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
+        # how full_state_dict names gate and up: "separate" (gate_proj, up_proj) or a merged name (Phi-3's
+        # "gate_up_proj", [gate; up] in one tensor); from_merged sets it
+        self.checkpoint_merged = None
+        layer = dict(process_group=process_group, device=device, dtype=dtype, backend=backend)
+        parallel = dict(sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap)
+        # built in this order so that, after one manual_seed, the shards equal slicing reference.GatedMLP
+        self.gate_proj = ColumnParallelLinear(in_features, hidden_features, bias, **parallel, **layer)
+        self.up_proj = ColumnParallelLinear(in_features, hidden_features, bias, **parallel, **layer)
+        self.down_proj = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype, **parallel,
+                                           **layer)
+        self._pack()
+        self.register_load_state_dict_post_hook(lambda module, keys: module._pack())
+
+    @property
+    def _kernel_backend(self):
+        return self.backend if self.gate_proj.shard_stop > self.gate_proj.shard_start else "eager"  # as the layers'
+
+    @torch.no_grad()
+    def _pack(self):
+        """Put this rank's gate and up shards (weight, and bias) in one buffer, gate rows then up rows, where
+        they are separate tensors: the kernel then reads them as one [2F_r, K] operand, with no copy per call.
+        Each becomes a new parameter (a DTensor of the same placement) over its view of the buffer; the
+        parameters of a block already packed, as every one is after construction, are never replaced."""
+        for kind in ("weight", "bias"):
+            gate, up = self.gate_proj._parameters[kind], self.up_proj._parameters[kind]
+            if gate is None or up is None or (is_dtensor(gate) and gate.device_mesh.ndim != 1):
+                continue  # FSDP2 (a 2-D mesh) owns the storage of its parameters
+            g, u = _storage_local(gate), _storage_local(up)
+            if g.is_meta or g.device != u.device or g.dtype != u.dtype or g.shape != u.shape or adjacent(g, u):
+                continue
+            buffer = torch.cat([g, u])
+            rows = g.shape[0]
+            for layer, param, piece in ((self.gate_proj, gate, buffer[:rows]), (self.up_proj, up, buffer[rows:])):
+                layer._set_parameter(kind, piece, param.requires_grad)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() give each parameter its own new tensor: pack them again.
+        result = super()._apply(fn, *args, **kwargs)
+        self._pack()
+        return result
+
+    @classmethod
+    def from_dense(cls, gate_proj, up_proj, down_proj, *, activation="silu", reduce_dtype=None,
+                   sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, backend="auto"):
+        """Shard a dense gated MLP's three nn.Linear layers (identical on every rank)."""
+        layers = (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj))
+        for name, linear in layers:
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"TensorParallelGatedMLP.from_dense: {name} must be an nn.Linear, got "
+                                f"{type(linear).__name__}")
+        if gate_proj.weight.shape != up_proj.weight.shape:
+            raise ValueError(f"TensorParallelGatedMLP.from_dense: gate_proj is {tuple(gate_proj.weight.shape)} but "
+                             f"up_proj is {tuple(up_proj.weight.shape)}; they must match")
+        if gate_proj.out_features != down_proj.in_features:
+            raise ValueError(f"TensorParallelGatedMLP.from_dense: gate_proj.out_features={gate_proj.out_features} but "
+                             f"down_proj.in_features={down_proj.in_features}")
+        biases = {linear.bias is not None for _, linear in layers}
+        if len(biases) != 1:
+            raise ValueError("TensorParallelGatedMLP.from_dense: gate_proj, up_proj and down_proj must all have a "
+                             "bias or all lack one")
+        module = cls(gate_proj.in_features, gate_proj.out_features, down_proj.out_features, biases.pop(),
+                     activation=activation, reduce_dtype=reduce_dtype, sequence_parallel=sequence_parallel,
+                     sequence_dim=sequence_dim, overlap=overlap, process_group=process_group, device="meta",
+                     dtype=gate_proj.weight.dtype, backend=backend)
+        module.load_full_state_dict({f"{name}.{k}": v for name, linear in layers for k, v in linear.state_dict().items()})
+        return module
+
+    @classmethod
+    def from_merged(cls, gate_up_proj, down_proj, *, name="gate_up_proj", activation="silu", **options):
+        """Shard a dense gated MLP whose gate and up are one nn.Linear `gate_up_proj` of 2F outputs, gate rows
+        first (Phi-3's): each rank takes its gate rows and the same features' up rows, never a consecutive
+        piece of the merged weight. `full_state_dict` then gives the merged tensor under `name` again."""
+        for arg, linear in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+            if not isinstance(linear, nn.Linear):
+                raise TypeError(f"TensorParallelGatedMLP.from_merged: {arg} must be an nn.Linear, got "
+                                f"{type(linear).__name__}")
+        if gate_up_proj.out_features % 2 or gate_up_proj.out_features // 2 != down_proj.in_features:
+            raise ValueError(f"TensorParallelGatedMLP.from_merged: gate_up_proj has {gate_up_proj.out_features} "
+                             f"outputs ([gate; up]: 2F) but down_proj takes {down_proj.in_features} (F)")
+        if (gate_up_proj.bias is None) != (down_proj.bias is None):
+            raise ValueError("TensorParallelGatedMLP.from_merged: gate_up_proj and down_proj must both have a bias "
+                             "or both lack one")
+        module = cls(gate_up_proj.in_features, down_proj.in_features, down_proj.out_features,
+                     down_proj.bias is not None, activation=activation, device="meta",
+                     dtype=gate_up_proj.weight.dtype, **options)
+        module.checkpoint_merged = name
+        module.load_full_state_dict({f"{layer}.{k}": v for layer, linear in ((name, gate_up_proj), ("down_proj", down_proj))
+                                     for k, v in linear.state_dict().items()})
+        return module
+
+    def forward(self, x):
+        gate_proj, up_proj, down_proj = self._modules["gate_proj"], self._modules["up_proj"], self._modules["down_proj"]
+        if x.shape[-1] != gate_proj.in_features:
+            gate_proj._check_full_width(x)
+        first, second, third = gate_proj._parameters, up_proj._parameters, down_proj._parameters
+        gate, gate_bias, up, up_bias, w2, b2 = locals_of(first["weight"], first["bias"], second["weight"],
+                                                         second["bias"], third["weight"], third["bias"])
+        owner, backend = down_proj.rank == 0, self._kernel_backend
+
+        def shards(rows):
+            return glu_mlp_shard(rows, gate, up, gate_bias, up_bias, w2, b2, activation=self.activation, owner=owner,
+                                 out_dtype=down_proj.reduce_dtype, backend=backend)
+
+        return _around_shards(self, x, gate_proj, shards)
+
+    def full_state_dict(self):
+        """The dense block's state dict, gathered from every rank (call it on every rank): "gate_proj.weight",
+        "up_proj.weight", "down_proj.weight" (and biases), or the merged "gate_up_proj.weight" [2F, K] for a
+        block built `from_merged`."""
+        state = {f"{name}.{k}": v for name in ("gate_proj", "up_proj", "down_proj")
+                 for k, v in getattr(self, name).full_state_dict().items()}
+        if self.checkpoint_merged:
+            for kind in ("weight", "bias"):
+                if f"gate_proj.{kind}" in state:
+                    state[f"{self.checkpoint_merged}.{kind}"] = torch.cat([state.pop(f"gate_proj.{kind}"),
+                                                                           state.pop(f"up_proj.{kind}")])
+        return state
+
+    def load_full_state_dict(self, state_dict):
+        """Load a dense gated block's state dict into the shards: gate_proj, up_proj and down_proj's tensors,
+        or a merged [gate; up] tensor under `checkpoint_merged`'s name ("gate_up_proj") and down_proj's."""
+        state = dict(state_dict)
+        merged = self.checkpoint_merged or "gate_up_proj"
+        for kind in ("weight", "bias"):
+            value = state.pop(f"{merged}.{kind}", None)
+            if value is not None:
+                state[f"gate_proj.{kind}"], state[f"up_proj.{kind}"] = value.chunk(2)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            prefix = f"{name}."
+            getattr(self, name).load_full_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                                      if k.startswith(prefix)})
+        self._pack()
+
+    def extra_repr(self):
+        return f"activation={self.activation!r}" + _parallel_repr(self)

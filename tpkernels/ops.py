@@ -7,6 +7,9 @@ Per-rank shapes (M is the product of x's leading dims):
     linear_partial  x_shard_k [..., K_r], weight_shard_k [N, K_r], bias [N] -> partial [..., N]
                     p = x @ W.T (+ b + residual on the owner rank only)     (row stage, then all-reduce)
     mlp_shard       both: x [..., K], w1 [H_r, K], w2 [N, H_r]              -> partial [..., N]
+    linear_glu      x [..., K], weight [2F_r, K] = [gate_r; up_r], bias [2F_r]    -> h_shard_n [..., F_r]
+                    h = act(x @ Wg.T + bg) * (x @ Wu.T + bu)                (gated column stage)
+    glu_mlp_shard   both, gated: x [..., K], gate and up [F_r, K], w2 [N, F_r]  -> partial [..., N]
 
 Every check runs before anything launches. The ops, their fakes and autograd are in `custom_ops`; the
 launchers and kernel choice in `launch`.
@@ -24,14 +27,16 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from tpkernels import custom_ops, extension, reference
-from tpkernels.kernels import GELU, GELU_TANH, IDENTITY, INTERPRETED, MatmulConfig
+from tpkernels import custom_ops, custom_ops_gated, extension, reference
+from tpkernels.kernels import GELU, GELU_TANH, IDENTITY, INTERPRETED, SILU, MatmulConfig
 from tpkernels.launch import pin_config, runs_triton, sync_autotuning, use_matmul_kernel
 
-__all__ = ["BACKENDS", "MatmulConfig", "auto_backend", "backends", "linear_gelu", "linear_partial", "mlp_shard",
-           "pin_config", "sync_autotuning", "use_matmul_kernel"]
+__all__ = ["BACKENDS", "GATED_ACTIVATIONS", "MatmulConfig", "auto_backend", "backends", "glu_mlp_shard", "linear_gelu",
+           "linear_glu", "linear_partial", "mlp_shard", "pin_config", "sync_autotuning", "use_matmul_kernel"]
 
 _APPROXIMATE = {"none": GELU, "tanh": GELU_TANH}
+# The gated forms' activations: Llama, Mistral and Qwen's SiLU (SwiGLU), Gemma's tanh GELU (GeGLU), exact GELU.
+GATED_ACTIVATIONS = {"silu": SILU, "gelu": GELU, "gelu_tanh": GELU_TANH}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -404,3 +409,133 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
         out, _, _ = torch.ops.tpkernels.mlp_shard(*args)
     return out if rows else out.view(out_shape)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The gated forms
+
+
+def _gated_activation(name, activation):
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"{name}: activation must be one of {', '.join(map(repr, GATED_ACTIVATIONS))}, "
+                         f"got {activation!r}")
+    return GATED_ACTIVATIONS[activation]
+
+
+def _gated_backend(name, backend, x):
+    """The backend of a gated call: "triton" or "eager". The native extension has no gated epilogue, so
+    "auto" on CPU tensors (without the interpreter) runs eager, the fastest measured there."""
+    if backend == "auto":
+        return "triton" if x.is_cuda or (x.device.type == "cpu" and INTERPRETED) else "eager"
+    if backend in ("cublaslt", "cpu"):
+        raise ValueError(f"{name}: backend={backend!r} has no gated (act(gate) * up) epilogue; use 'triton', "
+                         f"'eager' or 'auto'")
+    return _resolve_backend(name, backend, x, 1, 1, IDENTITY)
+
+
+def _check_gated(name, x, gate, up, gate_bias, up_bias):
+    """gate and up [F, K] of x's dtype and device, their biases [F] or both None."""
+    _check_linear(name, x, gate, gate_bias)
+    _check_tensor(name, "up", up)
+    if up.dtype != gate.dtype or up.device != gate.device:
+        raise TypeError(f"{name}: up is {up.dtype} on {up.device} but gate is {gate.dtype} on {gate.device}")
+    if tuple(up.shape) != tuple(gate.shape):
+        raise ValueError(f"{name}: up has shape {tuple(up.shape)} but gate has {tuple(gate.shape)}; they hold "
+                         f"the same hidden features")
+    if (gate_bias is None) != (up_bias is None):
+        raise ValueError(f"{name}: gate and up both have a bias or both lack one")
+    if up_bias is not None:
+        _check_linear(name, x, up, up_bias)
+
+
+def linear_glu(x, weight, bias=None, *, activation="silu", backend="auto"):
+    """`act(g) * u` with `[g, u] = F.linear(x, weight, bias).chunk(2, -1)`, in one launch: the gated
+    MLP's column stage (SwiGLU with "silu", GeGLU with "gelu_tanh").
+
+    Args:
+        x: [..., in_features], float16, bfloat16 or float32.
+        weight: [2F, in_features] holding [gate; up]: rows 0 to F-1 are the gate's, rows F to 2F-1 the
+            up's (in tensor parallelism, one rank's [gate_r; up_r]: the same features of both).
+        bias: [2F] ([gate bias; up bias]) or None.
+        activation: "silu", "gelu" (exact) or "gelu_tanh".
+        backend: "auto" (Triton on CUDA tensors or under the interpreter, else eager), "triton" or "eager".
+
+    Returns:
+        [..., F] in x's dtype. Differentiable in x, weight and bias.
+    """
+    name = "linear_glu"
+    code = _gated_activation(name, activation)
+    _check_linear(name, x, weight, bias)
+    if weight.shape[0] % 2:
+        raise ValueError(f"{name}: weight has {weight.shape[0]} rows, an odd number; it holds [gate; up], 2F rows "
+                         f"of {weight.shape[1]} in_features")
+    F_ = weight.shape[0] // 2
+    gate, up = weight[:F_], weight[F_:]
+    gate_bias, up_bias = (None, None) if bias is None else (bias[:F_], bias[F_:])
+    return _glu(name, x, gate, up, gate_bias, up_bias, code, backend)
+
+
+def _glu(name, x, gate, up, gate_bias, up_bias, code, backend):
+    chosen = _gated_backend(name, backend, x)
+    if chosen == "eager":
+        return reference.glu(x, gate, up, gate_bias, up_bias, code)
+    rows = x if x.dim() == 2 else _rows(x)
+    if not _needs_grad(x, gate, up, gate_bias, up_bias) and direct_call_ok(x, gate, up, gate_bias, up_bias):
+        h, _ = custom_ops_gated.fused_glu_impl(rows, gate, up, gate_bias, up_bias, code, False)
+    else:
+        store = _needs_grad(x, gate, up, gate_bias, up_bias)
+        h, _ = torch.ops.tpkernels.fused_glu(rows, gate, up, gate_bias, up_bias, code, store)
+    return h if x.dim() == 2 else h.view(*x.shape[:-1], gate.shape[0])
+
+
+def glu_mlp_shard(x, gate, up, gate_bias, up_bias, w2, b2, *, activation="silu", residual=None, owner=True,
+                  out_dtype=None, backend="auto"):
+    """One rank's share of `down(act(gate(x)) * up(x))`: the gated column stage, then the row stage's
+    partial sum. Summing the partials of all ranks (one all-reduce) gives the gated MLP.
+
+    Per-rank shapes: x [..., K], gate and up [F_r, K] (the same hidden features of both), their biases
+    [F_r] or None, w2 [N, F_r], b2 [N] or None -> partial [..., N]. The forward is two launches (the gated
+    one, then `linear_partial`'s); the backward puts act and its derivative in the epilogue of the GEMM
+    that makes dH: [dG | dU] = [dH * u * act'(g), dH * act(g)], then one GEMM each for dX, [dWg; dWu], dW2.
+
+    Args:
+        activation: "silu", "gelu" or "gelu_tanh".
+        residual, owner, out_dtype: as in `linear_partial`: b2 and residual only where `owner`.
+        backend: as in `linear_glu`.
+
+    Returns:
+        [..., N] partial sum, differentiable in every tensor argument.
+    """
+    name = "glu_mlp_shard"
+    code = _gated_activation(name, activation)
+    _check_gated(name, x, gate, up, gate_bias, up_bias)
+    _check_tensor(name, "w2", w2)
+    if w2.dim() != 2 or w2.shape[1] != gate.shape[0]:
+        raise ValueError(f"{name}: w2 has shape {tuple(w2.shape)} but gate {tuple(gate.shape)} makes "
+                         f"{gate.shape[0]} hidden features; w2 must be [out_features, {gate.shape[0]}]")
+    _check_linear(name, x.new_empty((0, gate.shape[0])), w2, b2)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
+    out_shape = (*x.shape[:-1], w2.shape[0])
+    if residual is not None:
+        _check_tensor(name, "residual", residual)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the output is {out_shape}")
+        if residual.dtype not in (x.dtype, out_dtype):
+            raise TypeError(f"{name}: residual.dtype is {residual.dtype}; expected {x.dtype} or {out_dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
+    chosen = _gated_backend(name, backend, x)
+    if chosen == "eager":
+        h = reference.glu(x, gate, up, gate_bias, up_bias, code)
+        return reference.linear_partial(h, w2, b2, residual=residual, owner=owner, out_dtype=out_dtype)
+    store = _needs_grad(x, gate, up, gate_bias, up_bias, w2, b2, residual)
+    rows = x.dim() == 2
+    args = (x if rows else _rows(x), gate, up, gate_bias, up_bias, w2, b2,
+            residual if rows or residual is None else _rows(residual), code, bool(owner), out_dtype, store)
+    if not store and direct_call_ok(x, gate, up, gate_bias, up_bias, w2, b2, residual):
+        out, _, _ = custom_ops_gated.glu_mlp_shard_impl(*args)
+    else:
+        out, _, _ = torch.ops.tpkernels.glu_mlp_shard(*args)
+    return out if rows else out.view(out_shape)

@@ -5,17 +5,27 @@ Also what CPU tensors run when the Triton interpreter is off. Shapes are those o
     linear_gelu     x [..., K], weight [N, K], bias [N]                -> [..., N]
     linear_partial  x_shard_k [..., K_r], weight_shard_k [N, K_r], ... -> partial [..., N]
     fp8_linear      x_q [M, K] fp8, w_q [N, K] fp8, their dequantizing scales -> (out, preact, amax)
+    glu             x [..., K], gate [F, K], up [F, K], their biases [F]      -> act(x Wg.T + bg) * (x Wu.T + bu)
 """
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "gelu", "gelu_tanh")  # indexed by the kernels' ACTIVATION codes
+ACTIVATIONS = ("identity", "gelu", "gelu_tanh", "silu")  # indexed by the kernels' ACTIVATION codes
 
 
 def activation(z, code):
     if code == 0:
         return z
+    if code == 3:
+        return F.silu(z)
     return F.gelu(z, approximate="tanh" if code == 2 else "none")
+
+
+def activation_backward(grad, z, code):
+    """grad * act'(z), as eager autograd computes it."""
+    if code == 3:
+        return torch.ops.aten.silu_backward(grad, z)
+    return torch.ops.aten.gelu_backward(grad, z, approximate="tanh" if code == 2 else "none")
 
 
 def linear_gelu(x, weight, bias=None, approximate="none"):
@@ -68,7 +78,7 @@ def fused_linear_backward(grad, x, weight, preact, act, need_dx, need_dw, need_d
     """Eager gradients of `fused_linear` for x [M, K], weight [N, K], bias [N]; None where not needed."""
     grad = grad.to(x.dtype)
     if act != 0:
-        grad = torch.ops.aten.gelu_backward(grad, preact, approximate="tanh" if act == 2 else "none")
+        grad = activation_backward(grad, preact, act)
     dx = grad @ weight if need_dx else None
     dw = grad.t() @ x if need_dw else None
     db = grad.sum(0, dtype=torch.float32).to(x.dtype) if need_db else None
@@ -125,6 +135,20 @@ def mlp_shard_backward(grad, x, w1, w2, h, z, act, needs):
     return dx, dw1, db1, dw2, db2
 
 
+def glu(x, gate, up, gate_bias, up_bias, act):
+    """Eager act(x @ gate.T + gate_bias) * (x @ up.T + up_bias): the gated MLP's column stage (one rank's
+    [gate_r; up_r] in tensor parallelism), differentiable as eager autograd makes it."""
+    return activation(F.linear(x, gate, gate_bias), act) * F.linear(x, up, up_bias)
+
+
+def glu_backward(grad, gu, act):
+    """[dG | dU] [M, 2F] for dH = grad [M, F] and the stored [g | u] [M, 2F]: dG = dH * u * act'(g),
+    dU = dH * act(g)."""
+    g, u = gu.float().chunk(2, dim=-1)
+    grad = grad.float()
+    return torch.cat([activation_backward(grad * u, g, act), grad * activation(g, act)], dim=-1).to(gu.dtype)
+
+
 class MLP(torch.nn.Module):
     """The dense model that `TensorParallelMLP` shards: fc2(gelu(fc1(x))), built fc1 first, then fc2."""
 
@@ -138,3 +162,21 @@ class MLP(torch.nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
+
+
+class GatedMLP(torch.nn.Module):
+    """The dense model that `TensorParallelGatedMLP` shards, with the names of Llama's MLP:
+    down_proj(act(gate_proj(x)) * up_proj(x)), built gate_proj, up_proj, down_proj in that order."""
+
+    def __init__(self, in_features, hidden_features, out_features=None, bias=False, activation="silu",
+                 device=None, dtype=None):
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        self.gate_proj = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
+        self.up_proj = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
+        self.down_proj = torch.nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
+        self.activation = activation
+
+    def forward(self, x):
+        code = {"gelu": 1, "gelu_tanh": 2, "silu": 3}[self.activation]
+        return self.down_proj(activation(self.gate_proj(x), code) * self.up_proj(x))

@@ -17,7 +17,7 @@ from tpkernels.kernels.configs import (
     split_k,
     splitk_configs,
 )
-from tpkernels.kernels.matmul import GELU, GELU_TANH, IDENTITY, INTERPRETED, _dgelu_kernel, _matmul_kernel
+from tpkernels.kernels.matmul import GELU, GELU_TANH, GLU, IDENTITY, INTERPRETED, SILU, _dgelu_kernel, _matmul_kernel
 from tpkernels.kernels.fp8 import _quantize_kernel, _scale_update_kernel
 from tpkernels.kernels.matmul_splitk import _matmul_splitk_kernel
 from tpkernels.kernels.matmul_tma import _matmul_tma_persistent_kernel
@@ -28,6 +28,7 @@ __all__ = [
     "DGELU_NUM_WARPS",
     "GELU",
     "GELU_TANH",
+    "GLU",
     "GPU_CONFIGS",
     "IDENTITY",
     "INTERPRETED",
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_SPLIT_K",
     "SPLITK_CONFIGS",
     "MatmulConfig",
+    "SILU",
     "TMA_CONFIGS",
     "_dgelu_kernel",
     "_matmul_kernel",

@@ -46,12 +46,13 @@ class MatmulConfig:
         """How many slices the epilogue runs in (`epilogue_slices`)."""
         return epilogue_slices(self.epilogue_subtile, bool(grad_activation))
 
-    def shared_bytes(self, element_size, store_element_size=0, slices=1):
-        """Shared memory the kernel needs: num_stages buffers of an A and a B tile, and for a TMA store
-        the staging buffer of one epilogue slice of C (`store_element_size` bytes an element). The
+    def shared_bytes(self, element_size, store_element_size=0, slices=1, b_tiles=1):
+        """Shared memory the kernel needs: num_stages buffers of an A and `b_tiles` B tiles (2 for the gated
+        kernel's gate and up), and for a TMA store the staging buffer of one epilogue slice of C
+        (`store_element_size` bytes an element). The
         compiler may add scratch; the compile report holds what it allocates to the device's limit for
         every config this estimate keeps."""
-        pipeline = self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
+        pipeline = self.num_stages * (self.block_m + b_tiles * self.block_n) * self.block_k * element_size
         return pipeline + self.block_m * (self.block_n // slices) * store_element_size
 
 
@@ -141,11 +142,13 @@ def shared_memory_limit(capability):
     return SHARED_MEMORY_LIMIT.get(tuple(capability), SHARED_MEMORY_LIMIT_FALLBACK)
 
 
-def prune(configs, element_size, limit, store_element_size=0, grad_activation=False):
+def prune(configs, element_size, limit, store_element_size=0, grad_activation=False, gated=False):
     """The configs whose shared memory fits `limit` bytes (operands of `element_size` bytes; a TMA store
-    of C elements of `store_element_size`); the smallest when none does, so that a launch has a config."""
+    of C elements of `store_element_size`; two B tiles when `gated`); the smallest when none does, so that
+    a launch has a config."""
     def need(c):
-        return c.shared_bytes(element_size, store_element_size, c.epilogue_slices(grad_activation))
+        return c.shared_bytes(element_size, store_element_size, c.epilogue_slices(grad_activation),
+                              2 if gated else 1)
 
     kept = [c for c in configs if need(c) <= limit]
     return kept or [min(configs, key=need)]

@@ -34,6 +34,13 @@ from tpkernels.kernels.configs import epilogue_slices
 IDENTITY = 0
 GELU = 1  # exact: 0.5 x (1 + erf(x / sqrt 2))
 GELU_TANH = 2  # torch's tanh approximation
+SILU = 3  # x * sigmoid(x)
+# GLU + an activation code: the gated forms. ACTIVATION = GLU + act makes C = act(A @ B_gate + b_gate) *
+# (A @ B_up + b_up), where B_gate is the [K, N] operand B and B_up lies N columns further (b + N * stride_bn:
+# the rows F to 2F of a [2F, K] weight [gate; up]), its bias N further too; a stored pre-activation holds g
+# and, N columns further, u. GRAD_ACTIVATION = GLU + act takes C's product as dH and z as [g | u] (u N
+# columns further), and stores dG = dH * u * act'(g) in C and dU = dH * act(g) N columns further.
+GLU = 4
 
 # Globals a kernel reads must be tl.constexpr instances (an annotation alone fails to compile). Keep
 # them right of a tensor in products: the interpreter cannot multiply a constexpr by a tensor.
@@ -78,24 +85,45 @@ def _gelu_tanh_grad(x):
 
 
 @triton.jit
+def _sigmoid(x):
+    # exp(-x) overflows to inf for x below about -88: 1 / inf is 0, never NaN.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _silu(x):
+    return x * _sigmoid(x)
+
+
+@triton.jit
+def _silu_grad(x):
+    s = _sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
-    tl.static_assert(ACTIVATION == 0 or ACTIVATION == 1 or ACTIVATION == 2,
-                     "ACTIVATION is IDENTITY (0), GELU (1) or GELU_TANH (2)")
+    tl.static_assert(ACTIVATION >= 0 and ACTIVATION <= 3,
+                     "ACTIVATION is IDENTITY (0), GELU (1), GELU_TANH (2) or SILU (3)")
     if ACTIVATION == 1:
         x = _gelu(x)
     elif ACTIVATION == 2:
         x = _gelu_tanh(x)
+    elif ACTIVATION == 3:
+        x = _silu(x)
     return x
 
 
 @triton.jit
 def _activation_grad(x, ACTIVATION: tl.constexpr):
     # IDENTITY has no gradient epilogue: the caller skips the multiply instead of multiplying by 1.
-    tl.static_assert(ACTIVATION == 1 or ACTIVATION == 2, "a gradient epilogue is GELU (1) or GELU_TANH (2)")
+    tl.static_assert(ACTIVATION >= 1 and ACTIVATION <= 3, "a gradient epilogue is GELU (1), GELU_TANH (2) or SILU (3)")
     if ACTIVATION == 1:
         g = _gelu_grad(x)
-    else:
+    elif ACTIVATION == 2:
         g = _gelu_tanh_grad(x)
+    else:
+        g = _silu_grad(x)
     return g
 
 
@@ -189,7 +217,7 @@ def _halves(acc, HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 
 @triton.jit
 def _epilogue(
-    acc, start_m, start_n, M, N,
+    acc, acc_up, start_m, start_n, M, N,
     c, bias_ptr, residual, preact, z, scales,
     ACTIVATION: tl.constexpr, GRAD_ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, STORE_PREACT: tl.constexpr, SCALED: tl.constexpr, QUANTIZE: tl.constexpr,
@@ -198,10 +226,12 @@ def _epilogue(
     EPILOGUE_SUBTILE: tl.constexpr,
 ):
     """act(acc + bias) * act'(z) + residual for the [BLOCK_M, BLOCK_N] fp32 accumulator of the tile at
-    (start_m, start_n), stored through a pointer or, with C_IS_DESCRIPTOR, a TMA descriptor.
+    (start_m, start_n), stored through a pointer or, with C_IS_DESCRIPTOR, a TMA descriptor. With a gated
+    ACTIVATION (GLU + act), act(acc + bias) * (acc_up + bias_up); with a gated GRAD_ACTIVATION, dG and dU
+    from the dH in acc (see GLU). acc_up is acc itself when the activation is not gated.
 
-    It runs on `epilogue_slices(EPILOGUE_SUBTILE, dGELU)` slices along N, one at a time, so that its
-    temporaries never hold the whole tile live. Each 2-D operand (c, residual, preact, z) travels as
+    It runs on `epilogue_slices(EPILOGUE_SUBTILE, dGELU or gated)` slices along N, one at a time, so that
+    its temporaries never hold the whole tile live. Each 2-D operand (c, residual, preact, z) travels as
     (pointer, stride along M, stride along N), so its strides cannot be given to another; callers pass
     every argument after N by keyword.
 
@@ -213,7 +243,12 @@ def _epilogue(
     """
     c_ptr, stride_cm, stride_cn = c
     a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr = scales
+    GATED: tl.constexpr = ACTIVATION >= 4
+    GATED_GRAD: tl.constexpr = GRAD_ACTIVATION >= 4
     tl.static_assert(not (QUANTIZE and C_IS_DESCRIPTOR), "a TMA store of C is 16-bit")
+    tl.static_assert(not ((GATED or GATED_GRAD) and C_IS_DESCRIPTOR), "a gated epilogue stores through pointers")
+    tl.static_assert(not (GATED_GRAD and (HAS_RESIDUAL or QUANTIZE or STORE_AMAX or GATED)),
+                     "the gated gradient epilogue has no residual, fp8 store or activation")
     if SCALED:
         ab_scale = tl.load(a_scale_ptr) * tl.load(b_scale_ptr)
     if QUANTIZE:
@@ -223,19 +258,29 @@ def _epilogue(
     residual_ptr, stride_rm, stride_rn = residual
     preact_ptr, stride_pm, stride_pn = preact
     z_ptr, stride_zm, stride_zn = z
-    SLICES: tl.constexpr = epilogue_slices(EPILOGUE_SUBTILE, GRAD_ACTIVATION != 0)
+    # The up half lies N columns past the gate half in every gated operand (64-bit: 2N columns may pass 2^31).
+    n_64 = tl.cast(N, tl.int64)
+    SLICES: tl.constexpr = epilogue_slices(EPILOGUE_SUBTILE, GRAD_ACTIVATION != 0 or GATED)
     tl.static_assert(SLICES == 1 or SLICES == 2 or SLICES == 4, "the epilogue runs in 1, 2 or 4 slices")
     SLICE_N: tl.constexpr = BLOCK_N // SLICES
     # `tl.split` halves a tile statically, so 4 slices are the halves of each half, and each half is split
     # only when its turn comes (the other half's quarters are not yet live).
     HALVES: tl.constexpr = 1 if SLICES == 1 else 2
     halves = _halves(acc, HALVES, BLOCK_M, BLOCK_N)
+    if GATED:
+        halves_up = _halves(acc_up, HALVES, BLOCK_M, BLOCK_N)
     for h in tl.static_range(HALVES):
         quarters = _halves(halves[h], SLICES // HALVES, BLOCK_M, BLOCK_N // HALVES)
+        if GATED:
+            quarters_up = _halves(halves_up[h], SLICES // HALVES, BLOCK_M, BLOCK_N // HALVES)
         for q in tl.static_range(SLICES // HALVES):
             out = quarters[q]
+            if GATED:
+                up = quarters_up[q]
             if SCALED:
                 out = out * ab_scale
+                if GATED:
+                    up = up * ab_scale
             slice_n = start_n + (h * (SLICES // HALVES) + q) * SLICE_N
             offs_m = start_m + tl.arange(0, BLOCK_M)
             offs_n = slice_n + tl.arange(0, SLICE_N)
@@ -244,15 +289,27 @@ def _epilogue(
             if HAS_BIAS:
                 bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
                 out += bias.to(tl.float32)[None, :]
+                if GATED:
+                    up += tl.load(bias_ptr + n_64 + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if STORE_PREACT:
-                pre = _cast_for_store(out, preact_ptr.dtype.element_ty, EMULATE_BF16)
-                tl.store(preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn, pre,
-                         mask=mask)
-            out = _activation(out, ACTIVATION)
+                preact_ptrs = preact_ptr + offs_m[:, None] * stride_pm + offs_n[None, :] * stride_pn
+                tl.store(preact_ptrs, _cast_for_store(out, preact_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+                if GATED:
+                    tl.store(preact_ptrs + n_64 * stride_pn, _cast_for_store(up, preact_ptr.dtype.element_ty,
+                                                                            EMULATE_BF16), mask=mask)
+            out = _activation(out, ACTIVATION % 4)
+            if GATED:
+                out = out * up
             if GRAD_ACTIVATION != 0:
-                zs = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask,
-                             other=0.0)
-                out = out * _activation_grad(zs.to(tl.float32), GRAD_ACTIVATION)
+                z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+                zs = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+                if GATED_GRAD:  # out is dH: dU = dH * act(g) N columns on, dG = dH * u * act'(g) here
+                    us = tl.load(z_ptrs + n_64 * stride_zn, mask=mask, other=0.0).to(tl.float32)
+                    du = out * _activation(zs, GRAD_ACTIVATION % 4)
+                    tl.store(c_ptr + offs_m[:, None] * stride_cm + (n_64 + offs_n)[None, :] * stride_cn,
+                             _cast_for_store(du, c_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+                    out = out * us
+                out = out * _activation_grad(zs, GRAD_ACTIVATION % 4)
             if HAS_RESIDUAL:
                 res = tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
                               other=0.0)
@@ -274,11 +331,13 @@ def _epilogue(
 
 @triton.jit
 def _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length,
-                  stride_am, stride_ak, stride_bk, stride_bn,
+                  stride_am, stride_ak, stride_bk, stride_bn, GATED: tl.constexpr,
                   INPUT_PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr, EMULATE_BF16: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The fp32 product of the tile (pid_m, pid_n) over K from k_start, k_length long: A's rows of the tile
-    times B's columns. The pointer kernel runs it over all of K, the split-K kernel over its split."""
+    times B's columns. The pointer kernel runs it over all of K, the split-K kernel over its split.
+    Returns (acc, acc_up): with GATED, acc_up is the product with B's columns N further on (the up half),
+    sharing each loaded A tile; else acc twice."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Clamped rather than masked: edge rows and columns read valid memory and are never stored, so the
@@ -296,13 +355,21 @@ def _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length,
 
     # The plain GEMM's mainloop (benchmarks/plain_gemm.py repeats it on purpose, as the yardstick).
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GATED:
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up_offset = tl.cast(N, tl.int64) * stride_bn
     for k_remaining in range(k_length, 0, -BLOCK_K):
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_remaining, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < k_remaining, other=0.0)
         acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
+        if GATED:
+            b_up = tl.load(b_ptrs + up_offset, mask=offs_k[:, None] < k_remaining, other=0.0)
+            acc_up = _dot(a, b_up, acc_up, INPUT_PRECISION, EMULATE_BF16)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    return acc
+    if not GATED:
+        acc_up = acc
+    return acc, acc_up
 
 
 @triton.jit
@@ -333,10 +400,11 @@ def _matmul_kernel(
     if INT64_OFFSETS:
         pid_m = pid_m.to(tl.int64)
         pid_n = pid_n.to(tl.int64)
-    acc = _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, 0, K, stride_am, stride_ak, stride_bk, stride_bn,
-                        INPUT_PRECISION, INT64_OFFSETS, EMULATE_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc, acc_up = _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, 0, K, stride_am, stride_ak, stride_bk,
+                                stride_bn, ACTIVATION >= 4, INPUT_PRECISION, INT64_OFFSETS, EMULATE_BF16,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
 
-    _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+    _epilogue(acc, acc_up, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
               c=(c_ptr, stride_cm, stride_cn), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
               preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
               scales=(a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr),
@@ -373,16 +441,31 @@ def _dgelu_kernel(
     GRAD_ACTIVATION: tl.constexpr, STORE_COLSUM: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dZ = dY * act'(z), and colsum[pid_m, n] = sum of this row block's dZ[:, n] in fp32 (for db)."""
+    """dZ = dY * act'(z), and colsum[pid_m, n] = sum of this row block's dZ[:, n] in fp32 (for db).
+
+    With a gated GRAD_ACTIVATION (GLU + act): z is [g | u] and dZ is [dG | dU], each u and dU N columns
+    past g and dG, colsum 2N wide: dG = dY * u * act'(g), dU = dY * act(g)."""
+    GATED: tl.constexpr = GRAD_ACTIVATION >= 4
     pid_m, offs_m, offs_n, mask_n, mask = _elementwise_block(M, N, INT64_OFFSETS, BLOCK_M, BLOCK_N)
     dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
-    z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn, mask=mask, other=0.0)
-    dz = dy.to(tl.float32) * _activation_grad(z.to(tl.float32), GRAD_ACTIVATION)
+    z_ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_n[None, :] * stride_zn
+    dz_ptrs = dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn
+    z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+    dz = dy.to(tl.float32) * _activation_grad(z, GRAD_ACTIVATION % 4)
+    if GATED:
+        n_64 = tl.cast(N, tl.int64)
+        u = tl.load(z_ptrs + n_64 * stride_zn, mask=mask, other=0.0).to(tl.float32)
+        du = tl.where(mask, dy.to(tl.float32) * _activation(z, GRAD_ACTIVATION % 4), 0.0)
+        tl.store(dz_ptrs + n_64 * stride_dzn, _cast_for_store(du, dz_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+        dz = dz * u
     dz = tl.where(mask, dz, 0.0)
-    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_n[None, :] * stride_dzn,
-             _cast_for_store(dz, dz_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
+    tl.store(dz_ptrs, _cast_for_store(dz, dz_ptr.dtype.element_ty, EMULATE_BF16), mask=mask)
     if STORE_COLSUM:
-        tl.store(colsum_ptr + pid_m * N + offs_n, tl.sum(dz, axis=0), mask=mask_n)
+        COLUMNS: tl.constexpr = 2 if GATED else 1
+        colsum_ptrs = colsum_ptr + pid_m * (COLUMNS * N) + offs_n
+        tl.store(colsum_ptrs, tl.sum(dz, axis=0), mask=mask_n)
+        if GATED:
+            tl.store(colsum_ptrs + N, tl.sum(du, axis=0), mask=mask_n)
 
 
 # Set when TRITON_INTERPRET=1 was in the environment as triton decorated the kernel: CPU tensors can

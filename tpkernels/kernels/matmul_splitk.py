@@ -63,25 +63,39 @@ def _matmul_splitk_kernel(
     k_tiles_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = split * k_tiles_per_split * BLOCK_K
     k_length = tl.minimum(K - k_start, k_tiles_per_split * BLOCK_K)
-    acc = _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length, stride_am, stride_ak, stride_bk,
-                        stride_bn, INPUT_PRECISION, INT64_OFFSETS, EMULATE_BF16, BLOCK_M, BLOCK_N, BLOCK_K)
+    GATED: tl.constexpr = ACTIVATION >= 4
+    acc, acc_up = _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length, stride_am, stride_ak,
+                                stride_bk, stride_bn, GATED, INPUT_PRECISION, INT64_OFFSETS, EMULATE_BF16,
+                                BLOCK_M, BLOCK_N, BLOCK_K)
 
-    # The partial of (tile, split) at workspace[tile, split], a dense [BLOCK_M, BLOCK_N] fp32 block.
+    # The partial of (tile, split) at workspace[tile, split], a dense [BLOCK_M, BLOCK_N] fp32 block (two,
+    # gate then up, when GATED).
+    PARTS: tl.constexpr = 2 if GATED else 1
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     in_bounds = (pid_m * BLOCK_M + rows < M)[:, None] & (pid_n * BLOCK_N + cols < N)[None, :]
     block = rows[:, None] * BLOCK_N + cols[None, :]
-    tile_workspace = workspace_ptr + tile_id * SPLIT_K * (BLOCK_M * BLOCK_N)
-    tl.store(tile_workspace + split * (BLOCK_M * BLOCK_N) + block, acc, mask=in_bounds)
+    tile_workspace = workspace_ptr + tile_id * SPLIT_K * (PARTS * BLOCK_M * BLOCK_N)
+    split_workspace = tile_workspace + split * (PARTS * BLOCK_M * BLOCK_N)
+    tl.store(split_workspace + block, acc, mask=in_bounds)
+    if GATED:
+        tl.store(split_workspace + BLOCK_M * BLOCK_N + block, acc_up, mask=in_bounds)
     tl.debug_barrier()  # every thread's partial is stored before the arrival below publishes them
     arrived = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
     if arrived == SPLIT_K - 1:
         total = tl.load(tile_workspace + block, mask=in_bounds, other=0.0, cache_modifier=".cg")
         for s in range(1, SPLIT_K):
-            total += tl.load(tile_workspace + s * (BLOCK_M * BLOCK_N) + block, mask=in_bounds, other=0.0,
+            total += tl.load(tile_workspace + s * (PARTS * BLOCK_M * BLOCK_N) + block, mask=in_bounds, other=0.0,
                              cache_modifier=".cg")
+        total_up = total
+        if GATED:
+            up_workspace = tile_workspace + BLOCK_M * BLOCK_N
+            total_up = tl.load(up_workspace + block, mask=in_bounds, other=0.0, cache_modifier=".cg")
+            for s in range(1, SPLIT_K):
+                total_up += tl.load(up_workspace + s * (2 * BLOCK_M * BLOCK_N) + block, mask=in_bounds, other=0.0,
+                                    cache_modifier=".cg")
         tl.store(counter_ptr + tile_id, 0)  # the next call, ordered after this one on the stream, starts at 0
-        _epilogue(total, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+        _epilogue(total, total_up, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
                   c=(c_ptr, stride_cm, stride_cn), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
                   preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
                   scales=(a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr),

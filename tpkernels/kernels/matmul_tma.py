@@ -71,7 +71,7 @@ def _matmul_tma_persistent_kernel(
         if INT64_OFFSETS:  # descriptor coordinates are 32-bit; the epilogue's pointer offsets may not be
             pid_m = pid_m.to(tl.int64)
             pid_n = pid_n.to(tl.int64)
-        _epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+        _epilogue(acc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
                   c=(c_desc, 0, 0), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
                   preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
                   scales=(a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr),
