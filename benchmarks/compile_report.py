@@ -51,7 +51,9 @@ from tpkernels.kernels import (  # noqa: E402
     DGELU_BLOCK_N,
     DGELU_NUM_WARPS,
     GELU,
+    GLU,
     IDENTITY,
+    SILU,
     _dgelu_kernel,
     _matmul_kernel,
     _quantize_kernel,
@@ -96,6 +98,12 @@ MODES = {
                             preact="bf16", fp8=True, meta=dict(GRAD_ACTIVATION=GELU, SCALED=True)),
     "wgrad_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), a_type="fp8e5", out="bf16", fp8=True,
                       meta=dict(SCALED=True)),
+    # the gated MLP (pointer and split-K kernels only): its column stage reads x once for gate and up (two
+    # accumulators; [g | u] stored for the backward), and its dH GEMM writes [dG | dU]. Their plain GEMM is
+    # one of twice the tile's width: the same MMA work per K step.
+    "gated_fwd": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), p=("D", "1"), gated=True,
+                      meta=dict(ACTIVATION=GLU + SILU, STORE_PREACT=True)),
+    "dgrad_dglu": dict(a=("D", "1"), b=("D", "1"), c=("D", "1"), z=("D", "1"), meta=dict(GRAD_ACTIVATION=GLU + SILU)),
 }
 KERNELS = ("matmul", "matmul_tma", "matmul_splitk", "dgelu", "fp8_quantize", "fp8_scale_update")
 MATMULS = ("matmul", "matmul_tma", "matmul_splitk")
@@ -105,7 +113,9 @@ ELEMENTWISE = {"dgelu": lambda dtype, target: dtype != "fp8",
                "fp8_scale_update": lambda dtype, target: dtype == "fp8" and target == "sm90"}
 # The split-K kernel serves decode shapes: every launch but dW, whose K (the tokens) is never long there.
 SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu", "column_fwd_fp8", "row_fwd_fp8",
-                "dgrad_dgelu_fp8")
+                "dgrad_dgelu_fp8", "gated_fwd", "dgrad_dglu")
+# The modes the TMA kernel has no form of (the launcher runs the pointer or split-K kernel).
+POINTER_ONLY_MODES = ("gated_fwd", "dgrad_dglu")
 EPILOGUE_DEFAULTS = dict(ACTIVATION=IDENTITY, GRAD_ACTIVATION=IDENTITY, HAS_BIAS=False, HAS_RESIDUAL=False,
                          STORE_PREACT=False, SCALED=False, QUANTIZE=False, STORE_AMAX=False, INT64_OFFSETS=False,
                          EMULATE_BF16=False)
@@ -126,9 +136,10 @@ def kernel_configs(kernel, mode, dtype, target):
         return []  # fp8 modes take fp8 operands, the others 16- or 32-bit ones
     if dtype == "fp8" and (target != "sm90" or kernel == "matmul_tma"):
         return []  # fp8 tensor cores are Hopper's (sm_89 up); the TMA kernel is 16-bit only
+    gated = MODES[mode].get("gated", False)
     if kernel == "matmul_tma":
         spec = MODES[mode]
-        if target != "sm90" or dtype == "fp32" or spec.get("out", dtype) != dtype:
+        if target != "sm90" or dtype == "fp32" or spec.get("out", dtype) != dtype or mode in POINTER_ONLY_MODES:
             return []  # the launcher's rule: Hopper, 16-bit operands and output
         return configs.prune(configs.TMA_CONFIGS, ELEMENT_SIZE[dtype], limit,
                              store_element_size=ELEMENT_SIZE[spec.get("out", dtype)],
@@ -136,8 +147,8 @@ def kernel_configs(kernel, mode, dtype, target):
     if kernel == "matmul_splitk":
         if mode not in SPLITK_MODES:
             return []
-        return configs.prune(configs.splitk_configs(capability), ELEMENT_SIZE[dtype], limit)
-    return configs.prune(configs.matmul_configs(capability), ELEMENT_SIZE[dtype], limit)
+        return configs.prune(configs.splitk_configs(capability), ELEMENT_SIZE[dtype], limit, gated=gated)
+    return configs.prune(configs.matmul_configs(capability), ELEMENT_SIZE[dtype], limit, gated=gated)
 
 
 def _signature(fn, values, pointer_types, descriptors=()):
@@ -227,7 +238,8 @@ def _matmul_tma_source(mode, dtype, config):
 
 def _plain_source(kernel, mode, dtype, config):
     spec = MODES[mode]
-    tile = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m)
+    width = 2 if spec.get("gated") else 1  # a gated tile does the MMA work of one twice as wide
+    tile = dict(BLOCK_M=config.block_m, BLOCK_N=width * config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m)
     out = spec.get("out", dtype)
     if kernel == "matmul_tma":
         a_trans, b_trans = _layout_flags(spec)

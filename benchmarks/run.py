@@ -74,7 +74,7 @@ import triton  # noqa: E402
 import tpkernels  # noqa: E402
 from tpkernels import autotune, extension, launch, ops  # noqa: E402
 
-OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp")
+OPS = ("column_fwd", "row_fwd", "column_bwd", "mlp_shard", "tp_mlp", "gated_fwd")
 PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "tpkernels_cpu", "tpkernels_cpu_packed",
              "tpkernels_packed", "eager", "torch_mm", "compile",
              "cublaslt", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "tpkernels_pointer",
@@ -107,6 +107,8 @@ HEADLINE = (
     # fp8 (issue 18's targets): the MLP step, the column forward against the bare fp8 GEMM, decode
     + [("mlp_shard", 8192, 4096, 3584, _FP8, "tanh")]
     + [("column_fwd", M, 4096, 8192, _FP8, "tanh") for M in (16, 8192)]
+    # the gated MLP's column stage (silu(x Wg) * (x Wu), N = F_r): Llama-3-8B and -70B at TP 8, decode and prefill
+    + [("gated_fwd", M, K, N, _BF16, "none") for K, N in ((4096, 1792), (8192, 3584)) for M in (1, 16, 64, 2048, 8192)]
 )
 # `--cpu-results`: the CPU backends as real results on the machine at hand, decode and prefill shapes,
 # fp32 and bf16, both GELU forms (exact: the modules' default) and the row stage with fp32 partials.
@@ -517,8 +519,49 @@ class FP8MLPShard(FP8Op):
         return None  # a forward and backward: the fp8 GEMM floor is the column op's
 
 
+class GatedForward(ColumnForward):
+    """The gated MLP's column stage, h = silu(x @ Wg.T) * (x @ Wu.T), N = F (the hidden features of the
+    shard): w is [2N, K] = [gate; up], as Llama's gate_proj and up_proj at one rank. Eager is the fair unfused
+    path: one merged GEMM (cuBLAS) writing [g | u], then silu(g) * u; torch_mm is that GEMM alone."""
+
+    def __init__(self, M, K, N, dtype, device, gelu="none"):
+        Op.__init__(self, M, K, N, dtype, device, gelu)
+        self.x = _randn(M, K, dtype=dtype, device=device)
+        self.w = _randn(2 * N, K, dtype=dtype, device=device, scale=K**-0.5)
+        self.b = None
+
+    def act(self, t):
+        g, u = t.chunk(2, dim=-1)
+        return F.silu(g) * u
+
+    def flops(self):
+        return 2 * self.M * 2 * self.N * self.K
+
+    def bytes(self):
+        return (self.M * self.K + 2 * self.N * self.K + self.M * self.N) * self.x.element_size()
+
+    def reference(self):
+        return self.act(self.x.double() @ self.w.double().t())
+
+    def run(self, provider):
+        x, w = self.x, self.w
+
+        def eager():
+            return self.act(x @ w.t())
+
+        return {
+            "tpkernels": lambda: tpkernels.linear_glu(x, w),
+            "tpkernels_triton": (lambda: tpkernels.linear_glu(x, w, backend="triton")) if x.is_cuda else None,
+            **_kernel_choices(lambda: tpkernels.linear_glu(x, w, backend="triton"), x, self.M),
+            "eager": eager,
+            "wrong": lambda: eager() * 1.1,
+            "torch_mm": lambda: x @ w.t(),
+            "compile": _compiled(eager),
+        }.get(provider)
+
+
 OP_CLASSES = {"column_fwd": ColumnForward, "row_fwd": RowForward, "column_bwd": ColumnBackward,
-              "mlp_shard": MLPShard, "tp_mlp": TPMLP}
+              "mlp_shard": MLPShard, "tp_mlp": TPMLP, "gated_fwd": GatedForward}
 FP8_OP_CLASSES = {"column_fwd": FP8ColumnForward, "row_fwd": FP8RowForward, "mlp_shard": FP8MLPShard}
 FP8 = torch.float8_e4m3fn
 
@@ -829,8 +872,9 @@ def suite(ops_wanted, shapes, smoke, dtypes, gelus, plan=None):
             if op == "tp_mlp":
                 kn = [(4096, 16384)]
             base += [(op, M, K, N) for K, N in kn for M in M_VALUES]
-    # row_fwd has no GELU: one form of it
-    return [(*p, dtype, gelu) for p in base for dtype in dtypes for gelu in (gelus if p[0] != "row_fwd" else gelus[:1])]
+    # row_fwd has no GELU, gated_fwd runs SiLU: one form of each
+    return [(*p, dtype, gelu) for p in base for dtype in dtypes
+            for gelu in (gelus if p[0] not in ("row_fwd", "gated_fwd") else gelus[:1])]
 
 
 # Providers that apply per op on a GPU, and the distinct autotuned launches (keys) of one of our calls.
@@ -840,11 +884,13 @@ _APPLIES = {"column_fwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt"
                         *KERNEL_PROVIDERS},
             "column_bwd": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm"},
             "mlp_shard": {"tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "compile"},
-            "tp_mlp": {"tpkernels", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "eager"}}
+            "tp_mlp": {"tpkernels", "tpkernels_overlap", "tpkernels_sp", "tpkernels_sp_overlap", "eager"},
+            "gated_fwd": {"tpkernels", "tpkernels_triton", "eager", "torch_mm", "compile", "tpkernels_pointer",
+                          "tpkernels_splitk"}}
 _APPLIES_FP8 = {"column_fwd": {"tpkernels", "eager", "torch_mm", *FP8_PROVIDERS},
                 "row_fwd": {"tpkernels", "eager", "torch_mm", *FP8_PROVIDERS},
                 "mlp_shard": {"tpkernels", "eager", "torch_mm", "tpkernels_fp8", "fp8_unfused"}}
-_AUTOTUNED_LAUNCHES = {"column_fwd": 1, "row_fwd": 1, "column_bwd": 2, "mlp_shard": 6, "tp_mlp": 6}
+_AUTOTUNED_LAUNCHES = {"column_fwd": 1, "row_fwd": 1, "column_bwd": 2, "mlp_shard": 6, "tp_mlp": 6, "gated_fwd": 1}
 
 
 def predicted_seconds(points, providers, rounds, host_calls):

@@ -3,7 +3,8 @@ tensor-parallel mesh, so that torch.distributed.checkpoint (DCP) saves at one wo
 another, the model and Adam's state exactly, then trains on as the dense model does; FSDP2 on the dp
 dimension over the layers on tp (dp 2 x tp 2), its checkpoint resumed on dp 2 x tp 2 and on tp 2 alone;
 a parallelized transformers model through DCP; a DeviceMesh wherever a process group is taken; and the
-fp8 scaling state saved as the group's max.
+fp8 scaling state saved as the group's max. The net holds a gated MLP too: its gate and up are each their
+own Shard(0) DTensor, so a resharded checkpoint pairs every gate feature with its own up feature.
 
 Every phase runs in its own spawn (a world size is a set of processes), the checkpoint in a folder the
 test owns; the dense model trains in the test process on the same data."""
@@ -14,38 +15,43 @@ import torch
 from torch import nn
 
 from spawn import run_ranks
-from tpkernels import ColumnParallelLinear, FP8Recipe, RowParallelLinear, TensorParallelMLP
+from tpkernels import ColumnParallelLinear, FP8Recipe, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP
 from tpkernels import distributed as tpd
 from tpkernels.dtensor import local
 
 IN, HIDDEN, MID, OUT = 6, 10, 9, 6  # 10 and 9 split unevenly over 3 and 4 ranks (torch.chunk: 4, 4, 2)
+GATED = 7  # the gated MLP's hidden width: 3, 3, 1 on 3 ranks
 ROWS = 8  # the global batch
 LR = 1e-2
 
 
 class Net(nn.Module):
-    """Every layer kind: the MLP (one op for both shards), then a column layer with GELU and a row layer."""
+    """Every layer kind: the MLP (one op for both shards), the gated MLP, then a column layer with GELU and a
+    row layer."""
 
     def __init__(self, process_group=None, device=None, fp8=None):
         super().__init__()
         options = dict(process_group=process_group, device=device)
         self.mlp = TensorParallelMLP(IN, HIDDEN, OUT, **options, fp8=fp8)
+        self.gated = TensorParallelGatedMLP(OUT, GATED, OUT, bias=True, **options)
         self.up = ColumnParallelLinear(OUT, MID, activation="gelu", **options)
         self.down = RowParallelLinear(MID, OUT, **options)
 
     def forward(self, x):
-        return self.down(self.up(self.mlp(x)))
+        return self.down(self.up(self.gated(self.mlp(x))))
 
 
 def _dense():
     from tpkernels import reference
 
     torch.manual_seed(0)
-    return nn.ModuleDict(dict(mlp=reference.MLP(IN, HIDDEN, OUT), up=nn.Linear(OUT, MID), down=nn.Linear(MID, OUT)))
+    mlp = reference.MLP(IN, HIDDEN, OUT)
+    gated = reference.GatedMLP(OUT, GATED, OUT, bias=True)
+    return nn.ModuleDict(dict(mlp=mlp, gated=gated, up=nn.Linear(OUT, MID), down=nn.Linear(MID, OUT)))
 
 
 def _dense_forward(dense, x):
-    h = dense["mlp"](x)
+    h = dense["gated"](dense["mlp"](x))
     return dense["down"](torch.nn.functional.gelu(dense["up"](h)))
 
 
@@ -75,6 +81,7 @@ def _dense_run(steps):
 def _full(model):
     """The dense state dict of a Net (a collective): fc names as the dense ModuleDict's."""
     state = {f"mlp.{k}": v for k, v in model.mlp.full_state_dict().items()}
+    state.update({f"gated.{k}": v for k, v in model.gated.full_state_dict().items()})
     for name in ("up", "down"):
         state.update({f"{name}.{k}": v for k, v in getattr(model, name).full_state_dict().items()})
     return {k: v.detach().cpu() for k, v in state.items()}  # copies: full_state_dict's own
@@ -111,7 +118,7 @@ def _build(device, mesh_shape=None):
 
     mesh = init_device_mesh(device, mesh_shape, mesh_dim_names=("dp", "tp"))
     model = Net(process_group=mesh["tp"], device=device)
-    for layer in (model.mlp, model.up, model.down):
+    for layer in (model.mlp, model.gated, model.up, model.down):
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
     return model, torch.optim.Adam(model.parameters(), lr=LR), mesh

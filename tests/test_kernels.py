@@ -14,7 +14,7 @@ import triton.language as tl
 from numerics import DEVICES, assert_close_to_ref, matmul_reference, randn
 from spawn import run_python
 from tpkernels import MatmulConfig, autotune, launch, ops, pin_config
-from tpkernels.kernels import (GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, SPLITK_CONFIGS, TMA_CONFIGS,
+from tpkernels.kernels import (GELU, GELU_TANH, GPU_CONFIGS, IDENTITY, INTERPRETER_CONFIG, SILU, SPLITK_CONFIGS, TMA_CONFIGS,
                                matmul)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
@@ -48,7 +48,7 @@ def test_activation_codes_are_checked_statically():
     neither may silently run the tanh derivative."""
     x = torch.randn(8)
     y, dy = torch.empty_like(x), torch.empty_like(x)
-    for code in (IDENTITY, 3):
+    for code in (IDENTITY, 7):
         with pytest.raises(Exception, match="GELU"):
             _elementwise_kernel[(1,)](x, y, dy, 8, ACTIVATION=code, BLOCK=8)
 
@@ -70,6 +70,22 @@ def test_gelu_and_its_derivative_match_fp64(device, approximate):
     finite = ref_grad.isfinite()
     assert torch.equal(dy.isnan(), ~finite)
     assert (dy[finite].double() - ref_grad[finite]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silu_and_its_derivative_match_fp64(device):
+    """SiLU, the gated MLP's activation, and its derivative: within 1e-6 of fp64 (relative to max(1, |x|))
+    wherever fp64 is finite; no overflow to NaN at large |x| (exp(-x) = inf gives sigmoid 0)."""
+    x64 = _gelu_values(device)
+    x64 = x64[x64.isfinite()].requires_grad_()
+    ref = F.silu(x64)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x64)
+    x = x64.detach().float()
+    y, dy = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    _elementwise_kernel[(triton.cdiv(x.numel(), 256),)](x, y, dy, x.numel(), ACTIVATION=SILU, BLOCK=256)
+    scale = x64.detach().abs().clamp(min=1)
+    assert ((y.double() - ref.detach()).abs() / scale).max().item() < 1e-6
+    assert ((dy.double() - ref_grad).abs()).max().item() < 1e-6
 
 
 def _run(a, b, *, device, out_dtype=None, bias=None, residual=None, activation=IDENTITY, store_preact=False,

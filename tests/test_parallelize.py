@@ -1,8 +1,9 @@
 """parallelize, load_sharded and save_sharded on real `transformers` model code (GPT-2 with Conv1D,
 GPT-NeoX, BERT with its MLP split across two sibling modules), built from small random configs, on 1 to
 3 gloo ranks: logits, every parameter's gradient and one SGD step against the dense model, a save that
-`transformers` loads, and a sharded load that reads about 1/W of the MLP weights. Plus blocks the
-search must leave alone, and a plan."""
+`transformers` loads, and a sharded load that reads about 1/W of the MLP weights. The gated families
+(Llama, Mistral, Qwen2, Gemma, Phi-3 with its merged gate_up_proj) the same way, their blocks replaced
+whole. Plus blocks the search must leave alone (gated look-alikes among them), and a plan."""
 import copy
 import functools
 import os
@@ -15,7 +16,8 @@ from torch import nn
 
 from numerics import assert_close_to_ref
 from spawn import check_scenario, rank_setups, run_scenarios
-from tpkernels import ColumnParallelLinear, RowParallelLinear, empty_parameters, parallelize
+from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, empty_parameters, parallelize
+from tpkernels import custom_ops_gated
 from tpkernels.checkpoint import shard_slice, load_sharded, save_sharded
 from tpkernels.dtensor import local
 
@@ -40,6 +42,20 @@ def _families():
         "bert": (t.BertForMaskedLM, t.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=2,
                                                  intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=32,
                                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **quiet)),
+    }
+
+
+def _gated_families():
+    t = transformers
+    common = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=2,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32, bos_token_id=0,
+                  eos_token_id=0, pad_token_id=0)
+    return {
+        "llama": (t.LlamaForCausalLM, t.LlamaConfig(**common), "silu"),
+        "mistral": (t.MistralForCausalLM, t.MistralConfig(**common), "silu"),
+        "qwen2": (t.Qwen2ForCausalLM, t.Qwen2Config(**common), "silu"),
+        "gemma": (t.GemmaForCausalLM, t.GemmaConfig(head_dim=8, **common), "gelu_tanh"),
+        "phi3": (t.Phi3ForCausalLM, t.Phi3Config(**common), "silu"),
     }
 
 
@@ -137,6 +153,89 @@ def real_models(rank, world):
     return read
 
 
+def gated_models(rank, world):
+    """Each gated family: every MLP block replaced whole (a true report), logits and the other parameters'
+    gradients against the dense model, a save that `transformers` loads back to the dense weights (Phi-3's
+    merged gate_up_proj included), and a sharded load into a model built on meta (Phi-3: two slice reads
+    per rank of the merged tensor) that reads about 1/W of the sharded bytes."""
+    device = torch.get_default_device()
+    read = {}
+    for family, (cls, config, activation) in _gated_families().items():
+        torch.manual_seed(6)
+        dense = cls(config)
+        tp = copy.deepcopy(dense)
+        report = parallelize(tp)
+        assert len(report.replaced) == LAYERS and not report.left_alone, str(report)
+        assert all(r["gated"] and r["activation"] == activation for r in report.replaced), str(report)
+        blocks = [m for m in tp.modules() if isinstance(m, TensorParallelGatedMLP)]
+        assert len(blocks) == LAYERS and not any(isinstance(m, nn.Linear) and FFN in (m.in_features, m.out_features)
+                                                 for m in tp.modules()), "a block replaced in part"
+        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7), device="cpu").to(device)
+        dense64 = copy.deepcopy(dense).double()
+        out, eager, ref = _logits(tp, ids), _logits(dense, ids), _logits(dense64, ids)
+        assert_close_to_ref(out, eager, ref, f"{family} logits")
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), device="cpu").to(device)
+        out.backward(grad)
+        eager.backward(grad)
+        ref.backward(grad.double())
+        tp_params = dict(tp.named_parameters())
+        for name, p in dense.named_parameters():
+            if name in tp_params and ".mlp." not in name:  # the blocks' own: tests/test_gated.py
+                assert_close_to_ref(tp_params[name].grad, p.grad, dict(dense64.named_parameters())[name].grad,
+                                    f"{family} {name} grad")
+        folder = _shared_dir(world, family)
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        save_sharded(tp, folder)
+        loaded = cls.from_pretrained(folder)
+        dense_state = dense.state_dict()
+        for name, value in loaded.state_dict().items():
+            assert torch.equal(value, dense_state[name]), f"{family} {name} after save_sharded"
+        with empty_parameters():
+            fresh = cls(config)
+        assert len(parallelize(fresh).replaced) == LAYERS
+        stats = load_sharded(fresh, folder, device=device)
+        assert all(isinstance(m, TensorParallelGatedMLP) and custom_ops_gated.adjacent(local(m.gate_proj.weight),
+                                                                                     local(m.up_proj.weight))
+                   for m in fresh.modules() if isinstance(m, TensorParallelGatedMLP))
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(fresh, ids), _logits(tp, ids))
+        if world > 1:
+            assert stats["sharded_bytes_read"] < stats["sharded_bytes_in_checkpoint"] / world * 1.3, stats
+            torch.distributed.barrier()
+        read[family] = (stats["sharded_bytes_read"], stats["sharded_bytes_in_checkpoint"])
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    return read
+
+
+class _GatedLookAlike(nn.Module):
+    """A gated block's shape whose forward is not act(gate) * up: a sum, or up's features permuted."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+        self.act_fn, self.kind = nn.SiLU(), kind
+
+    def forward(self, x):
+        if self.kind == "sum":
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x).flip(-1))
+
+
+def gated_look_alikes(rank, world):
+    torch.manual_seed(9)
+    model = nn.Sequential(_GatedLookAlike("sum"), _GatedLookAlike("permuted"))
+    dense = copy.deepcopy(model)
+    report = parallelize(model)
+    assert not report.replaced and [r["block"] for r in report.left_alone] == ["0", "1"], str(report)
+    assert all("a gated look-alike the probe refused" in r["reason"] for r in report.left_alone), str(report)
+    assert all(isinstance(m, nn.Linear) for block in model for m in block.children() if not isinstance(m, nn.SiLU))
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(10), device="cpu").to(torch.get_default_device())
+    torch.testing.assert_close(model(x), dense(x))
+    return "ok"
+
+
 class _TwoUses(nn.Module):
     """An MLP whose forward also uses fc1's output elsewhere: replacing fc1 would change it."""
 
@@ -196,7 +295,7 @@ def left_alone_and_plans(rank, world):
 
 # The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
 # scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
-SCENARIOS = [real_models, left_alone_and_plans]
+SCENARIOS = [real_models, left_alone_and_plans, gated_models, gated_look_alikes]
 
 
 @functools.cache
@@ -210,7 +309,7 @@ def _outcomes(setup):
 def test_parallelize_on_ranks(scenario, setup):
     world_size = setup[2]
     values = check_scenario(_outcomes(setup), scenario)
-    if scenario == "real_models":  # together the ranks read each sharded checkpoint tensor once
+    if scenario in ("real_models", "gated_models"):  # together the ranks read each sharded checkpoint tensor once
         for family in values[0]:
             read = sum(v[family][0] for v in values)
             total = values[0][family][1]

@@ -11,7 +11,9 @@ For a ColumnParallelLinear of F output features on W ranks, rank r reads rows
 `shard(range(F), W, r)` (torch.chunk's layout, DTensor's Shard: the layout of the layers' DTensor
 parameters and of torch.distributed.checkpoint's) of the weight and bias; for a RowParallelLinear, those
 columns of the weight and the whole bias. GPT-2's Conv1D weights are stored [in, out]: the slice is
-transposed. For checkpoints of training state (the optimizer's too) at any world size, use
+transposed. A gated MLP built from a merged gate_up weight (Phi-3's `gate_up_proj`, [gate; up]) keeps that
+tensor in the checkpoint: rank r reads two slices of it, its gate rows and the same features' up rows F
+rows further, and the save writes the merged tensor back. For checkpoints of training state (the optimizer's too) at any world size, use
 torch.distributed.checkpoint with `get_state_dict`: the layers' parameters are DTensors.
 """
 import contextlib
@@ -26,7 +28,7 @@ from torch import nn
 from tpkernels import checkpoint_files
 from tpkernels.distributed import get_rank, get_world_size, group_of, shard_range
 from tpkernels.dtensor import local
-from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
+from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP
 
 __all__ = ["empty_parameters", "load_sharded", "save_sharded"]
 
@@ -60,6 +62,30 @@ def _sharded_layers(model):
             if module.bias is not None:
                 out[f"{prefix}bias"] = (module, "bias")
     return out
+
+
+def _merged_parts(model):
+    """{model name: (checkpoint name, row offset)} for the gate and up tensors of gated MLPs that a checkpoint
+    holds as one merged [gate; up] tensor (`TensorParallelGatedMLP.checkpoint_merged`): the up half lies F
+    rows (F: the hidden features) past the gate half ([up; gate] with `checkpoint_up_first`)."""
+    parts = {}
+    for path, module in model.named_modules():
+        if isinstance(module, TensorParallelGatedMLP) and module.checkpoint_merged:
+            prefix = f"{path}." if path else ""
+            hidden = module.gate_proj.out_features
+            for kind in ("weight", "bias"):
+                if getattr(module.gate_proj, kind) is not None:
+                    merged = f"{prefix}{module.checkpoint_merged}.{kind}"
+                    gate, up = (hidden, 0) if module.checkpoint_up_first else (0, hidden)
+                    parts[f"{prefix}gate_proj.{kind}"] = (merged, gate)
+                    parts[f"{prefix}up_proj.{kind}"] = (merged, up)
+    return parts
+
+
+def _shifted(index, offset):
+    """`index` (a tuple of slices) with its first slice moved `offset` rows on."""
+    first = index[0]
+    return (slice(first.start + offset, first.stop + offset),) + tuple(index[1:])
 
 
 def shard_slice(layer, kind, shape):
@@ -129,6 +155,7 @@ def load_sharded(model, path, device=None):
     files = {_model_key(renamings, name): file for name, file in checkpoint.items()}
     checkpoint_names = {_model_key(renamings, name): name for name in checkpoint}
     sharded = _sharded_layers(model)
+    merged = _merged_parts(model)
     state = model.state_dict(keep_vars=True)
     holders = {}  # every (module, attribute) that holds a tensor: tied ones are set together
     for module in model.modules():
@@ -150,11 +177,12 @@ def load_sharded(model, path, device=None):
         for name, target in state.items():
             if id(target) in seen:  # tied to a tensor loaded under another name
                 continue
-            if name not in files:
+            key, offset = merged.get(name, (name, 0))
+            if key not in files:
                 if not _is_fp8_state(name):
-                    missing.append(name)
+                    missing.append(key)
                 continue
-            file, stored = files[name], checkpoint_names[name]
+            file, stored = files[key], checkpoint_names[key]
             try:
                 view = handle(file).get_slice(stored)
             except ValueError:
@@ -167,6 +195,11 @@ def load_sharded(model, path, device=None):
             if name in sharded:
                 layer, kind = sharded[name]
                 index = shard_slice(layer, kind, shape)
+                if key != name:  # one half of a merged [gate; up] tensor
+                    if shape[0] != 2 * layer.out_features:
+                        raise ValueError(f"load_sharded: {stored} in {file} is {shape}, but the model's gate and "
+                                         f"up hold {layer.out_features} features each: expected {2 * layer.out_features} rows")
+                    index = _shifted(index, offset)
             got = _sliced_shape(shape, index) if index is not None else shape
             transposed = index is not None and kind == "weight" and getattr(layer, "checkpoint_transposed", False)
             if transposed:
@@ -179,9 +212,9 @@ def load_sharded(model, path, device=None):
             if dtype is None or (dtype != target.dtype and not (dtype.is_floating_point and target.dtype.is_floating_point)):
                 raise ValueError(f"load_sharded: {stored} in {file} is {dtype_name}, but the model's {name} is "
                                  f"{target.dtype}; only floating-point tensors are cast")
-            plan.append((name, target, file, stored, index, transposed, shape))
+            plan.append((name, target, file, stored, index, transposed, shape, 1 if key == name else 2))
             seen[id(target)] = name
-        missing = [n for n in missing if id(state[n]) not in seen]
+        missing = [n for n in missing if n not in state or id(state[n]) not in seen]
         if missing:
             raise ValueError(f"load_sharded: the checkpoint {path} lacks {len(missing)} of the model's tensors: "
                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -191,13 +224,14 @@ def load_sharded(model, path, device=None):
             raise ValueError(f"load_sharded: {', '.join(still_meta[:8])} are on the meta device and not in the "
                              f"checkpoint (buffers a model computes as it is built); build the model under "
                              f"tpkernels.empty_parameters(), which keeps buffers real")
-        for name, target, file, stored, index, transposed, shape in plan:
+        for name, target, file, stored, index, transposed, shape, halves in plan:
             if index is not None:
                 value = handle(file).get_slice(stored)[index]
                 if transposed:
                     value = value.t()
                 stats["sharded_bytes_read"] += value.numel() * value.element_size()
-                stats["sharded_bytes_in_checkpoint"] += math.prod(shape) * value.element_size()
+                # a merged [gate; up] tensor is read as two halves: each counts its half of the bytes
+                stats["sharded_bytes_in_checkpoint"] += math.prod(shape) * value.element_size() // halves
             else:
                 value = handle(file).get_tensor(stored)
             stats["bytes_read"] += value.numel() * value.element_size()
@@ -207,6 +241,9 @@ def load_sharded(model, path, device=None):
                 layer._assign(kind, value.to(device or "cpu", target.dtype) if target.is_meta else value)
             else:
                 _load_into(holders.get(id(target), []), target, value, device)
+    for module in model.modules():
+        if isinstance(module, TensorParallelGatedMLP):
+            module._pack()  # gate and up shards loaded as separate tensors: one buffer again
     return stats
 
 
@@ -234,6 +271,7 @@ class _Entry:
     transposed: bool = False
     split_dim: int = None  # None: not sharded
     sizes: tuple = ()  # each rank's extent along split_dim
+    parts: tuple = ()  # a merged [gate; up] tensor: the entries of its halves, concatenated along dim 0
 
     @property
     def nbytes(self):
@@ -243,7 +281,8 @@ class _Entry:
 def _entries(model, world):
     """The checkpoint's tensors in state_dict order, tied tensors once: the same list on every rank."""
     sharded = _sharded_layers(model)
-    entries, seen = [], set()
+    merged = _merged_parts(model)
+    entries, seen, halves = [], set(), {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen or _is_fp8_state(name):
             continue
@@ -261,6 +300,14 @@ def _entries(model, world):
                 entry.shape, entry.split_dim = tuple(full), split
                 features = layer.out_features if column else layer.in_features
                 entry.sizes = tuple(b - a for a, b in (shard_range(features, world, r) for r in range(world)))
+        if name in merged:  # written once, as the merged tensor, when its second half comes
+            key = merged[name][0]
+            halves.setdefault(key, []).append(entry)
+            if len(halves[key]) < 2:
+                continue
+            first, second = sorted(halves[key], key=lambda e: merged[e.name][1])  # in the file's row order
+            entry = _Entry(key, (first.shape[0] + second.shape[0], *first.shape[1:]), first.dtype, first.tensor,
+                           parts=(first, second))
         entries.append(entry)
     return entries
 
@@ -308,6 +355,9 @@ class _Gather:
 
     def __call__(self, entry):
         """Rank 0: the entry's dense tensor (file layout, CPU, contiguous). Other ranks: None."""
+        if entry.parts:
+            pieces = [self(part) for part in entry.parts]
+            return None if self.rank != 0 else torch.cat(pieces)
         local_tensor = local(entry.tensor.detach())
         if entry.transposed:
             local_tensor = local_tensor.t()

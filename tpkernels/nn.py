@@ -614,6 +614,7 @@ class TensorParallelGatedMLP(nn.Module):
         # how full_state_dict names gate and up: "separate" (gate_proj, up_proj) or a merged name (Phi-3's
         # "gate_up_proj", [gate; up] in one tensor); from_merged sets it
         self.checkpoint_merged = None
+        self.checkpoint_up_first = False  # the merged tensor's halves: [gate; up], or [up; gate] when True
         layer = dict(process_group=process_group, device=device, dtype=dtype, backend=backend)
         parallel = dict(sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap)
         # built in this order so that, after one manual_seed, the shards equal slicing reference.GatedMLP
@@ -679,10 +680,12 @@ class TensorParallelGatedMLP(nn.Module):
         return module
 
     @classmethod
-    def from_merged(cls, gate_up_proj, down_proj, *, name="gate_up_proj", activation="silu", **options):
+    def from_merged(cls, gate_up_proj, down_proj, *, name="gate_up_proj", up_first=False, activation="silu",
+                    **options):
         """Shard a dense gated MLP whose gate and up are one nn.Linear `gate_up_proj` of 2F outputs, gate rows
-        first (Phi-3's): each rank takes its gate rows and the same features' up rows, never a consecutive
-        piece of the merged weight. `full_state_dict` then gives the merged tensor under `name` again."""
+        first (Phi-3's; `up_first=True`: up rows first): each rank takes its gate rows and the same features'
+        up rows, never a consecutive piece of the merged weight. `full_state_dict` then gives the merged
+        tensor under `name` again, and `tpkernels.load_sharded` / `save_sharded` read and write it so."""
         for arg, linear in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
             if not isinstance(linear, nn.Linear):
                 raise TypeError(f"TensorParallelGatedMLP.from_merged: {arg} must be an nn.Linear, got "
@@ -696,7 +699,7 @@ class TensorParallelGatedMLP(nn.Module):
         module = cls(gate_up_proj.in_features, down_proj.in_features, down_proj.out_features,
                      down_proj.bias is not None, activation=activation, device="meta",
                      dtype=gate_up_proj.weight.dtype, **options)
-        module.checkpoint_merged = name
+        module.checkpoint_merged, module.checkpoint_up_first = name, up_first
         module.load_full_state_dict({f"{layer}.{k}": v for layer, linear in ((name, gate_up_proj), ("down_proj", down_proj))
                                      for k, v in linear.state_dict().items()})
         return module
@@ -725,8 +728,9 @@ class TensorParallelGatedMLP(nn.Module):
         if self.checkpoint_merged:
             for kind in ("weight", "bias"):
                 if f"gate_proj.{kind}" in state:
-                    state[f"{self.checkpoint_merged}.{kind}"] = torch.cat([state.pop(f"gate_proj.{kind}"),
-                                                                           state.pop(f"up_proj.{kind}")])
+                    halves = [state.pop(f"gate_proj.{kind}"), state.pop(f"up_proj.{kind}")]
+                    state[f"{self.checkpoint_merged}.{kind}"] = torch.cat(halves[::-1] if self.checkpoint_up_first
+                                                                          else halves)
         return state
 
     def load_full_state_dict(self, state_dict):
@@ -737,7 +741,8 @@ class TensorParallelGatedMLP(nn.Module):
         for kind in ("weight", "bias"):
             value = state.pop(f"{merged}.{kind}", None)
             if value is not None:
-                state[f"gate_proj.{kind}"], state[f"up_proj.{kind}"] = value.chunk(2)
+                halves = value.chunk(2)
+                state[f"gate_proj.{kind}"], state[f"up_proj.{kind}"] = halves[::-1] if self.checkpoint_up_first else halves
         for name in ("gate_proj", "up_proj", "down_proj"):
             prefix = f"{name}."
             getattr(self, name).load_full_state_dict({k[len(prefix):]: v for k, v in state.items()

@@ -14,6 +14,14 @@ the forward does what the search assumed: each one is proved on a probe input be
 new block's output within the 2x-eager rule of an fp64 copy of the old one, on every rank alike), and
 undone otherwise. GPT-2's `Conv1D` (weight stored [in, out]) is handled; its checkpoint layout is kept
 (`checkpoint_transposed`), which `tpkernels.checkpoint` reads and writes.
+
+Gated blocks (Llama, Mistral, Qwen2, Gemma, Phi-3, and any of their form) are found by structure too: a
+module with two Linears of the same shape K -> F (gate and up, in either order) or one K -> 2F (a merged
+[gate; up], Phi-3's gate_up_proj, in either half order), a Linear F -> N (down), and an activation that is
+SiLU, GELU or tanh GELU on a probe. Such a block is replaced whole, by a `TensorParallelGatedMLP` with the
+block's names for its layers, and only when the probe proves it: a block that sums instead of multiplying,
+or permutes up's features, is left alone. Per rank: gate and up [F_r, K] (the same features of both),
+down [N, F_r], one all-reduce.
 """
 import copy
 import dataclasses
@@ -25,7 +33,7 @@ from torch import nn
 
 from tpkernels.distributed import get_world_size, group_of
 from tpkernels.fp8 import check_recipe
-from tpkernels.nn import ColumnParallelLinear, RowParallelLinear
+from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP
 
 __all__ = ["ParallelizeReport", "parallelize"]
 
@@ -43,6 +51,10 @@ class ParallelizeReport:
     def __str__(self):
         lines = [f"parallelize: {len(self.replaced)} MLP blocks replaced, {len(self.left_alone)} left alone"]
         for r in self.replaced:
+            if r.get("gated"):
+                lines.append(f"  replaced   {r['block']} whole: {r['act']}({r['gate']}) * {r['up']} -> {r['down']} "
+                             f"(gated {r['activation']}, fused), hidden {r['hidden']} split {r['split']}")
+                continue
             lines.append(f"  replaced   {r['block']}: {r['fc1']} -> {r['act']} ({'exact' if r['gelu'] == 'none' else 'tanh'} "
                          f"GELU, fused) -> {r['fc2']}, hidden {r['hidden']} split {r['split']}")
         for r in self.left_alone:
@@ -92,6 +104,56 @@ def _gelu_form(act):
         if torch.allclose(out.float(), F.gelu(t, approximate=form), atol=1e-5, rtol=1e-5):
             return form
     return None
+
+
+def _gated_form(act):
+    """"silu", "gelu" or "gelu_tanh" when act computes that activation on a probe, else None."""
+    form = _gelu_form(act)
+    if form is not None:
+        return "gelu" if form == "none" else "gelu_tanh"
+    if not callable(act) or isinstance(act, (nn.Linear, torch.Tensor)) or _is_conv1d(act):
+        return None
+    t = torch.linspace(-6, 6, 97)
+    try:
+        with torch.no_grad():
+            out = act(t)
+    except Exception:
+        return None
+    if isinstance(out, torch.Tensor) and out.shape == t.shape and torch.allclose(out.float(), F.silu(t), atol=1e-5,
+                                                                                  rtol=1e-5):
+        return "silu"
+    return None
+
+
+def _gated_candidates(model):
+    """(block path, gate, up, down, act, merged) of every module shaped like a gated MLP: nn.Linear children
+    gate and up K -> F and down F -> N, or a merged K -> 2F (merged=True: gate and up are its name, the
+    order of the halves to try), and a gated activation. Each (gate, up) order is a candidate; the probe
+    keeps the one the block computes."""
+    found = []
+    for block_path, block in model.named_modules():
+        if not block_path:
+            continue  # the model itself is not replaced
+        linears = {name: child for name, child in block.named_children() if isinstance(child, nn.Linear)}
+        acts = [n for n in _activation_names(block) if _gated_form(getattr(block, n)) is not None]
+        if not acts or not 2 <= len(linears) <= 3:
+            continue
+        act = acts[0]
+        orders = []
+        for down_name, down in linears.items():
+            rest = {n: c for n, c in linears.items() if n != down_name}
+            shapes = {(c.in_features, c.out_features) for c in rest.values()}
+            if len(rest) == 2 and len(shapes) == 1 and next(iter(shapes))[1] == down.in_features:
+                a, b = rest
+                orders += [(block_path, a, b, down_name, act, False), (block_path, b, a, down_name, act, False)]
+            elif len(rest) == 1:
+                (name, merged), = rest.items()
+                if merged.out_features == 2 * down.in_features and merged.out_features > 0:
+                    orders += [(block_path, name, "gate first", down_name, act, True),
+                               (block_path, name, "up first", down_name, act, True)]
+        if orders:
+            found.append(orders)
+    return found
 
 
 def _get(root, path):
@@ -252,7 +314,13 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
     check_recipe("parallelize", fp8, backend)
     report = ParallelizeReport()
     world = get_world_size(process_group)
-    candidates = _plan_candidates(model, plan) if plan is not None else _candidates(model)
+    gated = set()  # blocks the gated search decided on, replaced or left alone: not GELU candidates too
+    if plan is None:
+        for orders in _gated_candidates(model):
+            _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world)
+            gated.add(orders[0][0])
+    candidates = _plan_candidates(model, plan) if plan is not None else [
+        c for c in _candidates(model) if c[0] not in gated]
     for index, (block_path, fc1_path, act_path, fc2_path) in enumerate(candidates):
         block = _get(model, block_path) if block_path else model
         entry = dict(block=block_path or "(model)", fc1=fc1_path, act=act_path, fc2=fc2_path)
@@ -375,3 +443,57 @@ def _compare(after, before, reference):
         if not err <= limit:
             return f"output {index}: max error {err:.3e} against fp64, over 2 x eager's ({eager:.3e}) + atol"
     return None
+
+
+def _gated_block(block, order, process_group, reduce_dtype, backend):
+    """The TensorParallelGatedMLP for one (gate, up, down, act, merged) reading of block."""
+    _, gate_name, up_name, down_name, act_name, merged = order
+    down = getattr(block, down_name)
+    options = dict(activation=_gated_form(getattr(block, act_name)), reduce_dtype=reduce_dtype,
+                   process_group=process_group, backend=backend)
+    if merged:
+        return TensorParallelGatedMLP.from_merged(getattr(block, gate_name), down, name=gate_name,
+                                                  up_first=up_name == "up first", **options)
+    return TensorParallelGatedMLP.from_dense(getattr(block, gate_name), getattr(block, up_name), down, **options)
+
+
+def _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world):
+    """Replace one gated block whole with the first reading of it (`orders`) that the probe proves on every
+    rank; else leave it alone and report why."""
+    block_path = orders[0][0]
+    block = model.get_submodule(block_path)
+    if any(p.is_meta for p in block.parameters()):
+        probe_block = _materialized(block, len(report.replaced) + len(report.left_alone))
+    else:
+        probe_block = block
+    first = getattr(probe_block, orders[0][1])
+    weight = first.weight
+    generator = torch.Generator().manual_seed(len(report.replaced))
+    x = torch.randn(1, probe_tokens, first.in_features, generator=generator).to(weight.device, weight.dtype)
+    reasons = []
+    try:
+        before = _probe(probe_block, x)
+        reference = _probe(copy.deepcopy(probe_block).double(), x.double())
+    except Exception as error:
+        before = None
+        reasons.append(f"its forward failed on a probe input of shape {tuple(x.shape)}: {type(error).__name__}: {error}")
+    for order in orders if before is not None else ():
+        try:
+            candidate = _gated_block(probe_block, order, process_group, reduce_dtype, backend)
+            verdict = _compare(_probe(candidate, x), before, reference)
+        except Exception as error:
+            verdict = f"the replaced forward failed: {type(error).__name__}: {error}"
+        if _agree(verdict is None, process_group):
+            replacement = candidate if probe_block is block else _gated_block(block, order, process_group,
+                                                                             reduce_dtype, backend)
+            model.set_submodule(block_path, replacement)
+            _, gate, up, down, act, merged = order
+            if merged:
+                gate, up = (f"{gate} (gate half)", f"{gate} (up half)")
+            hidden = replacement.gate_proj.out_features
+            report.replaced.append(dict(block=block_path, gated=True, gate=gate, up=up, down=down, act=act,
+                                        activation=replacement.activation, hidden=hidden,
+                                        split=f"{hidden} over {world} ranks"))
+            return
+        reasons.append(verdict or "the probe's output changed on another rank")
+    report.left_alone.append(dict(block=block_path, reason="a gated look-alike the probe refused: " + reasons[-1]))

@@ -11,6 +11,10 @@ caller passes one. A collective is alpha-beta, in NCCL's bus-bandwidth terms (nc
     all-reduce of S bytes           alpha + S * 2 (W - 1) / W / bus_bandwidth
     all-gather, reduce-scatter      alpha + S * (W - 1) / W / bus_bandwidth   (S the gathered size)
 
+A gated MLP (`gated=True`: Llama's down(act(x @ Wg.T) * (x @ Wu.T))) has a column stage twice as wide:
+gate and up, M x K x 2H/W in one launch, and its backward's column GEMMs are twice as wide too. Unfused,
+that stage is one merged GEMM writing [g | u] and an elementwise act(g) * u pass: `gated_column_times`.
+
 Overlap splits M into C chunks and pipelines each chunk's GEMM with the previous chunk's collective:
 with g and c a chunk's GEMM and collective times, the pair costs g + (C - 1) max(g, c) + c, against
 G + (alpha + S-term) without chunks. Chunks pay alpha and a launch each, and small chunks run their
@@ -29,7 +33,8 @@ for overlap="auto").
 import dataclasses
 import math
 
-__all__ = ["DEFAULT_MACHINE", "MACHINES", "Machine", "break_even_m", "predict", "strategy_times", "table"]
+__all__ = ["DEFAULT_MACHINE", "MACHINES", "Machine", "break_even_m", "gated_column_times", "predict", "strategy_times",
+           "table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,22 @@ def strategy_times(tokens, in_features, hidden, out_features, world, machine, el
     }
 
 
+def gated_column_times(tokens, hidden, ffn, world, machine, element_size=2, launch=3e-6):
+    """Predicted seconds of a gated MLP's column stage on one rank, F_r = ceil(ffn / world):
+
+        fused    one launch: M x K x 2F_r, x read once, h [M, F_r] written           (tpkernels.linear_glu)
+        unfused  one merged GEMM writing [g | u] [M, 2F_r], then act(g) * u: reads 2 M F_r, writes M F_r,
+                 and a second launch (`launch` seconds, a kernel's fixed cost)         (the fair eager baseline)
+    """
+    shard = math.ceil(ffn / world)
+    b = element_size
+    gemm = gemm_time(tokens, 2 * shard, hidden, machine, b)
+    fused = max(2 * tokens * 2 * shard * hidden / machine.peak_flops,
+                (tokens * hidden + 2 * shard * hidden + tokens * shard) * b / machine.memory_bandwidth)
+    elementwise = 3 * tokens * shard * b / machine.memory_bandwidth
+    return dict(fused=fused, unfused=gemm + launch + elementwise)
+
+
 def _pipelined(gemm, collective, chunks, m, machine):
     """A GEMM whose output a collective reduces, in `chunks` pipelined pieces; gemm(rows) gives a GEMM
     time, collective(rows) a collective time."""
@@ -119,7 +140,7 @@ def _pipelined(gemm, collective, chunks, m, machine):
     return g + (chunks - 1) * max(g, c) + c
 
 
-def predict(tokens, hidden, ffn, world, machine, element_size=2, chunks=None, gemm_times=None):
+def predict(tokens, hidden, ffn, world, machine, element_size=2, chunks=None, gemm_times=None, gated=False):
     """Predicted seconds of one TP MLP step on each rank.
 
     Args:
@@ -130,20 +151,22 @@ def predict(tokens, hidden, ffn, world, machine, element_size=2, chunks=None, ge
         chunks: overlap chunks (None: the world size, at least 2).
         gemm_times: optional {"column": s, "row": s} measured forward GEMM times at this M (the backward's
             four GEMMs are taken as twice the forward's two).
+        gated: a gated MLP: the column stage (gate and up) and its backward GEMMs are twice as wide.
 
     Returns:
         dict with forward and step (forward + backward) times, each without and with overlap, and the
         share of communication in the step without overlap.
     """
     shard = math.ceil(ffn / world)
+    width = 2 * shard if gated else shard  # the column stage's outputs: gate and up, or fc1
     chunks = chunks or max(2, world)
     scale = 1.0
     if gemm_times:
         scale = (gemm_times["column"] + gemm_times["row"]) / (
-            gemm_time(tokens, shard, hidden, machine, element_size) + gemm_time(tokens, hidden, shard, machine, element_size))
+            gemm_time(tokens, width, hidden, machine, element_size) + gemm_time(tokens, hidden, shard, machine, element_size))
 
     def column(m):
-        return scale * gemm_time(m, shard, hidden, machine, element_size)
+        return scale * gemm_time(m, width, hidden, machine, element_size)
 
     def row(m):
         return scale * gemm_time(m, hidden, shard, machine, element_size)
@@ -163,14 +186,14 @@ def predict(tokens, hidden, ffn, world, machine, element_size=2, chunks=None, ge
                 communication_share=communication / (forward + backward))
 
 
-def break_even_m(hidden, ffn, world, machine, element_size=2, chunks=None, max_tokens=1 << 20):
+def break_even_m(hidden, ffn, world, machine, element_size=2, chunks=None, max_tokens=1 << 20, gated=False):
     """The smallest power-of-two M from which chunked overlap beats no overlap for the step (and stays
     ahead up to max_tokens), or None when it never does (world size 1: nothing to overlap)."""
     if world == 1:
         return None
     m, found = 1, None
     while m <= max_tokens:
-        p = predict(m, hidden, ffn, world, machine, element_size, chunks)
+        p = predict(m, hidden, ffn, world, machine, element_size, chunks, gated=gated)
         if p["step_overlap"] < p["step"]:
             found = m if found is None else found
         else:
@@ -179,18 +202,27 @@ def break_even_m(hidden, ffn, world, machine, element_size=2, chunks=None, max_t
     return found
 
 
-def table(tokens, hidden, ffn, worlds, machine, element_size=2, chunks=None):
-    """A markdown table of `predict` for each world size, with the break-even M."""
-    lines = [f"{machine.name}; M={tokens}, hidden={hidden}, ffn={ffn}, {element_size}-byte elements",
+def table(tokens, hidden, ffn, worlds, machine, element_size=2, chunks=None, gated=False):
+    """A markdown table of `predict` for each world size, with the break-even M (and, gated, the column stage
+    fused against unfused)."""
+    lines = [f"{machine.name}; M={tokens}, hidden={hidden}, ffn={ffn}, {element_size}-byte elements"
+             + (", gated MLP (gate and up)" if gated else ""),
              "",
              "| W | forward ms | forward, overlap ms | step ms | step, overlap ms | comm share | overlap pays from M |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for world in worlds:
-        p = predict(tokens, hidden, ffn, world, machine, element_size, chunks)
-        even = break_even_m(hidden, ffn, world, machine, element_size, chunks)
+        p = predict(tokens, hidden, ffn, world, machine, element_size, chunks, gated=gated)
+        even = break_even_m(hidden, ffn, world, machine, element_size, chunks, gated=gated)
         lines.append(f"| {world} | {p['forward'] * 1e3:.3f} | {p['forward_overlap'] * 1e3:.3f} | {p['step'] * 1e3:.3f} | "
                      f"{p['step_overlap'] * 1e3:.3f} | {p['communication_share']:.0%} | "
                      f"{'never' if even is None else even} |")
+    if gated:
+        lines += ["", "| W | gated column stage, fused us | unfused (merged GEMM + act * up) us | fused speedup |",
+                  "| --- | --- | --- | --- |"]
+        for world in worlds:
+            g = gated_column_times(tokens, hidden, ffn, world, machine, element_size)
+            lines.append(f"| {world} | {g['fused'] * 1e6:.1f} | {g['unfused'] * 1e6:.1f} | "
+                         f"{g['unfused'] / g['fused']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -207,6 +239,7 @@ def main(argv=None):
     parser.add_argument("--latency-us", type=float, help="overriding the machine's")
     parser.add_argument("--chunks", type=int, help="overlap chunks (default: the world size)")
     parser.add_argument("--element-size", type=int, default=2, help="bytes (2: bf16)")
+    parser.add_argument("--gated", action="store_true", help="a gated MLP (Llama's): gate and up in the column stage")
     args = parser.parse_args(argv)
     for name in ("hidden", "ffn", "tokens", "element_size"):
         if getattr(args, name) < 1:
@@ -218,5 +251,6 @@ def main(argv=None):
         machine = dataclasses.replace(machine, bus_bandwidth=args.bus_bandwidth * 1e9)
     if args.latency_us is not None:
         machine = dataclasses.replace(machine, latency=args.latency_us * 1e-6)
-    print(table(args.tokens, args.hidden, args.ffn, args.world_size, machine, args.element_size, args.chunks))
+    print(table(args.tokens, args.hidden, args.ffn, args.world_size, machine, args.element_size, args.chunks,
+                gated=args.gated))
     return 0

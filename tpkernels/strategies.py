@@ -94,7 +94,37 @@ def notebook(rank, world, device):
     _show(rank, "TensorParallelMLP", column_row)
     column_row_ok = torch.allclose(column_row, baseline, rtol=1e-5, atol=1e-5)
     _print0(rank, f"  column -> row {'match' if column_row_ok else 'MISMATCH'}\n")
-    return column_ok and row_mismatch and column_row_ok
+    return column_ok and row_mismatch and column_row_ok and gated(rank, world, device)
+
+
+def gated(rank, world, device):
+    """The gated MLP, down(silu(x @ Wg.T) * (x @ Wu.T)), with gate and up in one merged [gate; up] weight (Phi-3's
+    gate_up_proj): split by the same rows of gate and up it is exact; cut into consecutive pieces, it pairs
+    gate features with the wrong up features."""
+    _print0(rank, "Gated: down(silu(x @ Wg.T) * (x @ Wu.T)), gate and up in one merged [gate; up] weight")
+    torch.manual_seed(43)
+    K, F_ = 4, 8
+    x = torch.randn(2, K).to(device)
+    gate_up, down = torch.nn.Linear(K, 2 * F_, bias=False), torch.nn.Linear(F_, K, bias=False)
+    gate_up, down = gate_up.to(device), down.to(device)
+    with torch.no_grad():
+        baseline = down(F.silu(x @ gate_up.weight[:F_].t()) * (x @ gate_up.weight[F_:].t()))
+        same_rows = tpkernels.TensorParallelGatedMLP.from_merged(gate_up, down)(x)
+        # the trap: rank r takes the r-th consecutive piece of the merged weight as its [gate_r; up_r]
+        piece = tpd.shard(gate_up.weight, world, rank, 0)
+        half = piece.shape[0] // 2
+        h = F.silu(x @ piece[:half].t()) * (x @ piece[half:2 * half].t())
+        naive = tpd.reduce_from(h @ tpd.shard(down.weight, world, rank, 1)[:, :half].t())
+    same_error = (same_rows - baseline).abs().max().item()
+    naive_error = (naive - baseline).abs().max().item()
+    _print0(rank, f"  gate and up split by the same rows (TensorParallelGatedMLP): max |error| {same_error:.1e}")
+    _print0(rank, f"  merged weight cut into {world} consecutive pieces:            max |error| {naive_error:.1e}"
+                  + (" (one rank: one piece, nothing to pair wrong)" if world == 1 else ""))
+    same_ok = same_error <= 1e-5
+    naive_wrong = world == 1 or naive_error > 1e-3
+    _print0(rank, f"  same rows {'exact' if same_ok else 'MISMATCH'}; consecutive pieces "
+                  f"{'wrong, as the math says' if naive_wrong else 'RIGHT?'}\n")
+    return same_ok and naive_wrong
 
 
 # ---------------------------------------------------------------------------------------------------
