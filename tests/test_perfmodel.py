@@ -85,3 +85,19 @@ def test_strategy_times_follow_latency_and_bytes():
     # plus one latency
     big = perfmodel.strategy_times(8192, 4096, 16384, 4096, 8, machine)
     assert abs((big["d"] - big["c"]) - machine.latency) < 1e-9
+
+
+def test_the_gated_mlp_has_a_column_stage_twice_as_wide_and_fusion_saves_its_elementwise_pass():
+    """Gated: the column stage is gate and up (2 F_r wide), so its GEMMs cost what a plain MLP's of twice the
+    hidden width would; fused, it saves the unfused path's [g | u] round trip and its second launch."""
+    plain = perfmodel.predict(4096, 4096, 14336, 8, NVLINK)
+    gated = perfmodel.predict(4096, 4096, 14336, 8, NVLINK, gated=True)
+    column = perfmodel.gemm_time(4096, 1792, 4096, NVLINK)
+    assert gated["forward"] == pytest.approx(plain["forward"] + column, rel=1e-3)
+    for tokens in (1, 64, 4096):
+        times = perfmodel.gated_column_times(tokens, 4096, 14336, 8, NVLINK)
+        assert times["fused"] < times["unfused"]
+    decode = perfmodel.gated_column_times(1, 4096, 14336, 8, NVLINK)
+    # M = 1: the weights' streaming (2 x 1792 x 4096 bf16 at 3.35 TB/s) is the fused time
+    assert decode["fused"] == pytest.approx(2 * 1792 * 4096 * 2 / NVLINK.memory_bandwidth, rel=0.01)
+    assert "gated column stage" in perfmodel.table(1, 4096, 14336, [8], NVLINK, gated=True)
