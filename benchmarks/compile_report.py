@@ -104,6 +104,13 @@ MODES = {
     "gated_fwd": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), p=("D", "1"), gated=True,
                       meta=dict(ACTIVATION=GLU + SILU, STORE_PREACT=True)),
     "dgrad_dglu": dict(a=("D", "1"), b=("D", "1"), c=("D", "1"), z=("D", "1"), meta=dict(GRAD_ACTIVATION=GLU + SILU)),
+    # the gated MLP in fp8: h = silu(g) * u quantized in the epilogue, and [dG | dU] from e5m2 dY
+    "gated_fwd_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), p=("D", "1"), out="fp8", preact="bf16",
+                          fp8=True, gated=True,
+                          meta=dict(ACTIVATION=GLU + SILU, STORE_PREACT=True, SCALED=True, QUANTIZE=True,
+                                    STORE_AMAX=True)),
+    "dgrad_dglu_fp8": dict(a=("D", "1"), b=("1", "D"), c=("D", "1"), z=("D", "1"), a_type="fp8e5", out="bf16",
+                           preact="bf16", fp8=True, meta=dict(GRAD_ACTIVATION=GLU + SILU, SCALED=True)),
 }
 KERNELS = ("matmul", "matmul_tma", "matmul_splitk", "dgelu", "fp8_quantize", "fp8_scale_update")
 MATMULS = ("matmul", "matmul_tma", "matmul_splitk")
@@ -113,9 +120,9 @@ ELEMENTWISE = {"dgelu": lambda dtype, target: dtype != "fp8",
                "fp8_scale_update": lambda dtype, target: dtype == "fp8" and target == "sm90"}
 # The split-K kernel serves decode shapes: every launch but dW, whose K (the tokens) is never long there.
 SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu", "column_fwd_fp8", "row_fwd_fp8",
-                "dgrad_dgelu_fp8", "gated_fwd", "dgrad_dglu")
+                "dgrad_dgelu_fp8", "gated_fwd", "dgrad_dglu", "gated_fwd_fp8", "dgrad_dglu_fp8")
 # The modes the TMA kernel has no form of (the launcher runs the pointer or split-K kernel).
-POINTER_ONLY_MODES = ("gated_fwd", "dgrad_dglu")
+POINTER_ONLY_MODES = ("gated_fwd", "dgrad_dglu", "gated_fwd_fp8", "dgrad_dglu_fp8")
 EPILOGUE_DEFAULTS = dict(ACTIVATION=IDENTITY, GRAD_ACTIVATION=IDENTITY, HAS_BIAS=False, HAS_RESIDUAL=False,
                          STORE_PREACT=False, SCALED=False, QUANTIZE=False, STORE_AMAX=False, INT64_OFFSETS=False,
                          EMULATE_BF16=False)

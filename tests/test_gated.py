@@ -141,8 +141,8 @@ def test_bad_input_is_refused_with_the_numbers():
         tpkernels.glu_mlp_shard(x, w[:3], w[3:5], None, None, torch.randn(5, 3), None)
     with pytest.raises(ValueError, match="w2 must be"):
         tpkernels.glu_mlp_shard(x, w[:3], w[3:], None, None, torch.randn(5, 4), None)
-    with pytest.raises(ValueError, match="fp8 is not available"):
-        TensorParallelGatedMLP(8, 6, fp8=tpkernels.FP8Recipe())
+    with pytest.raises(TypeError, match="FP8Recipe"):
+        TensorParallelGatedMLP(8, 6, fp8="e4m3")
     with pytest.raises(ValueError, match="'tanh'"):
         TensorParallelGatedMLP(8, 6, activation="tanh")
 

@@ -270,9 +270,10 @@ def test_modules_run_without_torch_distributed():
 @pytest.mark.gpu
 @pytest.mark.parametrize("process_group", ["none", "nccl"])
 def test_cuda_graph_capture_and_replay_of_a_training_step(process_group, tmp_path):
-    """A TensorParallelMLP forward and backward, and the two fused functions, captured in one CUDA graph
-    and replayed on new inputs: equal to eager, so no host sync, no allocation capture forbids, and the
-    autotuner settled before capture (world size 1; with "nccl", under a one-rank NCCL group)."""
+    """A TensorParallelMLP forward and backward, a TensorParallelGatedMLP's, and the two fused functions,
+    captured in one CUDA graph and replayed on new inputs: equal to eager, so no host sync, no allocation
+    capture forbids, and the autotuner settled before capture (world size 1; with "nccl", under a one-rank
+    NCCL group)."""
     import torch.distributed as dist
 
     import tpkernels
@@ -285,6 +286,9 @@ def test_cuda_graph_capture_and_replay_of_a_training_step(process_group, tmp_pat
         mlp = TensorParallelMLP(256, 1024, approximate="tanh", device="cuda", dtype=dtype)
         dense = reference.MLP(256, 1024, approximate="tanh", device="cuda", dtype=dtype)
         dense.load_state_dict(mlp.full_state_dict())
+        gated = tpkernels.TensorParallelGatedMLP(256, 512, device="cuda", dtype=dtype)
+        dense_gated = reference.GatedMLP(256, 512, device="cuda", dtype=dtype)
+        dense_gated.load_state_dict(gated.full_state_dict())
         w = torch.randn(512, 256, device="cuda", dtype=dtype) * 0.05
         static_x = torch.randn(64, 256, device="cuda", dtype=dtype)
         static_grad = torch.randn(64, 256, device="cuda", dtype=dtype)
@@ -292,23 +296,28 @@ def test_cuda_graph_capture_and_replay_of_a_training_step(process_group, tmp_pat
         def step():
             y = mlp(static_x)
             y.backward(static_grad)
-            return y, tpkernels.linear_gelu(static_x, w), tpkernels.linear_partial(static_x, w, out_dtype=torch.float32)
+            y_gated = gated(static_x)
+            y_gated.backward(static_grad)
+            return (y, tpkernels.linear_gelu(static_x, w), tpkernels.linear_partial(static_x, w, out_dtype=torch.float32),
+                    y_gated)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: the autotuner and the compiles settle here
             for _ in range(3):
                 mlp.zero_grad(set_to_none=False)
+                gated.zero_grad(set_to_none=False)
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         mlp.zero_grad(set_to_none=False)
+        gated.zero_grad(set_to_none=False)
         with torch.cuda.graph(graph):
             outs = step()
         for _ in range(2):
             static_x.copy_(torch.randn_like(static_x))
             static_grad.copy_(torch.randn_like(static_grad))
-            for p in mlp.parameters():
+            for p in [*mlp.parameters(), *gated.parameters()]:
                 p.grad.zero_()
             graph.replay()
             torch.cuda.synchronize()
@@ -325,6 +334,15 @@ def test_cuda_graph_capture_and_replay_of_a_training_step(process_group, tmp_pat
             for k, p in mlp.named_parameters():
                 torch.testing.assert_close(p.grad.float(), dense_grads[k].float(), rtol=5e-2, atol=5e-2)
             dense.zero_grad()
+            y_gated = dense_gated(x)
+            y_gated.backward(static_grad)
+            gated64 = reference.GatedMLP(256, 512, device="cuda", dtype=torch.float64)
+            gated64.load_state_dict({k: v.double() for k, v in dense_gated.state_dict().items()})
+            assert_close_to_ref(outs[3], y_gated, gated64(x64), "replayed gated MLP output")
+            dense_grads = {k: p.grad for k, p in dense_gated.named_parameters()}
+            for k, p in gated.named_parameters():
+                torch.testing.assert_close(p.grad.float(), dense_grads[k].float(), rtol=5e-2, atol=5e-2)
+            dense_gated.zero_grad()
     finally:
         if process_group == "nccl":
             dist.destroy_process_group()

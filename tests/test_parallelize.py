@@ -186,7 +186,9 @@ def gated_models(rank, world):
         folder = _shared_dir(world, family)
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
-        save_sharded(tp, folder)
+        # files of a third of the model at most: an index and several files, the merged tensor whole in one
+        written = save_sharded(tp, folder, max_shard_size=sum(p.numel() * p.element_size() for p in dense.parameters()) // 3)
+        assert len(written["files"]) >= 3 and written["index"], written
         loaded = cls.from_pretrained(folder)
         dense_state = dense.state_dict()
         for name, value in loaded.state_dict().items():

@@ -34,6 +34,10 @@ version, and of the saved e4m3 activations):
 
 "master" is the straight-through gradient in the master weights' dtype on the existing fused backward
 ops (with h the dequantized h_q the forward used). Both treat the quantizers as identity.
+
+The gated MLP (`fp8_glu_mlp_shard`) is the same with W1 = [gate_r; up_r] [2F_r, K], quantized as one tensor
+(one scale: the gated kernel reads gate and up as one operand), h = act(g) * u quantized in the gated
+kernel's epilogue, and dZ = [dG | dU] from the dH GEMM's gated epilogue.
 """
 import contextlib
 from dataclasses import dataclass
@@ -44,9 +48,10 @@ from torch import nn
 
 from tpkernels import custom_ops, launch, ops, reference  # noqa: F401  (custom_ops registers the backward ops)
 from tpkernels.distributed import get_world_size
-from tpkernels.kernels import IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
+from tpkernels.custom_ops_gated import adjacent
+from tpkernels.kernels import GLU, IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
 
-__all__ = ["FP8Recipe", "FP8Scaling", "fp8_linear", "fp8_mlp_shard", "quantize"]
+__all__ = ["FP8Recipe", "FP8Scaling", "fp8_glu_mlp_shard", "fp8_linear", "fp8_mlp_shard", "quantize"]
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_MAX = reference.FP8_MAX
@@ -257,34 +262,47 @@ def quantize(t, scale, amax=None, *, dtype=E4M3, backend="auto"):
     return q
 
 
-def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact, out_scale, amax, backend):
+def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact, out_scale, amax, backend,
+              gated=False):
     """act(x_q @ w_q.T * x_scale_inv * w_scale_inv + bias) in out_dtype (fp8: times out_scale, saturated);
-    preact, if given, receives the pre-activation; amax, if given, is raised to max |act(...)|."""
+    preact, if given, receives the pre-activation; amax, if given, is raised to max |act(...)|. `gated`: w_q
+    [2F, K] and bias [2F] hold [gate; up], preact is [M, 2F], and the output is act(g) * u, [M, F]."""
     if not _triton(x_q, backend):
         out, z, tile_amax = reference.fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype,
-                                                 out_scale)
+                                                 out_scale, gated=gated)
         if preact is not None:
             preact.copy_(z)
         if amax is not None:
             amax.copy_(torch.maximum(amax, tile_amax))
         return out
+    if gated:  # the kernel takes the gate halves; the up halves lie F rows (columns of preact) further
+        features = w_q.shape[0] // 2
+        w_q, activation = w_q[:features], GLU + activation
+        bias = None if bias is None else bias[:features]
+        preact = None if preact is None else preact[:, :features]
     out = torch.empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype, device=x_q.device)
     launch.linear(x_q, w_q, out, bias=None if bias is None else bias.contiguous(), preact=preact, activation=activation,
                   scales=(x_scale_inv, w_scale_inv, out_scale, amax))
     return out
 
 
-def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out, backend, z=None, grad_activation=IDENTITY):
+def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out, backend, z=None, grad_activation=IDENTITY, gated=False):
     """out = (a_q @ b_q) * a_scale_inv * b_scale_inv (* act'(z)), for fp8 views a_q [M, K] (row-major) and
-    b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it)."""
+    b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it). `gated`: z is [g | u] and
+    out [dG | dU], both [M, 2N], from the product dH (`reference.glu_backward`)."""
     if not _triton(a_q, backend):
         acc = reference.fp8_matmul(a_q, a_scale_inv, b_q, b_scale_inv)
-        if grad_activation != IDENTITY:
-            acc = torch.ops.aten.gelu_backward(acc, z.float(), approximate="tanh" if grad_activation == 2 else "none")
+        if gated:
+            acc = reference.glu_backward(acc, z, grad_activation)
+        elif grad_activation != IDENTITY:
+            acc = reference.activation_backward(acc, z.float(), grad_activation)
         out.copy_(acc)
         return out
-    launch.matmul(a_q, b_q, out, z=z, grad_activation=grad_activation,
-                  scales=(a_scale_inv, b_scale_inv, None, None))
+    c = out
+    if gated:  # the kernel writes dG into the first half of out and dU N columns further
+        features = b_q.shape[1]
+        c, z, grad_activation = out[:, :features], z[:, :features], GLU + grad_activation
+    launch.matmul(a_q, b_q, c, z=z, grad_activation=grad_activation, scales=(a_scale_inv, b_scale_inv, None, None))
     return out
 
 
@@ -410,6 +428,74 @@ class _FP8MLP(torch.autograd.Function):
         return dx, dw1, db1, dw2, db2, None, None, None, None, None
 
 
+def _merged(gate, up):
+    """[gate; up] as one tensor: a view where up lies right after gate in memory (`adjacent`), else a copy."""
+    if adjacent(gate, up):
+        return gate.as_strided((2 * gate.shape[0], *gate.shape[1:]), gate.stride())
+    return torch.cat([gate, up])
+
+
+class _FP8GatedMLP(torch.autograd.Function):
+    """partial = q(act(x_q @ Wg_q.T + bg) * (x_q @ Wu_q.T + bu)) @ q(W2).T (+ b2 where `owner`): gate and up
+    quantized as one [2F, K] tensor, h leaving the gated kernel in e4m3. The backward as the recipe says."""
+
+    @staticmethod
+    def forward(ctx, x, gate, up, gate_bias, up_bias, w2, b2, scaling, activation, owner, out_dtype, backend):
+        x_scale, x_scale_inv, x_amax = scaling.slot("x")
+        h_scale, h_scale_inv, h_amax = scaling.slot("h")
+        x_q = quantize(x, x_scale, x_amax, backend=backend)
+        w1 = _merged(gate, up)
+        w1_q, w1_scale_inv = scaling.weight("w1", w1, backend)
+        w2_q, w2_scale_inv = scaling.weight("w2", w2, backend)
+        b1 = None if gate_bias is None else _merged(gate_bias, up_bias)
+        need_grad = any(ctx.needs_input_grad[:7])
+        gu = x.new_empty((x.shape[0], w1.shape[0])) if need_grad else None
+        h_q = _linear_q(x_q, x_scale_inv, w1_q, w1_scale_inv, b1, activation, E4M3, gu, h_scale, h_amax, backend,
+                        gated=True)
+        out = _linear_q(h_q, h_scale_inv, w2_q, w2_scale_inv, b2 if owner else None, IDENTITY, out_dtype, None,
+                        None, None, backend)
+        ctx.fp8_backward = scaling.recipe.backward == "fp8"
+        if need_grad:
+            saved_x = (x_q, x_scale_inv.clone()) if ctx.fp8_backward else (x, x_scale_inv)
+            ctx.save_for_backward(*saved_x, gate, up, w2, h_q, h_scale_inv.clone(), gu)
+        ctx.activation, ctx.scaling, ctx.backend = activation, scaling, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, x_scale_inv, gate, up, w2, h_q, h_scale_inv, gu = ctx.saved_tensors
+        need_dx, need_dg, need_du, need_dbg, need_dbu, need_dw2, need_db2 = ctx.needs_input_grad[:7]
+        features = gate.shape[0]
+        grad = grad.contiguous()
+        if not ctx.fp8_backward:
+            h = (h_q.float() * h_scale_inv).to(x.dtype)  # the h the forward's row GEMM read
+            needs = [need_dx, need_dg or need_du, need_dbg or need_dbu, need_dw2, need_db2]
+            dx, dw, db, dw2, db2 = torch.ops.tpkernels.glu_mlp_shard_backward(grad, x, gate, up, w2, h, gu,
+                                                                            ctx.activation, needs)
+        else:
+            scaling, backend, dtype = ctx.scaling, ctx.backend, gate.dtype
+            db2 = grad.sum(0, dtype=torch.float32).to(dtype) if need_db2 else None
+            dy_scale, dy_scale_inv, dy_amax = scaling.slot("dy")
+            dy_q = quantize(grad, dy_scale, dy_amax, dtype=E5M2, backend=backend)
+            dw2 = dx = dw = db = None
+            if need_dw2:  # dW2 = dY.T @ h: both K-major (K = M, the tokens)
+                dw2 = _gemm_q(_transposed(dy_q), dy_scale_inv, _transposed(h_q).t(), h_scale_inv,
+                              torch.empty(w2.shape, dtype=dtype, device=grad.device), backend)
+            if need_dx or need_dg or need_du or need_dbg or need_dbu:
+                # [dG | dU] from the epilogue of dH = dY @ W2 (W2 read K-major from its transposed copy)
+                w2_t_q, w2_scale_inv = scaling.weight_t("w2", w2, backend)
+                dgu = _gemm_q(dy_q, dy_scale_inv, w2_t_q.t(), w2_scale_inv, torch.empty_like(gu), backend, z=gu,
+                              grad_activation=ctx.activation, gated=True)
+                db = dgu.sum(0, dtype=torch.float32).to(dtype) if (need_dbg or need_dbu) else None
+                dx, dw = _fp8_dgrad_wgrad(dgu, "dz", x, x_scale_inv, _merged(gate, up), "w1", scaling,
+                                          (need_dx, need_dg or need_du), backend)
+        dg, du = (None, None) if dw is None else (dw[:features], dw[features:])
+        dbg, dbu = (None, None) if db is None else (db[:features], db[features:])
+        return (dx if need_dx else None, dg if need_dg else None, du if need_du else None, dbg if need_dbg else None,
+                dbu if need_dbu else None, dw2 if need_dw2 else None, db2 if need_db2 else None,
+                None, None, None, None, None)
+
+
 def _check_out_dtype(name, x, out_dtype):
     if out_dtype not in (None, x.dtype, torch.float32):
         raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
@@ -447,4 +533,20 @@ def fp8_mlp_shard(x, w1, b1, w2, b2, scaling, *, activation, owner=True, out_dty
     _check_out_dtype("fp8_mlp_shard", x, out_dtype)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     out = _FP8MLP.apply(rows, w1, b1, w2, b2, scaling, activation, owner, out_dtype or x.dtype, backend)
+    return out.view(*x.shape[:-1], w2.shape[0])
+
+
+def fp8_glu_mlp_shard(x, gate, up, gate_bias, up_bias, w2, b2, scaling, *, activation, owner=True, out_dtype=None,
+                      backend="auto"):
+    """The gated MLP's per-rank partial with fp8 x, h and weights: x [..., K], gate and up [F_r, K], w2 [N, F_r]
+    -> [..., N]. Gate and up share one scale (quantized as one [2F_r, K] tensor).
+
+    Args as `fp8_mlp_shard`; activation is the kernels' code (SILU, GELU, GELU_TANH).
+    """
+    ops._check_gated("fp8_glu_mlp_shard", x, gate, up, gate_bias, up_bias)
+    ops._check_linear("fp8_glu_mlp_shard", x.new_empty((0, gate.shape[0])), w2, b2)
+    _check_out_dtype("fp8_glu_mlp_shard", x, out_dtype)
+    rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    out = _FP8GatedMLP.apply(rows, gate, up, gate_bias, up_bias, w2, b2, scaling, activation, owner,
+                             out_dtype or x.dtype, backend)
     return out.view(*x.shape[:-1], w2.shape[0])

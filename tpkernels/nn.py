@@ -38,7 +38,8 @@ from tpkernels.distributed import (copy_to, gather_from, gather_sequence, get_ra
                                    reduce_from, reduce_scatter_sequence, scatter_to, sequence_sizes, shard,
                                    shard_range, shard_sizes)
 from tpkernels.dtensor import DeviceMesh, DTensor, is_dtensor, local, locals_of, mesh_of, parameter, placement
-from tpkernels.fp8 import LINEAR_TENSORS, MLP_TENSORS, FP8Scaling, check_recipe, fp8_linear, fp8_mlp_shard
+from tpkernels.fp8 import (LINEAR_TENSORS, MLP_TENSORS, FP8Scaling, check_recipe, fp8_glu_mlp_shard, fp8_linear,
+                           fp8_mlp_shard)
 from tpkernels.initialization import init_linear_shard
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
 from tpkernels.custom_ops_gated import adjacent
@@ -590,7 +591,9 @@ class TensorParallelGatedMLP(nn.Module):
         activation: "silu" (Llama, Mistral, Qwen, Phi-3), "gelu_tanh" (Gemma) or "gelu" (exact).
         reduce_dtype, sequence_parallel, sequence_dim, overlap, process_group, device, dtype, backend: as
             `TensorParallelMLP`'s.
-        fp8: None. fp8 for the gated MLP is not built yet: a recipe is refused with a ValueError.
+        fp8: None, or a `tpkernels.FP8Recipe`: x, h and the weights in e4m3 (`tpkernels.fp8.fp8_glu_mlp_shard`):
+            gate and up quantized together (one scale), h = act(g) * u quantized in the gated kernel's epilogue
+            with a per-rank scale; the histories are the buffer `fp8_scaling.amax_history`.
     """
 
     def __init__(self, in_features, hidden_features, out_features=None, bias=False, *, activation="silu",
@@ -604,12 +607,9 @@ class TensorParallelGatedMLP(nn.Module):
         _check_backend(name, backend)
         if backend in ("cublaslt", "cpu"):
             raise ValueError(f"{name}: backend={backend!r} has no gated epilogue; use 'auto', 'triton' or 'eager'")
-        if fp8 is not None:
-            raise ValueError(f"{name}: fp8 is not available for the gated MLP yet; pass fp8=None "
-                             f"(TensorParallelMLP and the linear layers take an FP8Recipe)")
         _check_parallel_options(name, sequence_parallel, sequence_dim, overlap)
         out_features = in_features if out_features is None else out_features
-        self.activation, self.backend, self.fp8 = activation, backend, None
+        self.activation, self.backend = activation, backend
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
         # how full_state_dict names gate and up: "separate" (gate_proj, up_proj) or a merged name (Phi-3's
         # "gate_up_proj", [gate; up] in one tensor); from_merged sets it
@@ -624,6 +624,18 @@ class TensorParallelGatedMLP(nn.Module):
                                            **layer)
         self._pack()
         self.register_load_state_dict_post_hook(lambda module, keys: module._pack())
+        self.use_fp8(fp8)
+
+    def use_fp8(self, recipe):
+        """Run the block with fp8 (e4m3) x, h and weights from now on, scaled by `recipe` (a fresh amax
+        history), or again in the weights' dtype (None)."""
+        check_recipe(type(self).__name__, recipe, self.backend)
+        self.fp8 = recipe
+        if recipe is None:
+            if "fp8_scaling" in self._modules:
+                del self.fp8_scaling
+        else:
+            self.fp8_scaling = FP8Scaling(recipe, MLP_TENSORS, self.gate_proj.weight.device)
 
     @property
     def _kernel_backend(self):
@@ -655,7 +667,7 @@ class TensorParallelGatedMLP(nn.Module):
 
     @classmethod
     def from_dense(cls, gate_proj, up_proj, down_proj, *, activation="silu", reduce_dtype=None,
-                   sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, backend="auto"):
+                   sequence_parallel=False, sequence_dim=-2, overlap=False, process_group=None, backend="auto", fp8=None):
         """Shard a dense gated MLP's three nn.Linear layers (identical on every rank)."""
         layers = (("gate_proj", gate_proj), ("up_proj", up_proj), ("down_proj", down_proj))
         for name, linear in layers:
@@ -675,7 +687,7 @@ class TensorParallelGatedMLP(nn.Module):
         module = cls(gate_proj.in_features, gate_proj.out_features, down_proj.out_features, biases.pop(),
                      activation=activation, reduce_dtype=reduce_dtype, sequence_parallel=sequence_parallel,
                      sequence_dim=sequence_dim, overlap=overlap, process_group=process_group, device="meta",
-                     dtype=gate_proj.weight.dtype, backend=backend)
+                     dtype=gate_proj.weight.dtype, backend=backend, fp8=fp8)
         module.load_full_state_dict({f"{name}.{k}": v for name, linear in layers for k, v in linear.state_dict().items()})
         return module
 
@@ -712,8 +724,14 @@ class TensorParallelGatedMLP(nn.Module):
         gate, gate_bias, up, up_bias, w2, b2 = locals_of(first["weight"], first["bias"], second["weight"],
                                                          second["bias"], third["weight"], third["bias"])
         owner, backend = down_proj.rank == 0, self._kernel_backend
+        if self.fp8 is not None:
+            self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
 
         def shards(rows):
+            if self.fp8 is not None:
+                return fp8_glu_mlp_shard(rows, gate, up, gate_bias, up_bias, w2, b2, self.fp8_scaling,
+                                         activation=GATED_ACTIVATIONS[self.activation], owner=owner,
+                                         out_dtype=down_proj.reduce_dtype, backend=backend)
             return glu_mlp_shard(rows, gate, up, gate_bias, up_bias, w2, b2, activation=self.activation, owner=owner,
                                  out_dtype=down_proj.reduce_dtype, backend=backend)
 

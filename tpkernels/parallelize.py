@@ -317,7 +317,9 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
     gated = set()  # blocks the gated search decided on, replaced or left alone: not GELU candidates too
     if plan is None:
         for orders in _gated_candidates(model):
-            _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world)
+            replaced = _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world)
+            if replaced is not None and fp8 is not None:
+                replaced.use_fp8(fp8)  # proved in the weights' dtype first, as the GELU blocks are
             gated.add(orders[0][0])
     candidates = _plan_candidates(model, plan) if plan is not None else [
         c for c in _candidates(model) if c[0] not in gated]
@@ -459,7 +461,7 @@ def _gated_block(block, order, process_group, reduce_dtype, backend):
 
 def _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world):
     """Replace one gated block whole with the first reading of it (`orders`) that the probe proves on every
-    rank; else leave it alone and report why."""
+    rank, and return the replacement; else leave it alone, report why, and return None."""
     block_path = orders[0][0]
     block = model.get_submodule(block_path)
     if any(p.is_meta for p in block.parameters()):
@@ -494,6 +496,7 @@ def _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_to
             report.replaced.append(dict(block=block_path, gated=True, gate=gate, up=up, down=down, act=act,
                                         activation=replacement.activation, hidden=hidden,
                                         split=f"{hidden} over {world} ranks"))
-            return
+            return replacement
         reasons.append(verdict or "the probe's output changed on another rank")
     report.left_alone.append(dict(block=block_path, reason="a gated look-alike the probe refused: " + reasons[-1]))
+    return None

@@ -101,15 +101,20 @@ def fp8_matmul(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype=torch.float32):
                             out_dtype=out_dtype)
 
 
-def fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, act, out_dtype, out_scale=None):
+def fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, act, out_dtype, out_scale=None, gated=False):
     """The unfused fp8 path: `torch._scaled_mm` of x_q [M, K] and w_q [N, K] (fp32 out), then bias and the
-    activation in fp32, then the output cast (an fp8 `out_dtype` quantized with `out_scale`).
+    activation in fp32, then the output cast (an fp8 `out_dtype` quantized with `out_scale`). `gated`:
+    w_q is [gate; up] (2F rows) and the output act(g) * u, F wide.
 
-    Returns (out, preact, amax): preact = the fp32 pre-activation, amax = max |act(preact)|.
+    Returns (out, preact, amax): preact = the fp32 pre-activation, amax = max |out| before the cast.
     """
     acc = fp8_matmul(x_q, x_scale_inv, w_q.t(), w_scale_inv)
     preact = acc if bias is None else acc + bias.float()
-    out = activation(preact, act)
+    if gated:
+        g, u = preact.chunk(2, dim=-1)
+        out = activation(g, act) * u
+    else:
+        out = activation(preact, act)
     amax = out.abs().amax() if out.numel() else out.new_zeros(())
     out = fp8_quantize(out, out_scale, out_dtype) if out_dtype in FP8_MAX else out.to(out_dtype)
     return out, preact, amax
@@ -176,7 +181,9 @@ class GatedMLP(torch.nn.Module):
         self.up_proj = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
         self.down_proj = torch.nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
         self.activation = activation
+        # a module, as transformers' act_fn: what `tpkernels.parallelize` finds by structure
+        self.act_fn = {"silu": torch.nn.SiLU(), "gelu": torch.nn.GELU(),
+                       "gelu_tanh": torch.nn.GELU(approximate="tanh")}[activation]
 
     def forward(self, x):
-        code = {"gelu": 1, "gelu_tanh": 2, "silu": 3}[self.activation]
-        return self.down_proj(activation(self.gate_proj(x), code) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
