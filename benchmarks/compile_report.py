@@ -125,7 +125,7 @@ SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu",
 POINTER_ONLY_MODES = ("gated_fwd", "dgrad_dglu", "gated_fwd_fp8", "dgrad_dglu_fp8")
 EPILOGUE_DEFAULTS = dict(ACTIVATION=IDENTITY, GRAD_ACTIVATION=IDENTITY, HAS_BIAS=False, HAS_RESIDUAL=False,
                          STORE_PREACT=False, SCALED=False, QUANTIZE=False, STORE_AMAX=False, INT64_OFFSETS=False,
-                         EMULATE_BF16=False)
+                         EMULATE_BF16=False, SPLIT_ORDER=0)
 
 # The fp8 scales are fp32 scalars; amax is passed as its int32 view (the atomic max runs on the bits).
 SCALE_POINTERS = dict(a_scale_ptr="fp32", b_scale_ptr="fp32", c_scale_ptr="fp32", amax_ptr="i32")

@@ -505,3 +505,44 @@ def test_two_ranks_per_rank_scales():
     torch.testing.assert_close(results[0]["grad"], results[1]["grad"], rtol=0, atol=0)
     for result in results:
         assert result["err"] <= 0.08 * result["ref"], result
+
+
+def test_a_gpu_without_fp8_tensor_cores_gets_a_clear_error(monkeypatch):
+    """Below sm_89 (an A100, say) fp8 is a ValueError naming the device, before the scale update or any
+    kernel launches, not a compile failure."""
+    from tpkernels import fp8, launch
+
+    monkeypatch.setattr(launch, "device_capability", lambda index: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer.*A100.*sm_80"):
+        fp8.check_device("fp8_linear", torch.device("cuda", 0))
+    scaling = fp8.FP8Scaling(tpkernels.FP8Recipe(), fp8.LINEAR_TENSORS)
+    with pytest.raises(ValueError, match="sm_80"):
+        scaling.update(torch.device("cuda", 0))
+    monkeypatch.setattr(launch, "device_capability", lambda index: (9, 0))
+    fp8.check_device("fp8_linear", torch.device("cuda", 0))  # Hopper: no error
+    fp8.check_device("fp8_linear", torch.device("cpu"))
+
+
+def test_the_weight_amax_makes_no_copy_of_abs_w():
+    """Current scaling reads max |w| from aminmax: no |w| tensor the size of the weight is made (decode
+    re-quantizes every weight once a step), and the scale is 448 / max |w| all the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tpkernels import fp8
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w = randn(64, 48) * 3
+    scaling = fp8.FP8Scaling(tpkernels.FP8Recipe(), fp8.LINEAR_TENSORS)
+    with Ops() as ops_seen:
+        _, scale_inv = scaling.weight("w", w, "eager")
+    assert not any("abs" in op for op in ops_seen.seen), ops_seen.seen
+    torch.testing.assert_close(scale_inv, (w.abs().max() / 448).reshape(1))

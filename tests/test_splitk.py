@@ -6,7 +6,7 @@ import torch
 import tpkernels
 from numerics import DEVICES, assert_close_to_ref, check_forward_backward, linear_inputs, matmul_reference, randn
 from tpkernels import MatmulConfig, bound, launch, pin_config, reference
-from tpkernels.kernels import GELU, GELU_TANH, MAX_SPLIT_K, SPLITK_CONFIGS, split_k
+from tpkernels.kernels import GELU, GELU_TANH, GLU, MAX_SPLIT_K, SPLITK_CONFIGS, split_k
 
 # Small tiles, so that test-sized shapes split K many ways under the interpreter.
 CONFIG = MatmulConfig(16, 32, 32, group_m=2, num_stages=1, epilogue_subtile=2)
@@ -79,6 +79,34 @@ def test_bitwise_repeatable_with_other_sizes_in_between(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_every_arrival_order_gives_the_same_bits(device):
+    """Whichever split's program arrives last reduces, and it sums the partials in split order: with the
+    programs remapped (`launch.splitk_order`: reversed, rotated), another split's program is the reducer
+    (the interpreter runs them in order), and every result, GELU, gated and the gated backward's
+    [dG | dU], is bitwise the one of the default order, the counters back at 0 and NaN workspaces unread."""
+    x, w, b = linear_inputs((3,), 700, 90, torch.float32, device)
+    w2 = randn(600, 45, device=device)  # the dH GEMM's K: 600, long enough to split
+    dy = randn(3, 600, device=device)
+    results = {}
+    for order in ("in order", "reversed", "rotated"):
+        _poison_workspaces()
+        with launch.use_matmul_kernel("splitk"), pin_config(CONFIG), launch.splitk_order(order), \
+                launch.record_launches() as launches:
+            gelu = tpkernels.linear_gelu(x, w, b)
+            gated, gu = torch.ops.tpkernels.fused_glu(x, w[:45], w[45:], b[:45], b[45:], 3, True)
+            dgu = torch.full((3, 90), float("nan"), device=device)
+            launch.matmul(dy, w2, dgu[:, :45], z=gu[:, :45], grad_activation=GLU + 3)
+        assert _counters_are_zero()
+        assert all(s > 2 for s in _splits(launches)), launches
+        results[order] = (gelu, gated, dgu)
+    for order in ("reversed", "rotated"):
+        for got, expected in zip(results[order], results["in order"]):
+            assert torch.equal(got, expected), order
+    with pytest.raises(ValueError, match="'reversed'"):
+        launch.splitk_order("backwards")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 def test_public_functions_forward_and_backward(device, dtype, approximate):
@@ -127,24 +155,31 @@ def test_split_rule():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_graph_replays_and_streams(dtype):
-    """Captured after a warm-up, a CUDA graph replays the split-K kernel with its cached workspace (the
-    counters back at 0 after each replay); a second stream gets its own workspace."""
+    """Two CUDA graphs of one split-K shape, each captured with a workspace of its own, replayed at once on
+    two streams while eager launches of the shape run on a third: every result equals the eager one and
+    the counters end at 0. With one workspace per stream baked into both graphs, their programs would
+    count each other's arrivals and sum each other's partials."""
     x, w, b = linear_inputs((4,), 4096, 2048, dtype, "cuda")
     with launch.use_matmul_kernel("splitk"), launch.record_launches() as launches:
         eager = tpkernels.linear_gelu(x, w, b)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = tpkernels.linear_gelu(x, w, b)
-        for _ in range(3):
-            out.fill_(float("nan"))
-            graph.replay()
+        graphs, outs = [], []
+        for _ in range(2):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outs.append(tpkernels.linear_gelu(x, w, b))
+            graphs.append(graph)
+        streams = [torch.cuda.Stream() for _ in range(3)]
+        for _ in range(5):
+            for out in outs:
+                out.fill_(float("nan"))
             torch.cuda.synchronize()
-            assert torch.equal(out, eager) and _counters_are_zero()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            other = tpkernels.linear_gelu(x, w, b)
-        torch.cuda.current_stream().wait_stream(side)
-        assert torch.equal(other, eager)
+            for graph, stream in zip(graphs, streams):
+                with torch.cuda.stream(stream):
+                    graph.replay()
+            with torch.cuda.stream(streams[2]):
+                others = [tpkernels.linear_gelu(x, w, b) for _ in range(3)]
+            torch.cuda.synchronize()
+            assert all(torch.equal(out, eager) for out in outs + others)
+            assert _counters_are_zero()
     assert len({key[1] for key in bound.WORKSPACES}) >= 2
     assert _splits(launches)[0] > 1, launches

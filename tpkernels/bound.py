@@ -11,16 +11,17 @@ from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tpkernels.kernels import INTERPRETED
-from tpkernels.settings import MATMUL_KERNEL, PINNED_CONFIG, RECORDED
+from tpkernels.settings import MATMUL_KERNEL, PINNED_CONFIG, RECORDED, SPLITK_ORDER
 
 __all__ = ["BOUND", "Bound", "BoundTMA", "bind", "launch_key", "splitk_workspace"]
 
 
-# (device, stream) -> (fp32 workspace, int32 arrival counters). The counters are zeroed once, when they
-# are allocated, and every launch leaves them at 0. Each stream has its own pair, so launches on two
-# streams never share a counter; launches on one stream run in order, so they can share it.
+# (device, stream) -> (fp32 workspace, int32 arrival counters) of eager launches. The counters are zeroed
+# once, when they are allocated, and every launch leaves them at 0. Each stream has its own pair, so
+# launches on two streams never share a counter; launches on one stream run in order, so they can share
+# it. A CUDA graph's launches have pairs of their own (`splitk_workspace`).
 WORKSPACES = {}
-# Buffers a bigger pair replaced. Kept: a CUDA graph captured with them replays into them.
+# Buffers a bigger pair replaced. Kept: a launch still in flight may use them.
 RETIRED = []
 
 
@@ -30,16 +31,19 @@ def _current_stream(device):
 
 def splitk_workspace(device, elements, tiles, stream=None):
     """An fp32 workspace of at least `elements` and `tiles` zeroed int32 counters for a split-K launch on
-    `stream` (default: the current stream of `device`), reused across calls. During CUDA-graph capture a
-    pair too small is not replaced: the launch gets a fresh pair from the graph's pool, zeroed by a fill
-    the graph replays."""
+    `stream` (default: the current stream of `device`), reused across calls.
+
+    During CUDA-graph capture every launch gets a pair of its own, from the graph's pool, its counters
+    zeroed by a fill the graph replays: a graph replayed while its stream's eager launches run, or two
+    graphs of one shape replayed on two streams, then never share a counter or a partial (a pair baked
+    from the stream's cache would be shared by all of them)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (torch.empty(elements, dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
     key = (device, _current_stream(device) if stream is None else stream)
     pair = WORKSPACES.get(key)
     if pair is not None and pair[0].numel() >= elements and pair[1].numel() >= tiles:
         return pair
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return (torch.empty(elements, dtype=torch.float32, device=device),
-                torch.zeros(tiles, dtype=torch.int32, device=device))
     if pair is not None:
         RETIRED.append(pair)
         elements = max(elements, 2 * pair[0].numel())
@@ -70,7 +74,7 @@ def launch_key(a, b, b_shape, b_stride, c, bias, residual, preact, z, activation
             None if residual is None else (_operand_key(residual),
                                            residual.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()),
             _operand_key(preact), _operand_key(z), activation, grad_activation, MATMUL_KERNEL.get(),
-            PINNED_CONFIG.get(), a.is_cuda and allow_tf32(),
+            PINNED_CONFIG.get(), SPLITK_ORDER.get(), a.is_cuda and allow_tf32(),
             None if scales is None else tuple(None if s is None else s.data_ptr() & 15 for s in scales))
 
 

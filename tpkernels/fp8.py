@@ -101,6 +101,22 @@ class FP8Recipe:
             raise TypeError(f"FP8Recipe: cache_weights must be True or False, got {self.cache_weights!r}")
 
 
+# fp8 tensor cores (e4m3 and e5m2 operands): Ada (sm_89) and Hopper (sm_90) on.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def check_device(name, device):
+    """A clear error, before any launch, for fp8 on a CUDA device without fp8 tensor cores (below sm_89),
+    where the kernels would fail to compile."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        capability = launch.device_capability(index)
+        if tuple(capability) < FP8_MIN_CAPABILITY:
+            raise ValueError(f"{name}: fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(index)} is sm_{capability[0]}{capability[1]}. "
+                             f"Pass fp8=None to run in the weights' dtype")
+
+
 def check_recipe(name, fp8, backend):
     """fp8 as a layer option: None or an FP8Recipe, with a backend that runs it ("auto", "triton", "eager")."""
     if fp8 is None:
@@ -184,6 +200,7 @@ class FP8Scaling(nn.Module):
         twice per step."""
         if torch._C._current_graph_task_id() != -1:
             return
+        check_device("fp8", device)  # before the scale update's launch
         if not self.recipe.cache_weights:
             self._weights.clear()
         if self.amax_history.device != device:
@@ -221,7 +238,11 @@ class FP8Scaling(nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         with torch.no_grad():
-            amax = weight.abs().amax().float() if weight.numel() else torch.zeros((), device=weight.device)
+            if weight.numel():  # max |w| from the extremes, without materialising |w| (a copy of the weight)
+                low, high = torch.aminmax(weight)
+                amax = torch.maximum(-low, high).float()
+            else:
+                amax = torch.zeros((), device=weight.device)
             scale = torch.where(amax > 0, FP8_MAX[E4M3] / torch.where(amax > 0, amax, 1.0), 1.0).reshape(1)
             scale = scale.clamp(max=torch.finfo(torch.float32).max)  # a subnormal amax overflows to inf
             w_q = quantize(weight, scale, backend=backend)
@@ -518,6 +539,7 @@ def fp8_linear(x, weight, bias, scaling, *, name="w", activation=IDENTITY, owner
     """
     ops._check_linear("fp8_linear", x, weight, bias)
     _check_out_dtype("fp8_linear", x, out_dtype)
+    check_device("fp8_linear", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     out = _FP8Linear.apply(rows, weight, bias, scaling, name, activation, owner, out_dtype or x.dtype, backend)
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -531,6 +553,7 @@ def fp8_mlp_shard(x, w1, b1, w2, b2, scaling, *, activation, owner=True, out_dty
     ops._check_linear("fp8_mlp_shard", x, w1, b1)
     ops._check_linear("fp8_mlp_shard", x.new_empty((0, w1.shape[0])), w2, b2)  # w2, b2 against the hidden width
     _check_out_dtype("fp8_mlp_shard", x, out_dtype)
+    check_device("fp8_mlp_shard", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     out = _FP8MLP.apply(rows, w1, b1, w2, b2, scaling, activation, owner, out_dtype or x.dtype, backend)
     return out.view(*x.shape[:-1], w2.shape[0])
@@ -546,6 +569,7 @@ def fp8_glu_mlp_shard(x, gate, up, gate_bias, up_bias, w2, b2, scaling, *, activ
     ops._check_gated("fp8_glu_mlp_shard", x, gate, up, gate_bias, up_bias)
     ops._check_linear("fp8_glu_mlp_shard", x.new_empty((0, gate.shape[0])), w2, b2)
     _check_out_dtype("fp8_glu_mlp_shard", x, out_dtype)
+    check_device("fp8_glu_mlp_shard", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     out = _FP8GatedMLP.apply(rows, gate, up, gate_bias, up_bias, w2, b2, scaling, activation, owner,
                              out_dtype or x.dtype, backend)

@@ -61,16 +61,19 @@ from tpkernels.settings import (
     MATMUL_KERNELS,
     PINNED_CONFIG,
     PRECOMPILING,
+    SPLITK_ORDER,
     picked,
     pin_config,
     precompiling,
     record,
     record_launches,
+    splitk_order,
     use_matmul_kernel,
 )
 
 __all__ = ["AUTOTUNERS", "MATMUL_KERNELS", "autotuner", "dgelu", "kernel_for", "linear", "matmul", "pin_config",
-           "precompiling", "record_launches", "runs_triton", "sync_autotuning", "use_matmul_kernel", "use_tma"]
+           "precompiling", "record_launches", "runs_triton", "splitk_order", "sync_autotuning", "use_matmul_kernel",
+           "use_tma"]
 
 INT32_LIMIT = 2**31
 
@@ -363,7 +366,7 @@ def _matmul_splitk(a, b, c, epilogue, sizes, strides, meta, config):
     if meta["ACTIVATION"] >= GLU:
         elements *= 2  # a gate and an up partial per split
     workspace, counters = bound.splitk_workspace(a.device, elements, tiles)
-    meta = dict(meta, INT64_OFFSETS=meta["INT64_OFFSETS"] or elements >= INT32_LIMIT)
+    meta = dict(meta, INT64_OFFSETS=meta["INT64_OFFSETS"] or elements >= INT32_LIMIT, SPLIT_ORDER=SPLITK_ORDER.get())
     args = (a, b, c, *epilogue, workspace, counters, *sizes, *strides)
 
     def grid(meta):

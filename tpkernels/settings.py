@@ -8,13 +8,17 @@ import contextvars
 
 from tpkernels.kernels import MatmulConfig
 
-__all__ = ["MATMUL_KERNELS", "pin_config", "precompiling", "record_launches", "use_matmul_kernel"]
+__all__ = ["MATMUL_KERNELS", "SPLITK_ORDERS", "pin_config", "precompiling", "record_launches", "splitk_order",
+           "use_matmul_kernel"]
 
 MATMUL_KERNELS = ("auto", "pointer", "tma", "splitk")
 PINNED_CONFIG = contextvars.ContextVar("tpkernels_pinned_config", default=None)
 MATMUL_KERNEL = contextvars.ContextVar("tpkernels_matmul_kernel", default="auto")
 RECORDED = contextvars.ContextVar("tpkernels_recorded_launches", default=None)
 PRECOMPILING = contextvars.ContextVar("tpkernels_precompiling", default=False)
+# The split-K kernel's program-to-split map (its SPLIT_ORDER constexpr), a debug setting.
+SPLITK_ORDERS = {"in order": 0, "reversed": 1, "rotated": 2}
+SPLITK_ORDER = contextvars.ContextVar("tpkernels_splitk_order", default=0)
 
 
 @contextlib.contextmanager
@@ -48,6 +52,21 @@ def use_matmul_kernel(kernel):
     if kernel not in MATMUL_KERNELS:
         raise ValueError(f"use_matmul_kernel: kernel must be one of {', '.join(MATMUL_KERNELS)}, got {kernel!r}")
     return _setting(MATMUL_KERNEL, kernel)
+
+
+def splitk_order(order):
+    """Remap which split each split-K program computes, inside the block: "in order" (program s computes
+    split s, the default), "reversed" (split W - 1 - s) or "rotated" (split (s + W // 2) mod W). Programs of
+    a tile then arrive in another order, so another split's program is the last to arrive and reduces:
+    under the interpreter, which runs programs in order, this is how a test makes every split a reducer.
+    The sum's order is fixed (splits 0, 1, ..., W - 1, whoever reduces), so every order gives the same bits.
+
+    Args:
+        order: "in order", "reversed" or "rotated".
+    """
+    if order not in SPLITK_ORDERS:
+        raise ValueError(f"splitk_order: order must be one of {', '.join(map(repr, SPLITK_ORDERS))}, got {order!r}")
+    return _setting(SPLITK_ORDER, SPLITK_ORDERS[order])
 
 
 @contextlib.contextmanager

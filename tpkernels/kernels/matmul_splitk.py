@@ -11,7 +11,10 @@ wrote them and whenever they arrived, so the result is bitwise the same every ru
 whole epilogue once and resets the counter to 0 for the next call.
 
 No program waits for another: the last one to arrive does the work, whatever the schedule (the
-interpreter's sequential one included). The counters start at 0 when the launcher allocates them, and
+interpreter's sequential one included). The interpreter runs a tile's programs in order, so there the
+last split's program would always reduce; SPLIT_ORDER (`launch.splitk_order`) remaps which split each
+program computes, so that tests make other splits' programs the reducer and check the bits are the same.
+A gated epilogue (`matmul.GLU`) keeps two partials per split, gate then up. The counters start at 0 when the launcher allocates them, and
 every call leaves them at 0, so no launch clears them. Ordering on a GPU: a CTA barrier, then the
 arrival as an acq_rel atomic at GPU scope, publishes the partials of the whole CTA before the count
 and makes the others' visible to the last program, which reads them from L2 (`.cg`), never from a
@@ -49,10 +52,18 @@ def _matmul_splitk_kernel(
     # tiling
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
+    # which split each program computes (`settings.splitk_order`, a debug setting): 0 program s computes
+    # split s, 1 reversed, 2 rotated by half; so that another program than split SPLIT_K - 1's arrives last
+    SPLIT_ORDER: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
-    split = tl.program_id(1)
     SPLIT_K = tl.num_programs(1)
+    split = tl.program_id(1)
+    tl.static_assert(SPLIT_ORDER >= 0 and SPLIT_ORDER <= 2, "SPLIT_ORDER is 0 (in order), 1 (reversed) or 2 (rotated)")
+    if SPLIT_ORDER == 1:
+        split = SPLIT_K - 1 - split
+    elif SPLIT_ORDER == 2:
+        split = (split + SPLIT_K // 2) % SPLIT_K
     pid_m, pid_n = _tile_id_to_pids(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     if INT64_OFFSETS:
         tile_id = tile_id.to(tl.int64)
