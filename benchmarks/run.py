@@ -115,7 +115,10 @@ HEADLINE = (
 CPU_RESULTS = ([("column_fwd", M, K, N, dt, gelu) for dt in ("float32", "bfloat16") for gelu in ("none", "tanh")
                 for M, K, N in ((1, 4096, 2048), (16, 4096, 2048), (64, 1024, 4096), (512, 1024, 4096))]
                + [("row_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
-                  for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))])
+                  for M, K, N in ((1, 2048, 4096), (64, 1024, 4096), (512, 1024, 4096))]
+               # the gated column stage (auto is eager on plain CPU tensors): Llama-3-8B's TP 8 shard, and prefill
+               + [("gated_fwd", M, K, N, dt, "none") for dt in ("float32", "bfloat16")
+                  for M, K, N in ((1, 4096, 1792), (16, 4096, 1792), (512, 1024, 2048))])
 CPU_RESULTS_PROVIDERS = ("tpkernels", "tpkernels_packed", "tpkernels_cpu", "tpkernels_cpu_packed", "eager", "torch_mm")
 HEADLINE_PROVIDERS = ("tpkernels", "tpkernels_triton", "tpkernels_cublaslt", "eager", "torch_mm", "cublaslt",
                       "tpkernels_overlap", "tpkernels_pointer", "tpkernels_splitk", "tpkernels_tma", "tpkernels_fp8",

@@ -12,7 +12,8 @@ from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
 from spawn import check_scenario, rank_setups, run_scenarios
-from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelMLP, reference
+from tpkernels import (ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP, reference,
+                       set_sequence_length)
 from tpkernels import distributed as tpd
 
 WORLD_SIZES = [1, 2, 3, 4]
@@ -215,6 +216,48 @@ def compiled_sequence_parallel(rank, world):
     return "ok"
 
 
+def stated_sequence_length(rank, world):
+    """With the full length stated once (`set_sequence_length`), the sequence-parallel MLP, gated MLP and
+    column layer give the dense results with no shape exchange (no collective beyond the data's, no host
+    sync), compile into one graph, and a rank whose shard does not fit the stated length raises."""
+    torch.manual_seed(40)
+    shape, dim = (2, 7, IN), 1
+    x, grad = same_everywhere(*shape, seed=41), same_everywhere(2, 7, OUT, seed=42)
+    dense = reference.MLP(IN, HIDDEN, OUT, approximate="tanh")
+    gated_dense = reference.GatedMLP(IN, HIDDEN, OUT)
+    models = {
+        "mlp": (TensorParallelMLP.from_dense(dense.fc1, dense.fc2, approximate="tanh", sequence_parallel=True,
+                                             sequence_dim=dim), dense),
+        "gated": (TensorParallelGatedMLP.from_dense(gated_dense.gate_proj, gated_dense.up_proj, gated_dense.down_proj,
+                                                    sequence_parallel=True, sequence_dim=dim), gated_dense),
+    }
+    for name, (tp, reference_model) in models.items():
+        assert set_sequence_length(tp, 7) >= 1 and tp.sequence_length == 7  # the block and its column layers
+        _, fwd, bwd = _check_against_dense(f"stated {name}", tp, reference_model, x, grad, dim, world, rank)
+        assert "shape_exchange" not in _kinds(fwd) and "shape_exchange" not in _kinds(bwd), fwd.records
+        if world > 1:
+            assert _kinds(fwd) == {"all_gather": 1, "reduce_scatter": 1}, fwd.records
+    column = ColumnParallelLinear(IN, HIDDEN, activation="gelu", sequence_parallel=True, sequence_dim=dim)
+    set_sequence_length(column, 7)
+    with tpd.count_collectives() as counts:
+        column(_mine(x, world, rank, dim))
+    assert "shape_exchange" not in _kinds(counts)
+    tp = models["gated"][0]
+    if world == 2:  # one world size proves it: compiling on 2 CPU cores costs a minute a rank
+        tp.zero_grad(set_to_none=True)  # the dense comparison's gradients
+        torch._dynamo.reset()
+        assert_compiled_matches_eager(tp, torch.compile(tp, fullgraph=True), _mine(x, world, rank, dim),
+                                      _mine(grad, world, rank, dim))
+    set_sequence_length(tp, 100)  # every rank's shard is shorter than 100 positions give it
+    with tpd.count_collectives() as counts:
+        with pytest.raises(ValueError, match=f"sequence_length=100 gives rank {rank}"):
+            tp(_mine(x, world, rank, dim))
+    assert counts.count() == 0
+    with pytest.raises(ValueError, match="an int >= 0"):
+        set_sequence_length(tp, -1)
+    return "ok"
+
+
 def overlap_repeated(rank, world):
     """Many overlapped steps in a row (eager kernels, so they are quick): with several gloo collectives
     in flight at once this corrupted the heap in about one run in three (a rank died of SIGABRT or
@@ -230,7 +273,7 @@ def overlap_repeated(rank, world):
 # The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
 # scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
 SCENARIOS = [sequence_parallel_mlp, sequence_parallel_layers, overlap_without_sequence_parallel,
-             sequence_parallel_bad_input, compiled_sequence_parallel, overlap_repeated]
+             sequence_parallel_bad_input, compiled_sequence_parallel, stated_sequence_length, overlap_repeated]
 
 
 @functools.cache

@@ -9,7 +9,8 @@
 from tpkernels import distributed, fp8
 from tpkernels.fp8 import FP8Recipe
 from tpkernels.kernels import MatmulConfig
-from tpkernels.nn import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP
+from tpkernels.nn import (ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP,
+                          set_sequence_length)
 from tpkernels.checkpoint import empty_parameters, load_sharded, save_sharded
 from tpkernels.ops import (backends, glu_mlp_shard, linear_gelu, linear_glu, linear_partial, mlp_shard, pin_config,
                            sync_autotuning)
@@ -37,5 +38,6 @@ __all__ = [
     "parallelize",
     "pin_config",
     "save_sharded",
+    "set_sequence_length",
     "sync_autotuning",
 ]

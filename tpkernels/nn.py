@@ -45,7 +45,8 @@ from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
 from tpkernels.custom_ops_gated import adjacent
 from tpkernels.ops import BACKENDS, GATED_ACTIVATIONS, glu_mlp_shard, linear_gelu, linear_partial, mlp_shard
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelGatedMLP", "TensorParallelMLP"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "TensorParallelGatedMLP", "TensorParallelMLP",
+           "set_sequence_length"]
 
 _ACTIVATIONS = {None: None, "gelu": "none", "gelu_tanh": "tanh"}  # activation -> GELU's `approximate`
 _ACTIVATION_CODES = {None: IDENTITY, "gelu": GELU, "gelu_tanh": GELU_TANH}
@@ -83,6 +84,44 @@ def _check_backend(name, backend):
         raise ValueError(f"{name}: backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
+def _sequence_lengths(module, x, dim, column, name):
+    """Every rank's sequence shard length: from the stated full length (`module.sequence_length`, see
+    `set_sequence_length`: no collective, no host sync) with this rank's own length checked, or else
+    exchanged and checked on every rank (`distributed.sequence_sizes`: one small all-gather and a host sync)."""
+    if module.sequence_length is None:
+        return sequence_sizes(x, dim, column.process_group, name)
+    sizes = shard_sizes(module.sequence_length, column.world_size)
+    if x.shape[dim] != sizes[column.rank]:
+        # raised on this rank only: the others, whose shards fit, go on into the all-gather and wait there
+        # until the group's timeout. The stated length trades the exchanged check for a graph-capturable step.
+        raise ValueError(f"{name}: sequence_length={module.sequence_length} gives rank {column.rank} "
+                         f"{sizes[column.rank]} positions along dim {dim} (torch.chunk's layout over "
+                         f"{column.world_size} ranks), but its input has {x.shape[dim]} (shape {tuple(x.shape)}); "
+                         f"set sequence_length to the full length, or None to exchange the lengths")
+    return sizes
+
+
+def set_sequence_length(model, length):
+    """State the full sequence length of every sequence-parallel module in `model` (itself included): their
+    forwards then take every rank's shard length from it, with no shape exchange (a collective and a host
+    sync per layer), so a step can be captured in a CUDA graph and compiled without a graph break. Each
+    rank checks its own shard's length; a rank whose shard does not fit raises, and the others then wait
+    in the all-gather until the group's timeout, so state it only where every rank's input has it.
+    None goes back to the exchanged, checked lengths.
+
+    Returns:
+        How many modules took it.
+    """
+    if length is not None and (not isinstance(length, int) or isinstance(length, bool) or length < 0):
+        raise ValueError(f"set_sequence_length: length must be None or an int >= 0, got {length!r}")
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "sequence_length") and getattr(module, "sequence_parallel", False):
+            module.sequence_length = length
+            count += 1
+    return count
+
+
 def _around_shards(mlp, x, column, shards):
     """An MLP's output from `shards(rows)`, one rank's partial sum of its rows of x, with the collectives
     around it: copy-to in and reduce-from out, as sequence shards (all-gather in, reduce-scatter out) with
@@ -91,8 +130,8 @@ def _around_shards(mlp, x, column, shards):
     group, world, name = column.process_group, column.world_size, type(mlp).__name__
     if mlp.sequence_parallel:
         dim = _sequence_dim(name, mlp.sequence_dim, x)
-        sizes = sequence_sizes(x, dim, group, name)
-        tokens = sum(sizes) * math.prod(x.shape[i] for i in range(x.dim() - 1) if i != dim)  # alike on every rank
+        sizes = _sequence_lengths(mlp, x, dim, column, name)
+        tokens = sum(sizes) * math.prod([x.shape[i] for i in range(x.dim() - 1) if i != dim])  # alike on every rank
         if chunked.overlapping(mlp.overlap, x, tokens, column.in_features, column.out_features, world):
             return chunked.mlp_sequence(x, sizes, dim, group, column.rank, shards).to(x.dtype)
         partial = shards(gather_sequence(x, sizes, dim, group))
@@ -301,6 +340,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self._approximate = _ACTIVATIONS[activation]
         self.gather_output = gather_output
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
+        self.sequence_length = None  # the full length, where stated (`set_sequence_length`)
         self.backend = backend
         self.use_fp8(fp8)
 
@@ -336,8 +376,8 @@ class ColumnParallelLinear(_ParallelLinear):
             self.fp8_scaling.update(x.device)  # once per step, before any chunk quantizes
         if self.sequence_parallel:
             dim = _sequence_dim("ColumnParallelLinear", self.sequence_dim, x)
-            sizes = sequence_sizes(x, dim, self.process_group, "ColumnParallelLinear")
-            tokens = sum(sizes) * math.prod(x.shape[i] for i in range(x.dim() - 1) if i != dim)  # alike on every rank
+            sizes = _sequence_lengths(self, x, dim, self, "ColumnParallelLinear")
+            tokens = sum(sizes) * math.prod([x.shape[i] for i in range(x.dim() - 1) if i != dim])  # alike on every rank
             if chunked.overlapping(self.overlap, x, tokens, self.in_features, self.out_features, self.world_size):
                 h = chunked.column_sequence(x, sizes, dim, self.process_group, self.rank, self._shard_forward)
             else:
@@ -482,6 +522,7 @@ class TensorParallelMLP(nn.Module):
         self.approximate = approximate
         self.backend = backend
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
+        self.sequence_length = None  # the full length, where stated (`set_sequence_length`)
         parallel = dict(sequence_parallel=sequence_parallel, sequence_dim=sequence_dim, overlap=overlap)
         self.fc1 = ColumnParallelLinear(in_features, hidden_features, bias, activation=activation, **parallel,
                                         process_group=process_group, device=device, dtype=dtype, backend=backend)
@@ -611,6 +652,7 @@ class TensorParallelGatedMLP(nn.Module):
         out_features = in_features if out_features is None else out_features
         self.activation, self.backend = activation, backend
         self.sequence_parallel, self.sequence_dim, self.overlap = sequence_parallel, sequence_dim, overlap
+        self.sequence_length = None  # the full length, where stated (`set_sequence_length`)
         # how full_state_dict names gate and up: "separate" (gate_proj, up_proj) or a merged name (Phi-3's
         # "gate_up_proj", [gate; up] in one tensor); from_merged sets it
         self.checkpoint_merged = None
