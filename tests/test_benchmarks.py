@@ -149,9 +149,11 @@ def test_headline_plan_dry_run_fits_five_minutes():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     points = [line for line in lines if line.startswith("  ")]
-    assert len(points) == 26 and sum("tp_mlp" in p for p in points) == 1
+    assert len(points) == 29 and sum("tp_mlp" in p for p in points) == 1
     assert sum("float8_e4m3fn" in p for p in points) == 3
-    assert sum("gelu=none" in p for p in points) == 2
+    assert sum("gelu=none" in p and "gated_fwd" not in p for p in points) == 2
+    # the gated MLP's column stage: Llama-3-8B's and -70B's TP 8 shards, decode and prefill
+    assert sum("gated_fwd" in p for p in points) == 7
     (predicted,) = [line for line in lines if line.startswith("predicted: ")]
     assert int(predicted.split()[1]) < 300
 
