@@ -342,3 +342,19 @@ def test_packing_survives_moves_and_loads():
     tp.load_state_dict(dense.state_dict(), assign=True)
     assert packed(tp)
     torch.testing.assert_close(tp(x), dense(x))
+
+
+def test_packing_keeps_the_parameters_an_optimizer_holds():
+    """.to() after the optimizer is built: the block packs gate and up into one buffer again, and the
+    optimizer's parameters are still the block's (their objects kept), so its steps move the block."""
+    torch.manual_seed(33)
+    block = TensorParallelGatedMLP(IN, HIDDEN, OUT)
+    params = list(block.parameters())
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.5)
+    block.to(torch.float64).to(torch.float32)
+    assert all(a is b for a, b in zip(params, block.parameters()))
+    assert custom_ops_gated.adjacent(block.gate_proj.weight, block.up_proj.weight)
+    before = block.gate_proj.weight.detach().clone()
+    block(torch.randn(3, IN)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(block.gate_proj.weight, before)

@@ -687,8 +687,10 @@ class TensorParallelGatedMLP(nn.Module):
     def _pack(self):
         """Put this rank's gate and up shards (weight, and bias) in one buffer, gate rows then up rows, where
         they are separate tensors: the kernel then reads them as one [2F_r, K] operand, with no copy per call.
-        Each becomes a new parameter (a DTensor of the same placement) over its view of the buffer; the
-        parameters of a block already packed, as every one is after construction, are never replaced."""
+        Each parameter keeps its identity (an optimizer built before a `.to()` still holds the block's
+        parameters): `torch.utils.swap_tensors` gives it a view of the buffer. Where a swap is refused (a
+        parameter that autograd's graph still references), the shards stay apart and the forward copies
+        them together per call: slower, never wrong."""
         for kind in ("weight", "bias"):
             gate, up = self.gate_proj._parameters[kind], self.up_proj._parameters[kind]
             if gate is None or up is None or (is_dtensor(gate) and gate.device_mesh.ndim != 1):
@@ -699,7 +701,15 @@ class TensorParallelGatedMLP(nn.Module):
             buffer = torch.cat([g, u])
             rows = g.shape[0]
             for layer, param, piece in ((self.gate_proj, gate, buffer[:rows]), (self.up_proj, up, buffer[rows:])):
-                layer._set_parameter(kind, piece, param.requires_grad)
+                if is_dtensor(param):
+                    packed = parameter(piece, layer._mesh(piece.device), placement(0, kind), param.shape,
+                                       param.requires_grad)
+                else:
+                    packed = nn.Parameter(piece, requires_grad=param.requires_grad)
+                try:
+                    torch.utils.swap_tensors(param, packed)
+                except RuntimeError:
+                    break
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() give each parameter its own new tensor: pack them again.
