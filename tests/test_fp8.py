@@ -132,6 +132,9 @@ def test_scale_update(device, recipe, monkeypatch):
     history = torch.rand(recipe.amax_history_len, 3, device=device) * 10
     history[:, 2] = 0  # no amax yet: the scale stays
     history[0, 1] = float("inf") if recipe.amax_compute_algo == "most_recent" else history[0, 1]
+    if recipe.amax_compute_algo == "max":
+        # a NaN in the window (an overflowed step): the scale stays, on a GPU (whose max skips a NaN) too
+        history[-1, 1] = float("nan")
     scaling.amax_history.copy_(history)
     scaling.scale.copy_(torch.tensor([2.0, 3.0, 5.0]))
     fmax = torch.tensor([448.0, 57344.0, 448.0], device=device)  # each tensor's format's largest value

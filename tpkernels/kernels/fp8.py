@@ -4,7 +4,10 @@
 
     per tensor j of a layer's state, from its amax history [LENGTH, COUNT] (row 0 the newest):
         amax_j = max over the history (or row 0 alone)                         (`_scale_update_kernel`)
-        scale_j = fmax_j / amax_j / 2^MARGIN where amax_j is positive and finite, else unchanged
+        scale_j = fmax_j / amax_j / 2^MARGIN where amax_j is positive and finite, else unchanged: a window
+                  holding a NaN (an overflowed step's amax) keeps the previous scale until the NaN leaves it,
+                  on the GPU as under the interpreter and in the torch path (tl.max alone would skip the NaN
+                  on a GPU, as maxnum does, and propagate it under the interpreter)
                   (fmax_j: the largest value of tensor j's format, 448 for e4m3, 57344 for e5m2),
                   at most FP32_MAX: a subnormal amax (1e-39) would make it inf, and inf * 0 = NaN
         scale_inv_j = 1 / scale_j;   the history moves down a row and row 0 starts again at 0
@@ -60,15 +63,17 @@ def _scale_update_kernel(
     mask = (rows < LENGTH)[:, None] & in_cols[None, :]
     history = tl.load(history_ptr + rows[:, None] * COUNT + cols[None, :], mask=mask, other=0.0)
     if MOST_RECENT:
-        amax = tl.sum(tl.where((rows == 0)[:, None], history, 0.0), axis=0)
+        amax = tl.sum(tl.where((rows == 0)[:, None], history, 0.0), axis=0)  # a NaN in row 0 stays NaN
+        has_nan = amax != amax
     else:
         amax = tl.max(history, axis=0)
+        has_nan = tl.max((history != history).to(tl.int32), axis=0) > 0  # counted, not compared: the same everywhere
     # Row r takes row r - 1; row 0 starts again at 0.
     above = tl.load(history_ptr + (rows - 1)[:, None] * COUNT + cols[None, :], mask=mask & (rows >= 1)[:, None],
                     other=0.0)
     old = tl.load(scale_ptr + cols, mask=in_cols, other=1.0)
     fmax = tl.load(fmax_ptr + cols, mask=in_cols, other=1.0)
-    usable = (amax > 0.0) & (amax < float("inf"))
+    usable = (amax > 0.0) & (amax < float("inf")) & ~has_nan
     scale = tl.where(usable, fmax / tl.where(usable, amax, 1.0) / tl.exp2(MARGIN * 1.0), old)
     scale = tl.minimum(scale, FP32_MAX)
     tl.debug_barrier()  # every thread has read the history before any row is overwritten
