@@ -549,3 +549,31 @@ def test_the_weight_amax_makes_no_copy_of_abs_w():
         _, scale_inv = scaling.weight("w", w, "eager")
     assert not any("abs" in op for op in ops_seen.seen), ops_seen.seen
     torch.testing.assert_close(scale_inv, (w.abs().max() / 448).reshape(1))
+
+
+def test_gated_weights_in_two_buffers_are_quantized_again_when_either_changes():
+    """Gate and up that are not one buffer are concatenated per call; the quantized-weight cache is keyed by
+    the two tensors' own addresses and versions (the concatenation's are new each call, version 0), so with
+    cache_weights=True an in-place change to either is seen at the next call."""
+    from tpkernels import fp8
+
+    torch.manual_seed(5)
+    x = randn(4, 16)
+    gate, up, w2 = randn(12, 16) * 0.3, randn(12, 16) * 0.3, randn(8, 12) * 0.3
+    scaling = fp8.FP8Scaling(tpkernels.FP8Recipe(cache_weights=True), fp8.MLP_TENSORS)
+    scaling.update(x.device)
+
+    def run():
+        return fp8.fp8_glu_mlp_shard(x, gate, up, None, None, w2, None, scaling, activation="silu")
+
+    first = run()
+    assert torch.equal(run(), first)  # cached: the same quantized weights
+    # keyed by gate's and up's own address and version (a concatenation at a reused address, as CUDA's
+    # caching allocator gives, would otherwise match with version 0)
+    assert scaling._weights["w1"][0][:2] == ((gate.data_ptr(), gate._version), (up.data_ptr(), up._version))
+    with torch.no_grad():
+        up.mul_(-1.0)
+    expected = F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), w2)
+    again = run()
+    assert (again - expected).abs().max() < 0.1 * expected.abs().max()
+    assert (again - first).abs().max() > 0.1 * first.abs().max()

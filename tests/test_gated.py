@@ -143,6 +143,12 @@ def test_bad_input_is_refused_with_the_numbers():
         tpkernels.glu_mlp_shard(x, w[:3], w[3:], None, None, torch.randn(5, 4), None)
     with pytest.raises(TypeError, match="FP8Recipe"):
         TensorParallelGatedMLP(8, 6, fp8="e4m3")
+    from tpkernels.fp8 import FP8Scaling, MLP_TENSORS, fp8_glu_mlp_shard
+
+    scaling = FP8Scaling(tpkernels.FP8Recipe(), MLP_TENSORS)
+    for bad in ("relu", 7, True):
+        with pytest.raises(ValueError, match="activation must be one of"):
+            fp8_glu_mlp_shard(x, w[:3], w[3:], None, None, torch.randn(5, 3), None, scaling, activation=bad)
     with pytest.raises(ValueError, match="'tanh'"):
         TensorParallelGatedMLP(8, 6, activation="tanh")
 
@@ -258,21 +264,31 @@ def built_from_dense_and_merged(rank, world):
         state = tp.state_dict()
         for key in ("gate_proj.weight", "up_proj.weight"):
             assert state[key].placements[0].is_shard(0) and tuple(state[key].shape) == (HIDDEN, IN)
-        # the trap: rank r's consecutive piece of the merged [gate; up] is not [gate_r; up_r]
-        naive = TensorParallelGatedMLP.from_merged(merged, dense.down_proj)
-        piece = tpd.shard(merged.weight.detach(), world, rank, 0)
-        with torch.no_grad():
-            wrong = None
-            if piece.shape[0] == 2 * local(naive.gate_proj.weight).shape[0]:  # the naive piece fits the shard
-                local(naive.gate_proj.weight).copy_(piece[: piece.shape[0] // 2])
-                local(naive.up_proj.weight).copy_(piece[piece.shape[0] // 2:])
-                local(naive.gate_proj.bias).zero_()
-                local(naive.up_proj.bias).zero_()
-                local(phi.gate_proj.bias).zero_()
-                local(phi.up_proj.bias).zero_()
-                wrong = naive(x)
-        if wrong is not None:
-            assert (wrong - phi(x)).abs().max() > 1e-2
+    # up rows first in the merged weight ([up; gate]): the same block, and the same merged tensor back
+    swapped = nn.Linear(IN, 2 * HIDDEN)
+    with torch.no_grad():
+        swapped.weight.copy_(torch.cat([dense.up_proj.weight, dense.gate_proj.weight]))
+        swapped.bias.copy_(torch.cat([dense.up_proj.bias, dense.gate_proj.bias]))
+    up_first = TensorParallelGatedMLP.from_merged(swapped, dense.down_proj, up_first=True)
+    torch.testing.assert_close(up_first(x), expected)
+    assert torch.equal(up_first.full_state_dict()["gate_up_proj.weight"], swapped.weight)
+    # the trap, at a width every world size splits evenly (12): rank r's consecutive piece of the merged
+    # [gate; up] is not [gate_r; up_r], and the block it makes is wrong
+    torch.manual_seed(25)
+    even = reference.GatedMLP(IN, 12, OUT)
+    merged_even = nn.Linear(IN, 24, bias=False)
+    with torch.no_grad():
+        merged_even.weight.copy_(torch.cat([even.gate_proj.weight, even.up_proj.weight]))
+    naive = TensorParallelGatedMLP.from_merged(merged_even, even.down_proj)
+    with torch.no_grad():
+        torch.testing.assert_close(naive(x), even(x))
+        piece = tpd.shard(merged_even.weight.detach(), world, rank, 0)
+        half = piece.shape[0] // 2
+        assert half == local(naive.gate_proj.weight).shape[0]
+        local(naive.gate_proj.weight).copy_(piece[:half])
+        local(naive.up_proj.weight).copy_(piece[half:])
+        error = (naive(x) - even(x)).abs().max().item()
+    assert (error > 1e-2) == (world > 1), error  # one rank's one piece is the whole: right there
     return "ok"
 
 
@@ -358,3 +374,23 @@ def test_packing_keeps_the_parameters_an_optimizer_holds():
     block(torch.randn(3, IN)).sum().backward()
     optimizer.step()
     assert not torch.equal(block.gate_proj.weight, before)
+
+
+def test_the_block_pickles_and_keeps_gradients_and_hooks_through_moves(tmp_path):
+    """torch.save of the block (its load hook a module-level function), and a move after a backward: the
+    gradients and hooks stay on the parameters (the packing leaves a parameter with either as it is)."""
+    torch.manual_seed(34)
+    block = TensorParallelGatedMLP(IN, HIDDEN, OUT)
+    torch.save(block, tmp_path / "block.pt")
+    loaded = torch.load(tmp_path / "block.pt", weights_only=False)
+    x = torch.randn(3, IN)
+    torch.testing.assert_close(loaded(x), block(x))
+    seen = []
+    block.gate_proj.weight.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.dtype))
+    block(x).sum().backward()
+    grad = block.gate_proj.weight.grad.clone()
+    block.half()
+    assert block.gate_proj.weight.grad is not None
+    torch.testing.assert_close(block.gate_proj.weight.grad, grad.half())
+    block(x.half()).sum().backward()
+    assert seen == [torch.float32, torch.float16]

@@ -225,16 +225,49 @@ class _GatedLookAlike(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x).flip(-1))
 
 
+class _GatedWithDropout(_GatedLookAlike):
+    """T5 v1.1's gated block: a dropout between the product and down. Replaced whole, it would lose it."""
+
+    def __init__(self):
+        super().__init__("product")
+        self.dropout = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class _WideGelu(nn.Module):
+    """A plain GELU MLP whose output is twice its input: fc2 (32 -> 16) reads like a merged gate_up of down
+    = fc1 (8 -> 32)'s input. The gated probe refuses it; the GELU search replaces it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
 def gated_look_alikes(rank, world):
     torch.manual_seed(9)
-    model = nn.Sequential(_GatedLookAlike("sum"), _GatedLookAlike("permuted"))
+    model = nn.Sequential(_GatedLookAlike("sum"), _GatedLookAlike("permuted"), _GatedWithDropout())
     dense = copy.deepcopy(model)
     report = parallelize(model)
-    assert not report.replaced and [r["block"] for r in report.left_alone] == ["0", "1"], str(report)
-    assert all("a gated look-alike the probe refused" in r["reason"] for r in report.left_alone), str(report)
-    assert all(isinstance(m, nn.Linear) for block in model for m in block.children() if not isinstance(m, nn.SiLU))
+    reasons = {r["block"]: r["reason"] for r in report.left_alone}
+    assert not report.replaced and sorted(reasons) == ["0", "1", "2"], str(report)
+    assert "a gated look-alike the probe refused" in reasons["0"] and "the probe refused" in reasons["1"], str(report)
+    assert "also holds dropout" in reasons["2"], str(report)
+    assert all(isinstance(m, (nn.Linear, nn.SiLU, nn.Dropout)) for block in model for m in block.children())
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(10), device="cpu").to(torch.get_default_device())
+    model.eval()
+    dense.eval()
     torch.testing.assert_close(model(x), dense(x))
+    wide = nn.Sequential(_WideGelu())
+    dense = copy.deepcopy(wide)
+    report = parallelize(wide)
+    assert [r["block"] for r in report.replaced] == ["0"] and not report.left_alone, str(report)
+    assert isinstance(wide[0].fc1, ColumnParallelLinear)
+    assert_close_to_ref(wide(x), dense(x), copy.deepcopy(dense).double()(x.double()), "wide GELU MLP")
     return "ok"
 
 

@@ -229,11 +229,14 @@ class FP8Scaling(nn.Module):
         i = self.tensors.index(name)
         return self.scale[i:i + 1], self.scale_inv[i:i + 1], self.amax_history[0, i:i + 1]
 
-    def weight(self, name, weight, backend):
+    def weight(self, name, weight, backend, sources=None):
         """(w_q, scale_inv): the weight quantized with current scaling (448 / max |w|), made again when the
         weight changed (its version: an optimizer step or a copy_ bumps it) or moved, and at every step's
-        first use unless `recipe.cache_weights` (`update` empties the cache)."""
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.shape, weight.device, backend)
+        first use unless `recipe.cache_weights` (`update` empties the cache). `sources`: the tensors `weight`
+        was made from (the gated MLP's gate and up, concatenated when they are not one buffer), whose
+        addresses and versions key the cache instead of the made tensor's."""
+        key = tuple((t.data_ptr(), t._version) for t in (sources or (weight,))) + (
+            weight.dtype, weight.shape, weight.device, backend)
         cached = self._weights.get(name)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -466,7 +469,7 @@ class _FP8GatedMLP(torch.autograd.Function):
         h_scale, h_scale_inv, h_amax = scaling.slot("h")
         x_q = quantize(x, x_scale, x_amax, backend=backend)
         w1 = _merged(gate, up)
-        w1_q, w1_scale_inv = scaling.weight("w1", w1, backend)
+        w1_q, w1_scale_inv = scaling.weight("w1", w1, backend, sources=(gate, up))
         w2_q, w2_scale_inv = scaling.weight("w2", w2, backend)
         b1 = None if gate_bias is None else _merged(gate_bias, up_bias)
         need_grad = any(ctx.needs_input_grad[:7])
@@ -564,8 +567,14 @@ def fp8_glu_mlp_shard(x, gate, up, gate_bias, up_bias, w2, b2, scaling, *, activ
     """The gated MLP's per-rank partial with fp8 x, h and weights: x [..., K], gate and up [F_r, K], w2 [N, F_r]
     -> [..., N]. Gate and up share one scale (quantized as one [2F_r, K] tensor).
 
-    Args as `fp8_mlp_shard`; activation is the kernels' code (SILU, GELU, GELU_TANH).
+    Args as `fp8_mlp_shard`; activation is "silu", "gelu" or "gelu_tanh" (or the kernels' code: SILU, GELU,
+    GELU_TANH).
     """
+    if isinstance(activation, str):
+        activation = ops._gated_activation("fp8_glu_mlp_shard", activation)
+    if activation not in ops.GATED_ACTIVATIONS.values() or isinstance(activation, bool):
+        raise ValueError(f"fp8_glu_mlp_shard: activation must be one of {', '.join(map(repr, ops.GATED_ACTIVATIONS))} "
+                         f"or their codes {sorted(ops.GATED_ACTIVATIONS.values())}, got {activation!r}")
     ops._check_gated("fp8_glu_mlp_shard", x, gate, up, gate_bias, up_bias)
     ops._check_linear("fp8_glu_mlp_shard", x.new_empty((0, gate.shape[0])), w2, b2)
     _check_out_dtype("fp8_glu_mlp_shard", x, out_dtype)

@@ -600,6 +600,10 @@ class TensorParallelMLP(nn.Module):
             )
 
 
+def _pack_after_load(module, incompatible_keys):
+    module._pack()
+
+
 def _storage_local(param):
     """The tensor that holds a parameter's values on this rank: a DTensor's local tensor, or the parameter."""
     return param._local_tensor if is_dtensor(param) else param
@@ -665,7 +669,7 @@ class TensorParallelGatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(hidden_features, out_features, bias, reduce_dtype=reduce_dtype, **parallel,
                                            **layer)
         self._pack()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._pack())
+        self.register_load_state_dict_post_hook(_pack_after_load)  # a module-level function: picklable
         self.use_fp8(fp8)
 
     def use_fp8(self, recipe):
@@ -688,15 +692,19 @@ class TensorParallelGatedMLP(nn.Module):
         """Put this rank's gate and up shards (weight, and bias) in one buffer, gate rows then up rows, where
         they are separate tensors: the kernel then reads them as one [2F_r, K] operand, with no copy per call.
         Each parameter keeps its identity (an optimizer built before a `.to()` still holds the block's
-        parameters): `torch.utils.swap_tensors` gives it a view of the buffer. Where a swap is refused (a
-        parameter that autograd's graph still references), the shards stay apart and the forward copies
-        them together per call: slower, never wrong."""
+        parameters) and its attributes: `torch.utils.swap_tensors` gives it a view of the buffer. A parameter
+        with a gradient or hooks is left as it is (a swap would move them off it), and so is one a swap is
+        refused for (autograd's graph still references it): the shards then stay apart and the forward copies
+        them together per call, slower and never wrong."""
         for kind in ("weight", "bias"):
             gate, up = self.gate_proj._parameters[kind], self.up_proj._parameters[kind]
             if gate is None or up is None or (is_dtensor(gate) and gate.device_mesh.ndim != 1):
                 continue  # FSDP2 (a 2-D mesh) owns the storage of its parameters
             g, u = _storage_local(gate), _storage_local(up)
             if g.is_meta or g.device != u.device or g.dtype != u.dtype or g.shape != u.shape or adjacent(g, u):
+                continue
+            if any(p.grad is not None or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+                   for p in (gate, up)):
                 continue
             buffer = torch.cat([g, u])
             rows = g.shape[0]
@@ -710,6 +718,9 @@ class TensorParallelGatedMLP(nn.Module):
                     torch.utils.swap_tensors(param, packed)
                 except RuntimeError:
                     break
+                # the swap moved the parameter's own Python attributes to `packed`: they come back
+                for key, value in packed.__dict__.items():
+                    param.__dict__.setdefault(key, value)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() give each parameter its own new tensor: pack them again.

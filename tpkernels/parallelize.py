@@ -125,11 +125,20 @@ def _gated_form(act):
     return None
 
 
+def _extra_children(block, names):
+    """block's children other than `names` that do something: its replacement would drop them (a dropout
+    with p > 0, a norm). Identities and dropouts of p = 0 do nothing."""
+    return [n for n, child in block.named_children()
+            if n not in names and not isinstance(child, nn.Identity)
+            and not (isinstance(child, nn.modules.dropout._DropoutNd) and child.p == 0)]
+
+
 def _gated_candidates(model):
-    """(block path, gate, up, down, act, merged) of every module shaped like a gated MLP: nn.Linear children
-    gate and up K -> F and down F -> N, or a merged K -> 2F (merged=True: gate and up are its name, the
-    order of the halves to try), and a gated activation. Each (gate, up) order is a candidate; the probe
-    keeps the one the block computes."""
+    """[(orders, extras)]: for every module shaped like a gated MLP (nn.Linear children gate and up K -> F and
+    down F -> N, or a merged K -> 2F, and a gated activation), its readings (block path, gate, up, down, act,
+    merged) (merged=True: gate and up are the merged Linear's name and the order of its halves), each (gate,
+    up) order one; the probe keeps the one the block computes. `extras`: the block's other children that do
+    something (`_extra_children`)."""
     found = []
     for block_path, block in model.named_modules():
         if not block_path:
@@ -152,7 +161,7 @@ def _gated_candidates(model):
                     orders += [(block_path, name, "gate first", down_name, act, True),
                                (block_path, name, "up first", down_name, act, True)]
         if orders:
-            found.append(orders)
+            found.append((orders, _extra_children(block, [*linears, *acts])))
     return found
 
 
@@ -315,12 +324,30 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
     report = ParallelizeReport()
     world = get_world_size(process_group)
     gated = set()  # blocks the gated search decided on, replaced or left alone: not GELU candidates too
+    pending = {}  # blocks that may be GELU MLPs after all (fc2 twice fc1's input reads as a merged gate_up)
     if plan is None:
-        for orders in _gated_candidates(model):
-            replaced = _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world)
-            if replaced is not None and fp8 is not None:
-                replaced.use_fp8(fp8)  # proved in the weights' dtype first, as the GELU blocks are
-            gated.add(orders[0][0])
+        for orders, extras in _gated_candidates(model):
+            block_path = orders[0][0]
+            # a merged-only reading with a GELU activation may be a plain GELU MLP: the GELU search decides
+            maybe_gelu = all(o[5] for o in orders) and _gelu_form(_get(model, f"{block_path}.{orders[0][4]}")) is not None
+            if extras:
+                if not maybe_gelu:
+                    gated.add(block_path)
+                    report.left_alone.append(dict(block=block_path, reason=(
+                        f"a gated MLP that also holds {', '.join(extras)}: replaced whole, it would lose them "
+                        f"(its dropout, say), and half of it would not be the whole")))
+                continue
+            replaced, reason = _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens,
+                                              report, world)
+            if replaced is not None:
+                gated.add(block_path)
+                if fp8 is not None:
+                    replaced.use_fp8(fp8)  # proved in the weights' dtype first, as the GELU blocks are
+            elif maybe_gelu:
+                pending[block_path] = reason
+            else:
+                gated.add(block_path)
+                report.left_alone.append(dict(block=block_path, reason=reason))
     candidates = _plan_candidates(model, plan) if plan is not None else [
         c for c in _candidates(model) if c[0] not in gated]
     for index, (block_path, fc1_path, act_path, fc2_path) in enumerate(candidates):
@@ -355,6 +382,8 @@ def parallelize(model, process_group=None, *, plan=None, sequence_parallel=False
                 _get(block, path).use_fp8(fp8)
         hidden = _features(fc1)[1]
         report.replaced.append(dict(entry, gelu=form, hidden=hidden, split=f"{hidden} over {world} ranks"))
+    decided = {r["block"] for r in report.replaced + report.left_alone}
+    report.left_alone += [dict(block=b, reason=reason) for b, reason in pending.items() if b not in decided]
     return report
 
 
@@ -461,7 +490,7 @@ def _gated_block(block, order, process_group, reduce_dtype, backend):
 
 def _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_tokens, report, world):
     """Replace one gated block whole with the first reading of it (`orders`) that the probe proves on every
-    rank, and return the replacement; else leave it alone, report why, and return None."""
+    rank: (the replacement, None); else (None, why not)."""
     block_path = orders[0][0]
     block = model.get_submodule(block_path)
     if any(p.is_meta for p in block.parameters()):
@@ -496,7 +525,6 @@ def _replace_gated(model, orders, process_group, reduce_dtype, backend, probe_to
             report.replaced.append(dict(block=block_path, gated=True, gate=gate, up=up, down=down, act=act,
                                         activation=replacement.activation, hidden=hidden,
                                         split=f"{hidden} over {world} ranks"))
-            return replacement
+            return replacement, None
         reasons.append(verdict or "the probe's output changed on another rank")
-    report.left_alone.append(dict(block=block_path, reason="a gated look-alike the probe refused: " + reasons[-1]))
-    return None
+    return None, "a gated look-alike the probe refused: " + reasons[-1]
