@@ -30,6 +30,7 @@ Run it without TRITON_INTERPRET (the interpreter replaces kernels with Python fu
 """
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -122,7 +123,7 @@ ELEMENTWISE = {"dgelu": lambda dtype, target: dtype != "fp8",
 SPLITK_MODES = ("column_fwd", "row_fwd", "row_fwd_fp32", "dgrad", "dgrad_dgelu", "column_fwd_fp8", "row_fwd_fp8",
                 "dgrad_dgelu_fp8", "gated_fwd", "dgrad_dglu", "gated_fwd_fp8", "dgrad_dglu_fp8")
 # The modes the TMA kernel has no form of (the launcher runs the pointer or split-K kernel).
-POINTER_ONLY_MODES = ("gated_fwd", "dgrad_dglu", "gated_fwd_fp8", "dgrad_dglu_fp8")
+POINTER_ONLY_MODES = ("dgrad_dglu", "gated_fwd_fp8", "dgrad_dglu_fp8")
 EPILOGUE_DEFAULTS = dict(ACTIVATION=IDENTITY, GRAD_ACTIVATION=IDENTITY, HAS_BIAS=False, HAS_RESIDUAL=False,
                          STORE_PREACT=False, SCALED=False, QUANTIZE=False, STORE_AMAX=False, INT64_OFFSETS=False,
                          EMULATE_BF16=False, SPLIT_ORDER=0)
@@ -148,9 +149,9 @@ def kernel_configs(kernel, mode, dtype, target):
         spec = MODES[mode]
         if target != "sm90" or dtype == "fp32" or spec.get("out", dtype) != dtype or mode in POINTER_ONLY_MODES:
             return []  # the launcher's rule: Hopper, 16-bit operands and output
-        return configs.prune(configs.TMA_CONFIGS, ELEMENT_SIZE[dtype], limit,
+        return configs.prune(configs.GATED_TMA_TILES if gated else configs.TMA_CONFIGS, ELEMENT_SIZE[dtype], limit,
                              store_element_size=ELEMENT_SIZE[spec.get("out", dtype)],
-                             grad_activation="GRAD_ACTIVATION" in spec["meta"])
+                             grad_activation="GRAD_ACTIVATION" in spec["meta"] or gated, gated=gated)
     if kernel == "matmul_splitk":
         if mode not in SPLITK_MODES:
             return []
@@ -237,7 +238,7 @@ def _matmul_tma_source(mode, dtype, config):
     values.update(_stride_values([("stride_rm", "stride_rn"), ("stride_pm", "stride_pn"), ("stride_zm", "stride_zn")],
                                  [spec.get("r"), spec.get("p"), spec.get("z")]))
     out = spec.get("out", dtype)
-    slices = config.epilogue_slices(spec["meta"].get("GRAD_ACTIVATION", IDENTITY) != IDENTITY)
+    slices = config.epilogue_slices(spec["meta"].get("GRAD_ACTIVATION", IDENTITY) != IDENTITY or spec.get("gated", False))
     descriptors = _operand_descriptors(spec, dtype, out, config, slices)
     return _signature(_matmul_tma_persistent_kernel, values, dict(default=dtype, residual_ptr=out, **SCALE_POINTERS),
                       descriptors)
@@ -250,7 +251,7 @@ def _plain_source(kernel, mode, dtype, config):
     out = spec.get("out", dtype)
     if kernel == "matmul_tma":
         a_trans, b_trans = _layout_flags(spec)
-        descriptors = _operand_descriptors(spec, dtype, out, config, 1)
+        descriptors = _operand_descriptors(spec, dtype, out, dataclasses.replace(config, block_n=tile["BLOCK_N"]), 1)
         return _signature(_plain_persistent_tma_kernel, dict(tile, A_TRANS=a_trans, B_TRANS=b_trans, NUM_SMS=NUM_SMS),
                           dict(default=dtype), descriptors)
     values = dict(tile)

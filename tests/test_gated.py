@@ -52,15 +52,18 @@ def test_linear_glu_matches_eager(device, dtype, lead, K, F_, activation, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kernel", ["pointer", "splitk"])
+@pytest.mark.parametrize("kernel", ["pointer", "splitk", "tma"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_the_gated_kernel_writes_every_output_once(device, kernel, activation):
-    """The one launch on poisoned buffers, on the pointer and the split-K kernel (M = 3, a long K: several
-    splits): h and the stored [g | u] are all written, and right; the launch is one kernel."""
-    M, K, F_ = 3, 256, 45
-    x, w, b = linear_inputs((M,), K, 2 * F_, torch.float32, device)
-    h = torch.full((M, F_), float("nan"), device=device)
-    gu = torch.full((M, 2 * F_), float("nan"), device=device)
+    """The one launch on poisoned buffers, on the pointer, split-K (M = 3, a long K: several splits) and
+    persistent TMA kernels (16-bit, as the launcher runs it): h and the stored [g | u] are all written, and
+    right; the launch is one kernel, and the launch it binds (for TMA: descriptors over the whole [2F, K])
+    gives the same bits."""
+    M, K, F_ = (3, 256, 45) if kernel != "tma" else (37, 96, 40)  # TMA: 16-byte aligned rows
+    dtype = torch.float16 if kernel == "tma" else torch.float32
+    x, w, b = linear_inputs((M,), K, 2 * F_, dtype, device)
+    h = torch.full((M, F_), float("nan"), device=device, dtype=dtype)
+    gu = torch.full((M, 2 * F_), float("nan"), device=device, dtype=dtype)
     code = GATED_ACTIVATIONS[activation]
     with launch.use_matmul_kernel(kernel), launch.record_launches() as launches:
         launch.linear(x, w[:F_], h, bias=b[:F_], preact=gu[:, :F_], activation=GLU + code)
@@ -72,6 +75,10 @@ def test_the_gated_kernel_writes_every_output_once(device, kernel, activation):
     ref = _eager_glu(activation)(x.double(), w.double(), b.double())
     assert_close_to_ref(h, eager, ref, "h")
     assert_close_to_ref(gu, F.linear(x, w, b), z64, "[g | u]")
+    again = torch.full_like(h, float("nan"))  # the launch bound by the first call
+    with launch.use_matmul_kernel(kernel):
+        launch.linear(x, w[:F_], again, bias=b[:F_], preact=gu[:, :F_], activation=GLU + code)
+    assert torch.equal(again, h)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -9,6 +9,7 @@ import threading
 import triton
 
 from tpkernels.kernels import (
+    GATED_TMA_TILES,
     GLU,
     IDENTITY,
     TMA_CONFIGS,
@@ -41,8 +42,9 @@ def device_shared_memory(device_index):
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
-def pruner(operand, store_operand=None):
-    """An early_config_prune that keeps the configs fitting the device's shared memory (`prune`)."""
+def pruner(operand, store_operand=None, gated_tiles=None):
+    """An early_config_prune that keeps the configs fitting the device's shared memory (`prune`); for a
+    gated launch, only `gated_tiles` where given (the TMA kernel's)."""
 
     def early_config_prune(configs, named_args, **kwargs):
         a = named_args[operand]
@@ -50,10 +52,13 @@ def pruner(operand, store_operand=None):
         store = getattr(named_args[store_operand], "base", None) if store_operand else None
         grad_activation = kwargs.get("GRAD_ACTIVATION", named_args.get("GRAD_ACTIVATION", IDENTITY)) != IDENTITY
         gated = kwargs.get("ACTIVATION", named_args.get("ACTIVATION", IDENTITY)) >= GLU
-        kept = prune([MatmulConfig.from_triton(c) for c in configs], a.element_size(),
+        candidates = [MatmulConfig.from_triton(c) for c in configs]
+        if gated and gated_tiles is not None:
+            candidates = [c for c in candidates if c in gated_tiles] or candidates
+        kept = prune(candidates, a.element_size(),
                      device_shared_memory(a.device.index),
-                     store_element_size=0 if store is None else store.element_size(), grad_activation=grad_activation,
-                     gated=gated)
+                     store_element_size=0 if store is None else store.element_size(),
+                     grad_activation=grad_activation or gated, gated=gated)  # gated: the dGELU's slices too
         return [c for c in configs if MatmulConfig.from_triton(c) in kept]
 
     return early_config_prune
@@ -72,7 +77,7 @@ def set_block_shapes(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_TRANS"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_TRANS"] else [bk, bn]
-    slices = epilogue_slices(nargs["EPILOGUE_SUBTILE"], nargs["GRAD_ACTIVATION"] != IDENTITY)
+    slices = epilogue_slices(nargs["EPILOGUE_SUBTILE"], nargs["GRAD_ACTIVATION"] != IDENTITY or nargs["ACTIVATION"] >= GLU)
     nargs["c_desc"].block_shape = [bm, bn // slices]
 
 
@@ -99,7 +104,8 @@ def autotuner(kind, capability):
             elif kind == "tma":
                 AUTOTUNERS[key] = make_autotuner(
                     _matmul_tma_persistent_kernel, configs=[c.to_triton(pre_hook=set_block_shapes) for c in TMA_CONFIGS],
-                    prune_configs_by={"early_config_prune": pruner("a_desc", store_operand="c_desc")})
+                    prune_configs_by={"early_config_prune": pruner("a_desc", store_operand="c_desc",
+                                                                   gated_tiles=GATED_TMA_TILES)})
             else:
                 raise ValueError(f"autotuner: kind must be 'pointer', 'tma' or 'splitk', got {kind!r}")
         return AUTOTUNERS[key]

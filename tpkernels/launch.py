@@ -10,8 +10,9 @@ Gated activations (`kernels.GLU` + act): `linear(x, gate, out, activation=GLU + 
 act(x @ gate.T + b_gate) * (x @ up.T + b_up), where `gate` [F, K] is the first F rows of a [2F, K] weight
 [gate; up] (up lies F rows further in memory, and so does the bias's up half), in one launch that reads
 each x tile once for both; `matmul(dy, w2, dg, z=g, grad_activation=GLU + act)` writes dG into dg and dU F
-columns further (dg and g: the first F columns of [M, 2F] tensors). The TMA kernel has no gated form: the
-pointer or split-K kernel runs them.
+columns further (dg and g: the first F columns of [M, 2F] tensors). The TMA kernel runs the gated forward
+(its B descriptor covers the whole [2F, K]; one tile, `configs.GATED_TMA_TILES`); the gated gradient runs on
+the pointer or split-K kernel.
 
 Kernel choice (`kernel_for`): on a GPU, the kernel table's entry for the shape (`kernel_table.json`,
 written by a GPU run), else the rule (`rule_kernel`): the split-K kernel (`kernels.matmul_splitk`) at
@@ -338,8 +339,8 @@ def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activatio
     sizes = (M, N, K, bucket(M), bucket(N), bucket(K))
     config = PINNED_CONFIG.get() or (None if a.is_cuda and not INTERPRETED else INTERPRETER_CONFIG)
     kind = kernel_for(a, b, c, residual)
-    if kind == "tma" and (activation >= GLU or grad_activation >= GLU):
-        kind = "pointer"  # the TMA kernel has no gated epilogue (its C descriptor covers one half)
+    if kind == "tma" and grad_activation >= GLU:
+        kind = "pointer"  # the TMA kernel has no gated gradient epilogue (dU goes through a pointer)
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
         if kind == "tma":
             return _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config)
@@ -414,6 +415,8 @@ def _run_kernel(kind, kernel, config, grid, args, meta, device, prepare=None):
 def _matmul_tma(a, b, c, epilogue, sizes, residual, preact, z, meta, config):
     a_trans = tma_layout(a) == "cols"
     b_trans = tma_layout(b) == "cols"
+    if meta["ACTIVATION"] >= GLU:  # the gated forward: B's descriptor covers gate and up, [K, 2N]
+        b = b.as_strided((b.shape[0], 2 * b.shape[1]), b.stride())
     # Placeholder block shapes: the config (a pre_hook when autotuning) sets the real ones.
     a_desc = TensorDescriptor.from_tensor(a.t() if a_trans else a, [1, 1])
     b_desc = TensorDescriptor.from_tensor(b.t() if b_trans else b, [1, 1])

@@ -149,6 +149,12 @@ def shared_memory_limit(capability):
 GATED_SPILLS = (MatmulConfig(16, 64, 128, num_warps=4, num_stages=3), MatmulConfig(16, 128, 128, num_warps=4, num_stages=3))
 
 
+# The persistent TMA kernel's gated forward: its one tile that passed the compile gate under triton 3.6
+# and 3.9 (128x64 on 4 warps ran a mainloop 1.53x the plain GEMM's under 3.6; its mainloop is not
+# flattened with the tile loop, which serialized the wgmma of both tiles, C7515).
+GATED_TMA_TILES = (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2),)
+
+
 def gated_fits(config):
     """Whether the gated forward may run this tile: two accumulators in at most 128 registers a thread, and
     not among GATED_SPILLS."""

@@ -246,7 +246,7 @@ def _epilogue(
     GATED: tl.constexpr = ACTIVATION >= 4
     GATED_GRAD: tl.constexpr = GRAD_ACTIVATION >= 4
     tl.static_assert(not (QUANTIZE and C_IS_DESCRIPTOR), "a TMA store of C is 16-bit")
-    tl.static_assert(not ((GATED or GATED_GRAD) and C_IS_DESCRIPTOR), "a gated epilogue stores through pointers")
+    tl.static_assert(not (GATED_GRAD and C_IS_DESCRIPTOR), "the gated gradient epilogue stores dU through a pointer")
     tl.static_assert(not (GATED_GRAD and (HAS_RESIDUAL or QUANTIZE or STORE_AMAX or GATED)),
                      "the gated gradient epilogue has no residual, fp8 store or activation")
     if SCALED:

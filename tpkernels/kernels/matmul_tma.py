@@ -12,6 +12,10 @@ pointer accesses, as they are read or written once per tile.
 
 Descriptors need 16-byte aligned bases and row strides and a unit inner stride; the launcher checks and
 runs `_matmul_kernel` otherwise.
+
+The gated forward (`matmul.GLU` + act) loads a second B tile N columns on (the up rows of a [2N, K] weight,
+which the launcher's descriptor covers whole) into a second accumulator; the gated gradient epilogue has no
+form here (it stores dU through a pointer).
 """
 import triton
 import triton.language as tl
@@ -43,17 +47,23 @@ def _matmul_tma_persistent_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
 ):
+    # The gated forward's two accumulators, re-zeroed per tile inside a flattened (tile, K) loop, serialized
+    # its wgmma (ptxas C7515); the gated form runs the two loops apart.
+    FLATTEN: tl.constexpr = ACTIVATION < 4
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
+    GATED: tl.constexpr = ACTIVATION >= 4
     # The epilogue's own tile counter: sharing the loop's makes the flattened pipeline's life harder.
     tile_id_c = tl.program_id(0) - NUM_SMS
-    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN):
         pid_m, pid_n = _tile_id_to_pids(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_am = pid_m * BLOCK_M
         offs_bn = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             offs_k = ki * BLOCK_K
             if A_TRANS:
@@ -65,13 +75,21 @@ def _matmul_tma_persistent_kernel(
             else:
                 b = b_desc.load([offs_k, offs_bn])
             acc = _dot(a, b, acc, INPUT_PRECISION, EMULATE_BF16)
+            if GATED:
+                if B_TRANS:
+                    b_up = b_desc.load([offs_bn + N, offs_k]).T
+                else:
+                    b_up = b_desc.load([offs_k, offs_bn + N])
+                acc_up = _dot(a, b_up, acc_up, INPUT_PRECISION, EMULATE_BF16)
+        if not GATED:
+            acc_up = acc
 
         tile_id_c += NUM_SMS
         pid_m, pid_n = _tile_id_to_pids(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
         if INT64_OFFSETS:  # descriptor coordinates are 32-bit; the epilogue's pointer offsets may not be
             pid_m = pid_m.to(tl.int64)
             pid_n = pid_n.to(tl.int64)
-        _epilogue(acc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+        _epilogue(acc, acc_up, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
                   c=(c_desc, 0, 0), bias_ptr=bias_ptr, residual=(residual_ptr, stride_rm, stride_rn),
                   preact=(preact_ptr, stride_pm, stride_pn), z=(z_ptr, stride_zm, stride_zn),
                   scales=(a_scale_ptr, b_scale_ptr, c_scale_ptr, amax_ptr),
