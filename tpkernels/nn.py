@@ -122,6 +122,17 @@ def set_sequence_length(model, length):
     return count
 
 
+def _set_fp8(module, recipe, tensors, device):
+    """module.fp8 = recipe, with a fresh `FP8Scaling` of `tensors` as module.fp8_scaling (none for None)."""
+    check_recipe(type(module).__name__, recipe, module.backend)
+    module.fp8 = recipe
+    if recipe is None:
+        if "fp8_scaling" in module._modules:
+            del module.fp8_scaling
+    else:
+        module.fp8_scaling = FP8Scaling(recipe, tensors, device)
+
+
 def _around_shards(mlp, x, column, shards):
     """An MLP's output from `shards(rows)`, one rank's partial sum of its rows of x, with the collectives
     around it: copy-to in and reduce-from out, as sequence shards (all-gather in, reduce-scatter out) with
@@ -189,13 +200,7 @@ class _ParallelLinear(nn.Module):
     def use_fp8(self, recipe):
         """Run this layer with fp8 (e4m3) input and weight from now on, scaled by `recipe` (a
         `tpkernels.FP8Recipe`, fresh amax history), or again in the weights' dtype (None)."""
-        check_recipe(type(self).__name__, recipe, self.backend)
-        self.fp8 = recipe
-        if recipe is None:
-            if "fp8_scaling" in self._modules:
-                del self.fp8_scaling
-        else:
-            self.fp8_scaling = FP8Scaling(recipe, LINEAR_TENSORS, self.weight.device)
+        _set_fp8(self, recipe, LINEAR_TENSORS, self.weight.device)
 
     def _check_full_width(self, x):
         if x.shape[-1] != self.in_features:
@@ -675,13 +680,7 @@ class TensorParallelGatedMLP(nn.Module):
     def use_fp8(self, recipe):
         """Run the block with fp8 (e4m3) x, h and weights from now on, scaled by `recipe` (a fresh amax
         history), or again in the weights' dtype (None)."""
-        check_recipe(type(self).__name__, recipe, self.backend)
-        self.fp8 = recipe
-        if recipe is None:
-            if "fp8_scaling" in self._modules:
-                del self.fp8_scaling
-        else:
-            self.fp8_scaling = FP8Scaling(recipe, MLP_TENSORS, self.gate_proj.weight.device)
+        _set_fp8(self, recipe, MLP_TENSORS, self.gate_proj.weight.device)
 
     @property
     def _kernel_backend(self):

@@ -353,6 +353,23 @@ def linear_partial(x, weight, bias=None, *, residual=None, owner=True, out_dtype
     return out
 
 
+def _check_partial_output(name, x, w2, residual, out_dtype):
+    """(out_dtype, out_shape) of an MLP shard's partial sum [..., N], with its residual checked against them."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
+    out_shape = (*x.shape[:-1], w2.shape[0])
+    if residual is not None:
+        _check_tensor(name, "residual", residual)
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the output is {out_shape}")
+        if residual.dtype not in (x.dtype, out_dtype):
+            raise TypeError(f"{name}: residual.dtype is {residual.dtype}; expected {x.dtype} or {out_dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
+    return out_dtype, out_shape
+
+
 def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=True, out_dtype=None, backend="auto"):
     """One rank's share of `fc2(gelu(fc1(x)))`: the column stage, then the row stage's partial sum.
 
@@ -383,18 +400,7 @@ def mlp_shard(x, w1, b1, w2, b2, *, approximate="none", residual=None, owner=Tru
             isinstance(b2, torch.Tensor) and b2.dtype == x.dtype and b2.shape == (w2.shape[0],)
             and b2.device == x.device))):  # the common case in a few reads; else the checks with the numbers
         _refuse_linear(name, x.new_empty((0, w1.shape[0])), w2, b2)  # w2 and b2 against the hidden width
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
-    out_shape = (*x.shape[:-1], w2.shape[0])
-    if residual is not None:
-        _check_tensor(name, "residual", residual)
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the output is {out_shape}")
-        if residual.dtype not in (x.dtype, out_dtype):
-            raise TypeError(f"{name}: residual.dtype is {residual.dtype}; expected {x.dtype} or {out_dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
+    out_dtype, out_shape = _check_partial_output(name, x, w2, residual, out_dtype)
     chosen = _resolve_backend(name, backend, x, w1.shape[0], w1.shape[1], _APPROXIMATE[approximate])
     if chosen == "eager":
         h = reference.linear_gelu(x, w1, b1, approximate)
@@ -514,18 +520,7 @@ def glu_mlp_shard(x, gate, up, gate_bias, up_bias, w2, b2, *, activation="silu",
         raise ValueError(f"{name}: w2 has shape {tuple(w2.shape)} but gate {tuple(gate.shape)} makes "
                          f"{gate.shape[0]} hidden features; w2 must be [out_features, {gate.shape[0]}]")
     _check_linear(name, x.new_empty((0, gate.shape[0])), w2, b2)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"{name}: out_dtype is {out_dtype}; use None (x's dtype, {x.dtype}) or torch.float32")
-    out_shape = (*x.shape[:-1], w2.shape[0])
-    if residual is not None:
-        _check_tensor(name, "residual", residual)
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"{name}: residual has shape {tuple(residual.shape)} but the output is {out_shape}")
-        if residual.dtype not in (x.dtype, out_dtype):
-            raise TypeError(f"{name}: residual.dtype is {residual.dtype}; expected {x.dtype} or {out_dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"{name}: x is on {x.device} but residual is on {residual.device}")
+    out_dtype, out_shape = _check_partial_output(name, x, w2, residual, out_dtype)
     chosen = _gated_backend(name, backend, x)
     if chosen == "eager":
         h = reference.glu(x, gate, up, gate_bias, up_bias, code)

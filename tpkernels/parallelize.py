@@ -88,20 +88,28 @@ def _as_linear(module):
     return linear
 
 
-def _gelu_form(act):
-    """"none" or "tanh" when act computes that GELU on a probe, else None."""
+_PROBE_POINTS = torch.linspace(-6, 6, 97)
+
+
+def _on_probe(act):
+    """act applied to _PROBE_POINTS in fp32, or None when act is not an elementwise callable of them."""
     if not callable(act) or isinstance(act, (nn.Linear, torch.Tensor)) or _is_conv1d(act):
         return None
-    t = torch.linspace(-6, 6, 97)
     try:
         with torch.no_grad():
-            out = act(t)
+            out = act(_PROBE_POINTS)
     except Exception:
         return None
-    if not isinstance(out, torch.Tensor) or out.shape != t.shape:
+    if not isinstance(out, torch.Tensor) or out.shape != _PROBE_POINTS.shape:
         return None
-    for form in ("none", "tanh"):
-        if torch.allclose(out.float(), F.gelu(t, approximate=form), atol=1e-5, rtol=1e-5):
+    return out.float()
+
+
+def _gelu_form(act):
+    """"none" or "tanh" when act computes that GELU on a probe, else None."""
+    out = _on_probe(act)
+    for form in ("none", "tanh") if out is not None else ():
+        if torch.allclose(out, F.gelu(_PROBE_POINTS, approximate=form), atol=1e-5, rtol=1e-5):
             return form
     return None
 
@@ -111,16 +119,8 @@ def _gated_form(act):
     form = _gelu_form(act)
     if form is not None:
         return "gelu" if form == "none" else "gelu_tanh"
-    if not callable(act) or isinstance(act, (nn.Linear, torch.Tensor)) or _is_conv1d(act):
-        return None
-    t = torch.linspace(-6, 6, 97)
-    try:
-        with torch.no_grad():
-            out = act(t)
-    except Exception:
-        return None
-    if isinstance(out, torch.Tensor) and out.shape == t.shape and torch.allclose(out.float(), F.silu(t), atol=1e-5,
-                                                                                  rtol=1e-5):
+    out = _on_probe(act)
+    if out is not None and torch.allclose(out, F.silu(_PROBE_POINTS), atol=1e-5, rtol=1e-5):
         return "silu"
     return None
 
