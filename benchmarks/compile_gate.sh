@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The compile gate (compile_report.py --gate: sm_90a, bf16, fp16 and fp8, every kernel, mode and Hopper
+# The compile gate (compile_report.py --gate: sm_90a, bf16 and fp8, every kernel, mode and Hopper
 # config) under triton versions other than the installed one, each installed into a folder of its own
 # and put first on PYTHONPATH (compiling needs no GPU and no matching torch).
 #
