@@ -577,3 +577,123 @@ def test_gated_weights_in_two_buffers_are_quantized_again_when_either_changes():
     again = run()
     assert (again - expected).abs().max() < 0.1 * expected.abs().max()
     assert (again - first).abs().max() > 0.1 * first.abs().max()
+
+
+def _compiled_fp8_layers(rank, world_size):
+    """Each fp8 layer, compiled with fullgraph=True, against its eager twin over three training steps: the
+    outputs, the gradients and the fp8 state (amax history and scales) after each step. Since the scale
+    update, the quantizers and the fp8 GEMMs are ops, the compiled graph holds them, not a graph break."""
+    from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP
+
+    recipe = tpkernels.FP8Recipe(amax_history_len=3)
+    layers = {"mlp": lambda: TensorParallelMLP(24, 40, 16, fp8=recipe),
+              "gated": lambda: TensorParallelGatedMLP(24, 40, 16, fp8=recipe),
+              "column": lambda: ColumnParallelLinear(24, 40, activation="gelu", fp8=recipe),
+              "row": lambda: RowParallelLinear(40, 16, input_is_parallel=False, fp8=recipe)}
+    for name, make in layers.items():
+        eager, compiled_twin = (torch.manual_seed(40) and make(), torch.manual_seed(40) and make())
+        compiled = torch.compile(compiled_twin, fullgraph=True)
+        width = 40 if name == "row" else 24
+        for step in range(3):
+            x = torch.randn(5, width, generator=torch.Generator().manual_seed(10 * step), requires_grad=True)
+            x_twin = x.detach().clone().requires_grad_()
+            out, out_twin = eager(x), compiled(x_twin)
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(10 * step + 1))
+            out.backward(grad)
+            out_twin.backward(grad)
+            torch.testing.assert_close(out_twin, out, msg=f"{name} step {step}")
+            torch.testing.assert_close(x_twin.grad, x.grad, msg=f"{name} step {step}")
+            for (param, p), p_twin in zip(eager.named_parameters(), compiled_twin.parameters()):
+                torch.testing.assert_close(local(p_twin.grad), local(p.grad), msg=f"{name} {param} step {step}")
+            for buffer in ("amax_history", "scale", "scale_inv"):
+                torch.testing.assert_close(getattr(compiled_twin.fp8_scaling, buffer),
+                                           getattr(eager.fp8_scaling, buffer), msg=f"{name} {buffer} step {step}")
+            eager.zero_grad()
+            compiled_twin.zero_grad()
+    return "ok"
+
+
+def test_torch_compile_fullgraph_of_the_fp8_layers_on_two_ranks():
+    from spawn import check_scenario, run_scenarios
+
+    check_scenario(run_scenarios([_compiled_fp8_layers], 2), "_compiled_fp8_layers")
+
+
+def test_compiled_fp8_graph_holds_the_fp8_ops():
+    """What torch.compile captures of an fp8 MLP step: the scale update, the quantizers and the fp8 GEMMs as
+    tpkernels ops, and no eager GEMM or scaled_mm."""
+    seen = []
+
+    def backend(gm, example_inputs):  # the graph and its autograd function's forward and backward bodies
+        seen.extend(str(node.target) for graph in gm.modules() if isinstance(graph, torch.fx.GraphModule)
+                    for node in graph.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(41)
+    mlp = tpkernels.TensorParallelMLP(16, 32, fp8=tpkernels.FP8Recipe())
+    out = torch.compile(mlp, fullgraph=True, backend=backend)(torch.randn(3, 16))
+    torch._dynamo.reset()
+    for op in ("fp8_scale_update", "fp8_quantize_amax", "fp8_linear", "fp8_gemm"):
+        assert any(op in t for t in seen), (op, seen)
+    assert not any(name in t for t in seen for name in ("mm", "linear", "gelu")
+                   if "tpkernels" not in t), seen
+    assert out.shape == (3, 16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("K, promoted", [(4095, False), (4096, True)])
+def test_long_fp8_gemms_promote_their_accumulation(device, K, promoted, monkeypatch):
+    """At K >= launch.FP8_PROMOTE_K an fp8 GEMM promotes each K-tile's product into the fp32 accumulator
+    (Hopper's fp8 wgmma accumulates with fewer bits); shorter ones, and 16-bit GEMMs, do not. Only tiles whose
+    second accumulator fits are tried."""
+    x = torch.randn(4, K, device=device)
+    if not launch.runs_triton(x):
+        pytest.skip("this call does not run the Triton kernels here (no GPU and no TRITON_INTERPRET=1)")
+    metas = []
+    run = launch._run_kernel
+    monkeypatch.setattr(launch, "_run_kernel", lambda kind, kernel, config, grid, args, meta, *rest:
+                        metas.append(meta) or run(kind, kernel, config, grid, args, meta, *rest))
+    one = torch.ones(1, device=x.device)
+    a, b = x.to(E4M3), torch.randn(8, K, device=x.device).to(E4M3)
+    out = torch.full((4, 8), float("nan"), device=x.device)
+    launch.matmul(a, b.t(), out, scales=(one, one, None, None))
+    assert metas[-1]["INPUT_PRECISION"] == ("fp8_promoted" if promoted else "tf32"), metas[-1]
+    expected = a.double() @ b.double().t()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    launch.matmul(x.half(), b.half().t(), out)  # 16-bit: never promoted
+    assert metas[-1]["INPUT_PRECISION"] == "tf32"
+    from tpkernels.kernels import configs
+
+    kept = configs.prune(configs.matmul_configs((9, 0)), 1, 232448, promoted=True)
+    assert kept and all(configs.two_accumulators_fit(c) and c not in configs.PROMOTED_SERIALIZES for c in kept)
+
+
+@pytest.mark.gpu
+def test_fp8_error_against_k_with_promotion():
+    """The fp8 GEMM's error against fp64 (of the same e4m3 values) as K grows, on a wgmma tile: within 2x
+    torch._scaled_mm's (which accumulates in fp32), plus a small atol, at every K; printed beside the
+    unpromoted kernel's error (FP8_PROMOTE_K raised past K) to show what the promotion buys."""
+    torch.manual_seed(0)
+    one = torch.ones(1, device="cuda")
+    rows = []
+    with tpkernels.pin_config(tpkernels.MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2)):
+        for K in (1024, 4096, 16384):
+            a = torch.randn(256, K, device="cuda").to(E4M3)
+            b = torch.randn(256, K, device="cuda").to(E4M3)
+            exact = a.double() @ b.double().t()
+            ours = torch.empty(256, 256, device="cuda")
+            launch.matmul(a, b.t(), ours, scales=(one, one, None, None))
+            theirs = torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.float32, use_fast_accum=False)
+            saved = launch.FP8_PROMOTE_K
+            launch.FP8_PROMOTE_K = 1 << 30
+            try:
+                unpromoted = torch.empty_like(ours)
+                launch.matmul(a, b.t(), unpromoted, scales=(one, one, None, None))
+            finally:
+                launch.FP8_PROMOTE_K = saved
+            errors = [(t.double() - exact).abs().max().item() for t in (ours, theirs, unpromoted)]
+            rows.append((K, *errors))
+            scale = exact.abs().max().item()
+            assert errors[0] <= 2 * errors[1] + 1e-6 * scale, (K, errors)
+    print("K, promoted, torch._scaled_mm, unpromoted max errors:", rows)

@@ -42,6 +42,43 @@ def test_a_key_launches_in_full_once_then_bound(device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_the_one_config_kernels_launch_bound_after_their_first_call(device, monkeypatch):
+    """fp8's quantize and scale update and the dGELU pass: a key's first call takes the full JIT path and
+    binds; the second runs the bound launch, bit for bit, recorded as the first."""
+    from tpkernels import fp8
+
+    x = torch.randn(40, 72, device=device)
+    if not launch.runs_triton(x):
+        pytest.skip("this call does not run the Triton kernels here (no GPU and no TRITON_INTERPRET=1)")
+    binds = []
+    bind = bound.bind_elementwise
+    monkeypatch.setattr(bound, "bind_elementwise", lambda kernel, *a: binds.append(kernel.__name__) or bind(kernel, *a))
+    z = torch.randn(40, 72, device=device)
+    scaling = fp8.FP8Scaling(tpkernels.FP8Recipe(amax_history_len=4), fp8.MLP_TENSORS, device)
+    history = torch.rand(4, 4, device=device) + 0.5
+
+    def calls():
+        scaling.amax_history.copy_(history)
+        scale, _, amax = scaling.slot("x")
+        with launch.record_launches() as launches:
+            scaling.update(torch.device(device))
+            q = fp8.quantize(x, scale, amax)
+            dz, db = launch.dgelu(x, z, GELU, True)
+        return [q.view(torch.uint8), dz, db, scaling.amax_history.clone(), scaling.scale.clone()], launches
+
+    first, first_launches = calls()
+    assert sorted(binds) == ["_dgelu_kernel", "_quantize_kernel", "_scale_update_kernel"]
+    assert len(bound.BOUND) == 3 and all(isinstance(b, bound.BoundElementwise) for b in bound.BOUND.values())
+    again, again_launches = calls()
+    assert len(binds) == 3 and len(bound.BOUND) == 3, binds
+    assert again_launches == first_launches and len(first_launches) == 3, first_launches
+    for got, expected in zip(again, first):
+        assert torch.equal(got, expected)
+    assert first[0].data_ptr() != again[0].data_ptr()
+    assert torch.equal(first[4][0], 448 / history[:, 0].max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_what_tells_launch_keys_apart(device, monkeypatch):
     """Alignment, strides, dtype, the epilogue, the pinned config and the kernel choice each make a new
     key (a full launch); each result is right."""

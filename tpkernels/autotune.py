@@ -52,13 +52,15 @@ def pruner(operand, store_operand=None, gated_tiles=None):
         store = getattr(named_args[store_operand], "base", None) if store_operand else None
         grad_activation = kwargs.get("GRAD_ACTIVATION", named_args.get("GRAD_ACTIVATION", IDENTITY)) != IDENTITY
         gated = kwargs.get("ACTIVATION", named_args.get("ACTIVATION", IDENTITY)) >= GLU
+        promoted = kwargs.get("INPUT_PRECISION", named_args.get("INPUT_PRECISION")) == "fp8_promoted"
         candidates = [MatmulConfig.from_triton(c) for c in configs]
         if gated and gated_tiles is not None:
             candidates = [c for c in candidates if c in gated_tiles] or candidates
         kept = prune(candidates, a.element_size(),
                      device_shared_memory(a.device.index),
                      store_element_size=0 if store is None else store.element_size(),
-                     grad_activation=grad_activation or gated, gated=gated)  # gated: the dGELU's slices too
+                     grad_activation=grad_activation or gated, gated=gated,  # gated: the dGELU's slices too
+                     promoted=promoted)
         return [c for c in configs if MatmulConfig.from_triton(c) in kept]
 
     return early_config_prune

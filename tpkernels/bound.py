@@ -13,7 +13,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from tpkernels.kernels import INTERPRETED
 from tpkernels.settings import MATMUL_KERNEL, PINNED_CONFIG, RECORDED, SPLITK_ORDER
 
-__all__ = ["BOUND", "Bound", "BoundTMA", "bind", "launch_key", "splitk_workspace"]
+__all__ = ["BOUND", "Bound", "BoundElementwise", "BoundTMA", "bind", "bind_elementwise", "elementwise_key", "launch_key",
+           "splitk_workspace"]
 
 
 # (device, stream) -> (fp32 workspace, int32 arrival counters) of eager launches. The counters are zeroed
@@ -182,3 +183,51 @@ def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=N
     if descriptors is not None:
         return BoundTMA(compiled, launcher, device, grid, tail, record, descriptors)
     return Bound(compiled, launcher, device, grid, tail, workspace, record)
+
+
+class BoundElementwise(Bound):
+    """A bound launch of a one-config kernel beside the GEMMs (the dGELU pass, fp8's quantize and scale
+    update): its tensor operands first, then the sizes, strides and constexprs its key fixes."""
+
+    __slots__ = ()
+
+    def __call__(self, *tensors):
+        if self.device_index is None:
+            stream = 0
+        elif torch._C._cuda_getDevice() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return BoundElementwise.__call__(self, *tensors)
+        else:
+            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        args = tensors + self.tail
+        enter_hook = knobs.runtime.launch_enter_hook
+        metadata = None
+        if self.compiled is not None and enter_hook is not None and getattr(enter_hook, "calls", True):
+            metadata = self.compiled.launch_metadata(self.grid, stream, *args)
+        self.launcher(*self.grid, stream, self.function, self.packed_metadata, metadata, enter_hook,
+                      knobs.runtime.launch_exit_hook, *args)
+        launches = RECORDED.get()
+        if launches is not None:
+            launches.append(self.record)
+
+
+def elementwise_key(kernel, device, grid, tensors, scalars, meta):
+    """What a one-config kernel's launch depends on: the kernel, device and grid, every tensor's dtype,
+    strides and pointer alignment, and the scalars and constexprs."""
+    return (kernel, device, grid, tuple(_operand_key(t) for t in tensors), scalars, tuple(meta.items()))
+
+
+def bind_elementwise(kernel, compiled, device, grid, tensors, scalars, meta, record):
+    """The bound launch of a one-config kernel's first call, or None where there is nothing to bind."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None:
+        return None
+    values = dict(zip(names, tensors + scalars), **meta)
+    tail = tuple(values[name] for name in names[len(tensors):])
+    if INTERPRETED:
+        launcher, compiled = _InterpretedLauncher(kernel), None
+    elif compiled is None or not hasattr(compiled, "packed_metadata"):
+        return None
+    else:
+        launcher = compiled.run
+    return BoundElementwise(compiled, launcher, device, grid, tail, None, record)

@@ -46,10 +46,11 @@ import torch
 import triton
 from torch import nn
 
-from tpkernels import custom_ops, launch, ops, reference  # noqa: F401  (custom_ops registers the backward ops)
+# custom_ops and custom_ops_fp8 register the ops this module calls
+from tpkernels import custom_ops, custom_ops_fp8, launch, ops, reference  # noqa: F401
 from tpkernels.distributed import get_world_size
 from tpkernels.custom_ops_gated import adjacent
-from tpkernels.kernels import GLU, IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
+from tpkernels.kernels import IDENTITY
 
 __all__ = ["FP8Recipe", "FP8Scaling", "fp8_glu_mlp_shard", "fp8_linear", "fp8_mlp_shard", "quantize"]
 
@@ -60,7 +61,6 @@ _BACKWARDS = ("fp8", "master")
 # The scaled tensors of each layer kind and their formats: activations e4m3, gradients e5m2.
 LINEAR_TENSORS = {"x": E4M3, "dy": E5M2}
 MLP_TENSORS = {"x": E4M3, "h": E4M3, "dy": E5M2, "dz": E5M2}
-_QUANTIZE_BLOCK = (32, 128)
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ class FP8Scaling(nn.Module):
         self.register_buffer("fmax", torch.tensor([FP8_MAX[self.formats[t]] for t in self.tensors], device=device),
                              persistent=False)
         self._weights = {}
+        self._slots = {}  # name -> (the buffers, their views): `slot`
 
     def extra_repr(self):
         return f"tensors={self.tensors}, recipe={self.recipe}"
@@ -198,180 +199,174 @@ class FP8Scaling(nn.Module):
         `checkpoint`, reentrant or not, recomputes from the unpack of a saved tensor): it must quantize
         as the original forward did, so the step is not started again, and the history does not advance
         twice per step."""
-        if torch._C._current_graph_task_id() != -1:
-            return
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            return  # (compiled, the op checks it when it runs)
         check_device("fp8", device)  # before the scale update's launch
         if not self.recipe.cache_weights:
             self._weights.clear()
         if self.amax_history.device != device:
             self._reset(device)
         recipe = self.recipe
-        length, count = self.amax_history.shape
-        if launch.runs_triton(self.amax_history):
-            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                _scale_update_kernel[(1,)](
-                    self.amax_history, self.scale, self.scale_inv, self.fmax, LENGTH=length, COUNT=count,
-                    MARGIN=recipe.margin, MOST_RECENT=recipe.amax_compute_algo == "most_recent",
-                    BLOCK_L=triton.next_power_of_2(length), BLOCK_C=triton.next_power_of_2(count))
-            return
-        history = self.amax_history
-        amax = history[0] if recipe.amax_compute_algo == "most_recent" else history.amax(0)
-        usable = (amax > 0) & torch.isfinite(amax)
-        scale = torch.where(usable, self.fmax / torch.where(usable, amax, 1.0) / 2.0 ** recipe.margin, self.scale)
-        scale = scale.clamp(max=torch.finfo(torch.float32).max)  # as the kernel: a subnormal amax overflows
-        self.scale.copy_(scale)
-        self.scale_inv.copy_(1.0 / scale)
-        history.copy_(torch.roll(history, 1, 0))
-        history[0].zero_()
+        _run("fp8_scale_update", self.amax_history, self.scale, self.scale_inv, self.fmax, recipe.margin,
+             recipe.amax_compute_algo == "most_recent")
 
     def slot(self, name):
-        """(scale, scale_inv, amax) of one tensor: one-element views of the buffers."""
+        """(scale, scale_inv, amax) of one tensor: one-element views of the buffers, made once per buffer
+        (a decode step reads four of them per layer)."""
+        buffers = (self.scale, self.scale_inv, self.amax_history)
+        if torch.compiler.is_compiling():
+            return self._views(name, *buffers)
+        cached = self._slots.get(name)
+        if cached is None or any(a is not b for a, b in zip(cached[0], buffers)):
+            cached = self._slots[name] = (buffers, self._views(name, *buffers))
+        return cached[1]
+
+    def __getstate__(self):  # a copy (deepcopy, pickle) makes its own views of its own buffers
+        return dict(super().__getstate__(), _slots={})
+
+    def _views(self, name, scale, scale_inv, history):
         i = self.tensors.index(name)
-        return self.scale[i:i + 1], self.scale_inv[i:i + 1], self.amax_history[0, i:i + 1]
+        return scale[i:i + 1], scale_inv[i:i + 1], history[0, i:i + 1]
 
     def weight(self, name, weight, backend, sources=None):
         """(w_q, scale_inv): the weight quantized with current scaling (448 / max |w|), made again when the
         weight changed (its version: an optimizer step or a copy_ bumps it) or moved, and at every step's
         first use unless `recipe.cache_weights` (`update` empties the cache). `sources`: the tensors `weight`
         was made from (the gated MLP's gate and up, concatenated when they are not one buffer), whose
-        addresses and versions key the cache instead of the made tensor's."""
+        addresses and versions key the cache instead of the made tensor's. Under torch.compile the weight
+        is quantized in the graph at every call: the cache's keys are not traceable."""
+        if torch.compiler.is_compiling():
+            return _quantize_weight(weight, backend)
         key = tuple((t.data_ptr(), t._version) for t in (sources or (weight,))) + (
             weight.dtype, weight.shape, weight.device, backend)
         cached = self._weights.get(name)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         with torch.no_grad():
-            if weight.numel():  # max |w| from the extremes, without materialising |w| (a copy of the weight)
-                low, high = torch.aminmax(weight)
-                amax = torch.maximum(-low, high).float()
-            else:
-                amax = torch.zeros((), device=weight.device)
-            scale = torch.where(amax > 0, FP8_MAX[E4M3] / torch.where(amax > 0, amax, 1.0), 1.0).reshape(1)
-            scale = scale.clamp(max=torch.finfo(torch.float32).max)  # a subnormal amax overflows to inf
-            w_q = quantize(weight, scale, backend=backend)
-        self._weights[name] = (key, w_q, 1.0 / scale)
-        return w_q, self._weights[name][2]
+            w_q, scale_inv = _quantize_weight(weight, backend)
+        self._weights[name] = (key, w_q, scale_inv)
+        return w_q, scale_inv
 
-    def weight_t(self, name, weight, backend):
-        """(w_q.T made contiguous, scale_inv): the transposed e4m3 weight the backward's dgrad reads K-major,
-        made once per weight version from `weight`'s quantized copy."""
-        w_q, scale_inv = self.weight(name, weight, backend)
-        cached = self._weights.get(name + ".T")
-        if cached is None or cached[0] is not w_q:
-            cached = (w_q, w_q.t().contiguous(), scale_inv)
-            self._weights[name + ".T"] = cached
-        return cached[1], cached[2]
 
-def _triton(t, backend):
-    return backend != "eager" and launch.runs_triton(t)
+def _quantize_weight(weight, backend):
+    """(w_q, scale_inv): the weight in e4m3 with current scaling, 448 / max |w|."""
+    if weight.numel():  # max |w| from the extremes, without materialising |w| (a copy of the weight)
+        low, high = torch.aminmax(weight.detach())
+        amax = torch.maximum(-low, high).float()
+    else:
+        amax = torch.zeros((), device=weight.device)
+    scale = torch.where(amax > 0, FP8_MAX[E4M3] / torch.where(amax > 0, amax, 1.0), 1.0).reshape(1)
+    scale = scale.clamp(max=torch.finfo(torch.float32).max)  # a subnormal amax overflows to inf
+    return quantize(weight.detach(), scale, backend=backend), 1.0 / scale
+
+
+# op name -> the body its eager calls run (`custom_ops_fp8.run`)
+_IMPLS = {"fp8_scale_update": custom_ops_fp8.scale_update_impl, "fp8_quantize": custom_ops_fp8.quantize_impl,
+          "fp8_quantize_amax": custom_ops_fp8.quantize_amax_impl, "fp8_linear": custom_ops_fp8.linear_impl,
+          "fp8_gemm": custom_ops_fp8.gemm_impl, "fp8_dgelu": custom_ops_fp8.dgelu_impl}
+
+
+def _run(name, *args):
+    """The op `tpkernels::<name>` under torch.compile, its body in eager."""
+    return custom_ops_fp8.run(getattr(torch.ops.tpkernels, name), _IMPLS[name], *args)
 
 
 def quantize(t, scale, amax=None, *, dtype=E4M3, backend="auto"):
     """saturate(t * scale) in `dtype` (e4m3 or e5m2), for a 2-D t; `amax` (a one-element fp32 tensor), if
-    given, is raised to max |t|. One pass on the Triton kernels, torch ops elsewhere."""
-    q = torch.empty(t.shape, dtype=dtype, device=t.device)
-    if not _triton(t, backend):
-        if amax is not None and t.numel():
-            amax.copy_(torch.maximum(amax, t.detach().abs().amax().float()))
-        q.copy_(reference.fp8_quantize(t, scale, dtype))
-        return q
-    M, N = t.shape
-    if M and N:
-        grid = (triton.cdiv(M, _QUANTIZE_BLOCK[0]), triton.cdiv(N, _QUANTIZE_BLOCK[1]))
-        with torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext():
-            _quantize_kernel[grid](t, q, scale, q if amax is None else amax.view(torch.int32), M, N, *t.stride(),
-                                   *q.stride(), STORE_AMAX=amax is not None,
-                                   INT64_OFFSETS=launch._needs_int64((t, q)), EMULATE_BF16=INTERPRETED,
-                                   BLOCK_M=_QUANTIZE_BLOCK[0], BLOCK_N=_QUANTIZE_BLOCK[1])
-    return q
+    given, is raised to max |t|. One pass on the Triton kernels, torch ops elsewhere (the ops
+    `tpkernels::fp8_quantize` and `fp8_quantize_amax`)."""
+    if amax is None:
+        return _run("fp8_quantize", t, scale, dtype, backend != "eager")
+    return _run("fp8_quantize_amax", t, scale, amax, dtype, backend != "eager")
 
 
-def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact, out_scale, amax, backend,
+def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact_dtype, out_scale, amax, backend,
               gated=False):
-    """act(x_q @ w_q.T * x_scale_inv * w_scale_inv + bias) in out_dtype (fp8: times out_scale, saturated);
-    preact, if given, receives the pre-activation; amax, if given, is raised to max |act(...)|. `gated`: w_q
-    [2F, K] and bias [2F] hold [gate; up], preact is [M, 2F], and the output is act(g) * u, [M, F]."""
-    if not _triton(x_q, backend):
-        out, z, tile_amax = reference.fp8_linear(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype,
-                                                 out_scale, gated=gated)
-        if preact is not None:
-            preact.copy_(z)
-        if amax is not None:
-            amax.copy_(torch.maximum(amax, tile_amax))
-        return out
-    if gated:  # the kernel takes the gate halves; the up halves lie F rows (columns of preact) further
-        features = w_q.shape[0] // 2
-        w_q, activation = w_q[:features], GLU + activation
-        bias = None if bias is None else bias[:features]
-        preact = None if preact is None else preact[:, :features]
-    out = torch.empty((x_q.shape[0], w_q.shape[0]), dtype=out_dtype, device=x_q.device)
-    launch.linear(x_q, w_q, out, bias=None if bias is None else bias.contiguous(), preact=preact, activation=activation,
-                  scales=(x_scale_inv, w_scale_inv, out_scale, amax))
-    return out
+    """(act(x_q @ w_q.T * x_scale_inv * w_scale_inv + bias) in out_dtype (fp8: times out_scale, saturated),
+    the pre-activation in `preact_dtype`, or an empty tensor for None); amax, if given, is raised to
+    max |act(...)|. `gated`: w_q [2F, K] and bias [2F] hold [gate; up], the pre-activation is [M, 2F], and
+    the output is act(g) * u, [M, F]. The op `tpkernels::fp8_linear`."""
+    return _run("fp8_linear", x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact_dtype, out_scale,
+                amax, gated, backend != "eager")
 
 
-def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out, backend, z=None, grad_activation=IDENTITY, gated=False):
-    """out = (a_q @ b_q) * a_scale_inv * b_scale_inv (* act'(z)), for fp8 views a_q [M, K] (row-major) and
-    b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it). `gated`: z is [g | u] and
-    out [dG | dU], both [M, 2N], from the product dH (`reference.glu_backward`)."""
-    if not _triton(a_q, backend):
-        acc = reference.fp8_matmul(a_q, a_scale_inv, b_q, b_scale_inv)
-        if gated:
-            acc = reference.glu_backward(acc, z, grad_activation)
-        elif grad_activation != IDENTITY:
-            acc = reference.activation_backward(acc, z.float(), grad_activation)
-        out.copy_(acc)
-        return out
-    c = out
-    if gated:  # the kernel writes dG into the first half of out and dU N columns further
-        features = b_q.shape[1]
-        c, z, grad_activation = out[:, :features], z[:, :features], GLU + grad_activation
-    launch.matmul(a_q, b_q, c, z=z, grad_activation=grad_activation, scales=(a_scale_inv, b_scale_inv, None, None))
-    return out
+def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype, backend, z=None, grad_activation=IDENTITY, gated=False):
+    """(a_q @ b_q) * a_scale_inv * b_scale_inv (* act'(z)) in out_dtype, for fp8 views a_q [M, K] (row-major)
+    and b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it). `gated`: z is [g | u]
+    and the result [dG | dU], both [M, 2N], from the product dH (`reference.glu_backward`). The op
+    `tpkernels::fp8_gemm`."""
+    return _run("fp8_gemm", a_q, a_scale_inv, b_q, b_scale_inv, z, grad_activation, gated, out_dtype,
+                backend != "eager")
 
 
 def _transposed(t):
-    """t.T made contiguous: a saved fp8 activation laid out K-major for a wgrad GEMM (a pass over 1-byte
-    elements)."""
+    """t.T made contiguous: a saved fp8 activation, or a weight, laid out K-major for a GEMM (a pass over
+    1-byte elements)."""
     return t.t().contiguous()
 
 
-def _fp8_dgrad_wgrad(dz, dz_slot, x_q, x_scale_inv, weight, name, scaling, needs, backend):
+def _fp8_dgrad_wgrad(dz, dz_slot, x_q, x_scale_inv, w_q, w_scale_inv, needs, dtype, backend):
     """The fp8 backward of one linear y = x @ W.T, given dZ (the gradient at its output, in a 16-bit or
-    fp32 dtype): (dX, dW) where `needs` = (need_dx, need_dw), else None. dZ is quantized to e5m2 once."""
+    fp32 dtype) and the forward's e4m3 x and W: (dX, dW) in `dtype` (the weight's) where `needs` = (need_dx, need_dw),
+    else None. dZ is quantized to e5m2 once, with `dz_slot` = (scale, scale_inv, amax)."""
     need_dx, need_dw = needs
-    dz_scale, dz_scale_inv, dz_amax = scaling.slot(dz_slot)
+    dz_scale, dz_scale_inv, dz_amax = dz_slot
     dz_q = quantize(dz, dz_scale, dz_amax, dtype=E5M2, backend=backend)
     dx = dw = None
-    if need_dx:  # dX = dZ @ W: B = W [N, K], read K-major from the transposed copy W.T [K, N]
-        w_t_q, w_scale_inv = scaling.weight_t(name, weight, backend)
-        dx = _gemm_q(dz_q, dz_scale_inv, w_t_q.t(), w_scale_inv,
-                     torch.empty((dz.shape[0], weight.shape[1]), dtype=weight.dtype, device=dz.device), backend)
+    if need_dx:  # dX = dZ @ W: B = W [N, K], read K-major from its transposed copy W.T [K, N]
+        dx = _gemm_q(dz_q, dz_scale_inv, _transposed(w_q).t(), w_scale_inv, dtype, backend)
     if need_dw:  # dW = dZ.T @ x: A = dZ.T [N, M] and B = x [M, K], both K-major (K = M, the tokens)
-        dw = _gemm_q(_transposed(dz_q), dz_scale_inv, _transposed(x_q).t(), x_scale_inv,
-                     torch.empty(weight.shape, dtype=weight.dtype, device=dz.device), backend)
+        dw = _gemm_q(_transposed(dz_q), dz_scale_inv, _transposed(x_q).t(), x_scale_inv, dtype, backend)
     return dx, dw
+
+
+def _fp8_row_backward(grad, dy_slot, h_q, h_scale_inv, w2_q, w2_scale_inv, need_dw2, need_db2, dtype, backend,
+                      z=None, grad_activation=IDENTITY, gated=False, need_dz=True):
+    """The fp8 backward of the MLP's row stage partial = h @ W2.T (+ b2): (dZ, dW2, db2), each None where not
+    needed. dY is quantized to e5m2 once; dZ = (dY @ W2) * act'(z) comes from the GEMM's epilogue (gated:
+    z = [g | u] and dZ = [dG | dU]), in z's dtype; dW2 and db2 in `dtype` (the weight's)."""
+    db2 = grad.sum(0, dtype=torch.float32).to(dtype) if need_db2 else None
+    dy_scale, dy_scale_inv, dy_amax = dy_slot
+    dy_q = quantize(grad, dy_scale, dy_amax, dtype=E5M2, backend=backend)
+    dw2 = dz = None
+    if need_dw2:  # dW2 = dY.T @ h: both K-major (K = M, the tokens)
+        dw2 = _gemm_q(_transposed(dy_q), dy_scale_inv, _transposed(h_q).t(), h_scale_inv, dtype, backend)
+    if need_dz:  # B = W2 [N, H_r], read K-major from its transposed copy W2.T
+        dz = _gemm_q(dy_q, dy_scale_inv, _transposed(w2_q).t(), w2_scale_inv, z.dtype, backend, z=z,
+                     grad_activation=grad_activation, gated=gated)
+    return dz, dw2, db2
+
+
+def _column_sums(dz, need, dtype):
+    return dz.sum(0, dtype=torch.float32).to(dtype) if need else None
+
+
+# The autograd functions below take only tensors and plain values (the scales as (scale, scale_inv, amax)
+# views of the layer's buffers, the e4m3 weights made by the caller), and call only ops: torch.compile
+# traces them whole. The scales the backward quantizes with are read when it runs (held on ctx, not saved:
+# the next step's update rewrites them, maybe before this backward); those of the forward's x and h are
+# saved as copies.
 
 
 class _FP8Linear(torch.autograd.Function):
     """out = act(q(x) @ q(W).T + b) (+ b only where `owner`); the backward as the recipe says."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scaling, name, activation, owner, out_dtype, backend):
-        scale, scale_inv, amax = scaling.slot("x")
+    def forward(ctx, x, weight, bias, w_q, w_scale_inv, x_slot, dy_slot, activation, owner, out_dtype, backend,
+                fp8_backward):
+        scale, scale_inv, amax = x_slot
         x_q = quantize(x, scale, amax, backend=backend)
-        w_q, w_scale_inv = scaling.weight(name, weight, backend)
         need_grad = any(ctx.needs_input_grad[:3])
-        preact = x.new_empty((x.shape[0], weight.shape[0])) if need_grad and activation != IDENTITY else None
-        out = _linear_q(x_q, scale_inv, w_q, w_scale_inv, bias if owner else None, activation, out_dtype, preact,
-                        None, None, backend)
-        ctx.fp8_backward = scaling.recipe.backward == "fp8"
+        keep = need_grad and activation != IDENTITY
+        out, preact = _linear_q(x_q, scale_inv, w_q, w_scale_inv, bias if owner else None, activation, out_dtype,
+                                x.dtype if keep else None, None, None, backend)
+        ctx.fp8_backward = fp8_backward
         if need_grad:
-            if ctx.fp8_backward:  # the next forward's update rewrites the scale buffer before this backward, maybe
-                ctx.save_for_backward(x_q, scale_inv.clone(), weight, preact)
+            if fp8_backward:
+                ctx.save_for_backward(x_q, scale_inv.clone(), w_q, w_scale_inv, preact)
             else:
                 ctx.save_for_backward(x, weight, preact)
-        ctx.activation, ctx.scaling, ctx.name, ctx.backend = activation, scaling, name, backend
+        ctx.activation, ctx.dy_slot, ctx.backend, ctx.dtype = activation, dy_slot, backend, weight.dtype
         return out
 
     @staticmethod
@@ -383,21 +378,15 @@ class _FP8Linear(torch.autograd.Function):
             dx, dw, db = torch.ops.tpkernels.fused_linear_backward(grad, x, weight, preact, ctx.activation,
                                                                     need_dx, need_dw, need_db)
         else:
-            x_q, x_scale_inv, weight, preact = ctx.saved_tensors
-            db = None
+            x_q, x_scale_inv, w_q, w_scale_inv, preact = ctx.saved_tensors
             if ctx.activation == IDENTITY:
-                dz = grad
-            elif _triton(grad, ctx.backend):
-                dz, db = launch.dgelu(grad, preact, ctx.activation, need_db)  # db from the same pass
-            else:
-                dz = torch.ops.aten.gelu_backward(grad.to(preact.dtype), preact,
-                                                  approximate="tanh" if ctx.activation == 2 else "none")
-            if need_db:
-                db = (dz.sum(0, dtype=torch.float32) if db is None else db).to(weight.dtype)
-            dx, dw = _fp8_dgrad_wgrad(dz, "dy", x_q, x_scale_inv, weight, ctx.name, ctx.scaling, (need_dx, need_dw),
-                                      ctx.backend)
-        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None,
-                None, None, None, None, None, None)
+                dz, db = grad, _column_sums(grad, need_db, ctx.dtype)
+            else:  # db from the same pass
+                dz, db = _run("fp8_dgelu", grad, preact, ctx.activation, need_db, ctx.backend != "eager")
+                db = db.to(ctx.dtype) if need_db else None
+            dx, dw = _fp8_dgrad_wgrad(dz, ctx.dy_slot, x_q, x_scale_inv, w_q, w_scale_inv, (need_dx, need_dw),
+                                      ctx.dtype, ctx.backend)
+        return (dx if need_dx else None, dw if need_dw else None, db if need_db else None) + (None,) * 9
 
 
 class _FP8MLP(torch.autograd.Function):
@@ -405,119 +394,108 @@ class _FP8MLP(torch.autograd.Function):
     in e4m3 and is read in e4m3 by the row kernel. The backward as the recipe says."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, scaling, activation, owner, out_dtype, backend):
-        x_scale, x_scale_inv, x_amax = scaling.slot("x")
-        h_scale, h_scale_inv, h_amax = scaling.slot("h")
+    def forward(ctx, x, w1, b1, w2, b2, w1_q, w1_scale_inv, w2_q, w2_scale_inv, slots, activation, owner, out_dtype,
+                backend, fp8_backward):
+        (x_scale, x_scale_inv, x_amax), (h_scale, h_scale_inv, h_amax) = slots[:2]
         x_q = quantize(x, x_scale, x_amax, backend=backend)
-        w1_q, w1_scale_inv = scaling.weight("w1", w1, backend)
-        w2_q, w2_scale_inv = scaling.weight("w2", w2, backend)
         need_grad = any(ctx.needs_input_grad[:5])
-        z = x.new_empty((x.shape[0], w1.shape[0])) if need_grad else None
-        h_q = _linear_q(x_q, x_scale_inv, w1_q, w1_scale_inv, b1, activation, E4M3, z, h_scale, h_amax, backend)
-        out = _linear_q(h_q, h_scale_inv, w2_q, w2_scale_inv, b2 if owner else None, IDENTITY, out_dtype, None,
-                        None, None, backend)
-        ctx.fp8_backward = scaling.recipe.backward == "fp8"
+        h_q, z = _linear_q(x_q, x_scale_inv, w1_q, w1_scale_inv, b1, activation, E4M3, x.dtype if need_grad else None,
+                           h_scale, h_amax, backend)
+        out, _ = _linear_q(h_q, h_scale_inv, w2_q, w2_scale_inv, b2 if owner else None, IDENTITY, out_dtype, None,
+                           None, None, backend)
+        ctx.fp8_backward = fp8_backward
         if need_grad:
-            # The next forward's update rewrites the scale buffers, maybe before this backward runs.
-            saved_x = (x_q, x_scale_inv.clone()) if ctx.fp8_backward else (x, x_scale_inv)
-            ctx.save_for_backward(*saved_x, w1, w2, h_q, h_scale_inv.clone(), z)
-        ctx.activation, ctx.scaling, ctx.backend = activation, scaling, backend
+            saved = (x_q, x_scale_inv.clone(), w1_q, w1_scale_inv, w2_q) if fp8_backward else (x, w1, w2)
+            ctx.save_for_backward(*saved, w2_scale_inv, h_q, h_scale_inv.clone(), z)
+        ctx.activation, ctx.slots, ctx.backend, ctx.dtype = activation, slots, backend, w1.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, x_scale_inv, w1, w2, h_q, h_scale_inv, z = ctx.saved_tensors
         needs = list(ctx.needs_input_grad[:5])
         need_dx, need_dw1, need_db1, need_dw2, need_db2 = needs
         grad = grad.contiguous()
+        rest = (None,) * 10
         if not ctx.fp8_backward:
+            x, w1, w2, _, h_q, h_scale_inv, z = ctx.saved_tensors
             h = (h_q.float() * h_scale_inv).to(x.dtype)  # the h the forward's row GEMM read
             grads = torch.ops.tpkernels.mlp_shard_backward(grad, x, w1, w2, h, z, ctx.activation, needs, False)
-            return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
-        scaling, backend, dtype = ctx.scaling, ctx.backend, w1.dtype
-        db2 = grad.sum(0, dtype=torch.float32).to(dtype) if need_db2 else None
-        dy_scale, dy_scale_inv, dy_amax = scaling.slot("dy")
-        dy_q = quantize(grad, dy_scale, dy_amax, dtype=E5M2, backend=backend)
-        dw2 = dx = dw1 = db1 = None
-        if need_dw2:  # dW2 = dY.T @ h: both K-major (K = M, the tokens)
-            dw2 = _gemm_q(_transposed(dy_q), dy_scale_inv, _transposed(h_q).t(), h_scale_inv,
-                          torch.empty(w2.shape, dtype=dtype, device=grad.device), backend)
-        if need_dx or need_dw1 or need_db1:
-            # dZ = (dY @ W2) * act'(z): B = W2 [N, H_r], read K-major from the transposed copy W2.T
-            w2_t_q, w2_scale_inv = scaling.weight_t("w2", w2, backend)
-            dz = _gemm_q(dy_q, dy_scale_inv, w2_t_q.t(), w2_scale_inv, torch.empty_like(z), backend, z=z,
-                         grad_activation=ctx.activation)
-            db1 = dz.sum(0, dtype=torch.float32).to(dtype) if need_db1 else None
-            dx, dw1 = _fp8_dgrad_wgrad(dz, "dz", x, x_scale_inv, w1, "w1", scaling, (need_dx, need_dw1), backend)
-        return dx, dw1, db1, dw2, db2, None, None, None, None, None
+            return (*(g if need else None for g, need in zip(grads, needs)), *rest)
+        x_q, x_scale_inv, w1_q, w1_scale_inv, w2_q, w2_scale_inv, h_q, h_scale_inv, z = ctx.saved_tensors
+        dz, dw2, db2 = _fp8_row_backward(grad, ctx.slots[2], h_q, h_scale_inv, w2_q, w2_scale_inv, need_dw2, need_db2,
+                                         ctx.dtype, ctx.backend, z=z, grad_activation=ctx.activation,
+                                         need_dz=need_dx or need_dw1 or need_db1)
+        dx = dw1 = db1 = None
+        if dz is not None:
+            db1 = _column_sums(dz, need_db1, ctx.dtype)
+            dx, dw1 = _fp8_dgrad_wgrad(dz, ctx.slots[3], x_q, x_scale_inv, w1_q, w1_scale_inv, (need_dx, need_dw1),
+                                       ctx.dtype, ctx.backend)
+        return (dx, dw1, db1, dw2, db2, *rest)
 
 
 def _merged(gate, up):
-    """[gate; up] as one tensor: a view where up lies right after gate in memory (`adjacent`), else a copy."""
-    if adjacent(gate, up):
+    """[gate; up] as one tensor: a view where up lies right after gate in memory (`adjacent`), else a copy
+    (always under torch.compile, which cannot trace the addresses)."""
+    if not torch.compiler.is_compiling() and adjacent(gate, up):
         return gate.as_strided((2 * gate.shape[0], *gate.shape[1:]), gate.stride())
     return torch.cat([gate, up])
 
 
 class _FP8GatedMLP(torch.autograd.Function):
     """partial = q(act(x_q @ Wg_q.T + bg) * (x_q @ Wu_q.T + bu)) @ q(W2).T (+ b2 where `owner`): gate and up
-    quantized as one [2F, K] tensor, h leaving the gated kernel in e4m3. The backward as the recipe says."""
+    quantized as one [2F, K] tensor (w1_q), h leaving the gated kernel in e4m3. The backward as the recipe
+    says."""
 
     @staticmethod
-    def forward(ctx, x, gate, up, gate_bias, up_bias, w2, b2, scaling, activation, owner, out_dtype, backend):
-        x_scale, x_scale_inv, x_amax = scaling.slot("x")
-        h_scale, h_scale_inv, h_amax = scaling.slot("h")
+    def forward(ctx, x, gate, up, gate_bias, up_bias, w2, b2, w1_q, w1_scale_inv, w2_q, w2_scale_inv, slots,
+                activation, owner, out_dtype, backend, fp8_backward):
+        (x_scale, x_scale_inv, x_amax), (h_scale, h_scale_inv, h_amax) = slots[:2]
         x_q = quantize(x, x_scale, x_amax, backend=backend)
-        w1 = _merged(gate, up)
-        w1_q, w1_scale_inv = scaling.weight("w1", w1, backend, sources=(gate, up))
-        w2_q, w2_scale_inv = scaling.weight("w2", w2, backend)
         b1 = None if gate_bias is None else _merged(gate_bias, up_bias)
         need_grad = any(ctx.needs_input_grad[:7])
-        gu = x.new_empty((x.shape[0], w1.shape[0])) if need_grad else None
-        h_q = _linear_q(x_q, x_scale_inv, w1_q, w1_scale_inv, b1, activation, E4M3, gu, h_scale, h_amax, backend,
-                        gated=True)
-        out = _linear_q(h_q, h_scale_inv, w2_q, w2_scale_inv, b2 if owner else None, IDENTITY, out_dtype, None,
-                        None, None, backend)
-        ctx.fp8_backward = scaling.recipe.backward == "fp8"
+        h_q, gu = _linear_q(x_q, x_scale_inv, w1_q, w1_scale_inv, b1, activation, E4M3,
+                            x.dtype if need_grad else None, h_scale, h_amax, backend, gated=True)
+        out, _ = _linear_q(h_q, h_scale_inv, w2_q, w2_scale_inv, b2 if owner else None, IDENTITY, out_dtype, None,
+                           None, None, backend)
+        ctx.fp8_backward = fp8_backward
         if need_grad:
-            saved_x = (x_q, x_scale_inv.clone()) if ctx.fp8_backward else (x, x_scale_inv)
-            ctx.save_for_backward(*saved_x, gate, up, w2, h_q, h_scale_inv.clone(), gu)
-        ctx.activation, ctx.scaling, ctx.backend = activation, scaling, backend
+            saved = (x_q, x_scale_inv.clone(), w1_q, w1_scale_inv, w2_q) if fp8_backward else (x, gate, up, w2)
+            ctx.save_for_backward(*saved, w2_scale_inv, h_q, h_scale_inv.clone(), gu)
+        ctx.activation, ctx.slots, ctx.backend = activation, slots, backend
+        ctx.features, ctx.dtype = gate.shape[0], gate.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, x_scale_inv, gate, up, w2, h_q, h_scale_inv, gu = ctx.saved_tensors
         need_dx, need_dg, need_du, need_dbg, need_dbu, need_dw2, need_db2 = ctx.needs_input_grad[:7]
-        features = gate.shape[0]
+        features = ctx.features
         grad = grad.contiguous()
         if not ctx.fp8_backward:
+            x, gate, up, w2, _, h_q, h_scale_inv, gu = ctx.saved_tensors
             h = (h_q.float() * h_scale_inv).to(x.dtype)  # the h the forward's row GEMM read
             needs = [need_dx, need_dg or need_du, need_dbg or need_dbu, need_dw2, need_db2]
             dx, dw, db, dw2, db2 = torch.ops.tpkernels.glu_mlp_shard_backward(grad, x, gate, up, w2, h, gu,
                                                                             ctx.activation, needs)
         else:
-            scaling, backend, dtype = ctx.scaling, ctx.backend, gate.dtype
-            db2 = grad.sum(0, dtype=torch.float32).to(dtype) if need_db2 else None
-            dy_scale, dy_scale_inv, dy_amax = scaling.slot("dy")
-            dy_q = quantize(grad, dy_scale, dy_amax, dtype=E5M2, backend=backend)
-            dw2 = dx = dw = db = None
-            if need_dw2:  # dW2 = dY.T @ h: both K-major (K = M, the tokens)
-                dw2 = _gemm_q(_transposed(dy_q), dy_scale_inv, _transposed(h_q).t(), h_scale_inv,
-                              torch.empty(w2.shape, dtype=dtype, device=grad.device), backend)
-            if need_dx or need_dg or need_du or need_dbg or need_dbu:
-                # [dG | dU] from the epilogue of dH = dY @ W2 (W2 read K-major from its transposed copy)
-                w2_t_q, w2_scale_inv = scaling.weight_t("w2", w2, backend)
-                dgu = _gemm_q(dy_q, dy_scale_inv, w2_t_q.t(), w2_scale_inv, torch.empty_like(gu), backend, z=gu,
-                              grad_activation=ctx.activation, gated=True)
-                db = dgu.sum(0, dtype=torch.float32).to(dtype) if (need_dbg or need_dbu) else None
-                dx, dw = _fp8_dgrad_wgrad(dgu, "dz", x, x_scale_inv, _merged(gate, up), "w1", scaling,
-                                          (need_dx, need_dg or need_du), backend)
+            x_q, x_scale_inv, w1_q, w1_scale_inv, w2_q, w2_scale_inv, h_q, h_scale_inv, gu = ctx.saved_tensors
+            # [dG | dU] from the epilogue of dH = dY @ W2
+            dgu, dw2, db2 = _fp8_row_backward(grad, ctx.slots[2], h_q, h_scale_inv, w2_q, w2_scale_inv, need_dw2,
+                                              need_db2, ctx.dtype, ctx.backend, z=gu, grad_activation=ctx.activation, gated=True,
+                                              need_dz=need_dx or need_dg or need_du or need_dbg or need_dbu)
+            dx = dw = db = None
+            if dgu is not None:
+                db = _column_sums(dgu, need_dbg or need_dbu, ctx.dtype)
+                dx, dw = _fp8_dgrad_wgrad(dgu, ctx.slots[3], x_q, x_scale_inv, w1_q, w1_scale_inv,
+                                          (need_dx, need_dg or need_du), ctx.dtype, ctx.backend)
         dg, du = (None, None) if dw is None else (dw[:features], dw[features:])
         dbg, dbu = (None, None) if db is None else (db[:features], db[features:])
         return (dx if need_dx else None, dg if need_dg else None, du if need_du else None, dbg if need_dbg else None,
-                dbu if need_dbu else None, dw2 if need_dw2 else None, db2 if need_db2 else None,
-                None, None, None, None, None)
+                dbu if need_dbu else None, dw2 if need_dw2 else None, db2 if need_db2 else None) + (None,) * 10
+
+
+def _mlp_slots(scaling):
+    """The (scale, scale_inv, amax) of x, h, dY and dZ."""
+    return tuple(scaling.slot(name) for name in ("x", "h", "dy", "dz"))
 
 
 def _check_out_dtype(name, x, out_dtype):
@@ -544,7 +522,9 @@ def fp8_linear(x, weight, bias, scaling, *, name="w", activation=IDENTITY, owner
     _check_out_dtype("fp8_linear", x, out_dtype)
     check_device("fp8_linear", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
-    out = _FP8Linear.apply(rows, weight, bias, scaling, name, activation, owner, out_dtype or x.dtype, backend)
+    w_q, w_scale_inv = scaling.weight(name, weight, backend)
+    out = _FP8Linear.apply(rows, weight, bias, w_q, w_scale_inv, scaling.slot("x"), scaling.slot("dy"), activation,
+                           owner, out_dtype or x.dtype, backend, scaling.recipe.backward == "fp8")
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -558,7 +538,9 @@ def fp8_mlp_shard(x, w1, b1, w2, b2, scaling, *, activation, owner=True, out_dty
     _check_out_dtype("fp8_mlp_shard", x, out_dtype)
     check_device("fp8_mlp_shard", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
-    out = _FP8MLP.apply(rows, w1, b1, w2, b2, scaling, activation, owner, out_dtype or x.dtype, backend)
+    out = _FP8MLP.apply(rows, w1, b1, w2, b2, *scaling.weight("w1", w1, backend), *scaling.weight("w2", w2, backend),
+                        _mlp_slots(scaling), activation, owner, out_dtype or x.dtype, backend,
+                        scaling.recipe.backward == "fp8")
     return out.view(*x.shape[:-1], w2.shape[0])
 
 
@@ -580,6 +562,9 @@ def fp8_glu_mlp_shard(x, gate, up, gate_bias, up_bias, w2, b2, scaling, *, activ
     _check_out_dtype("fp8_glu_mlp_shard", x, out_dtype)
     check_device("fp8_glu_mlp_shard", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])
-    out = _FP8GatedMLP.apply(rows, gate, up, gate_bias, up_bias, w2, b2, scaling, activation, owner,
-                             out_dtype or x.dtype, backend)
+    w1 = _merged(gate, up)
+    w1_q, w1_scale_inv = scaling.weight("w1", w1, backend, sources=(gate, up))
+    out = _FP8GatedMLP.apply(rows, gate, up, gate_bias, up_bias, w2, b2, w1_q, w1_scale_inv,
+                             *scaling.weight("w2", w2, backend), _mlp_slots(scaling), activation, owner,
+                             out_dtype or x.dtype, backend, scaling.recipe.backward == "fp8")
     return out.view(*x.shape[:-1], w2.shape[0])

@@ -92,6 +92,10 @@ TMA_MIN_M = 128
 # table (benchmarks/NOTES.md holds its predictions).
 SPLITK_RULE_TILE = (64, 64, 64)
 SPLITK_MIN_K_TILES = 8
+# fp8 GEMMs this long in K promote each K-tile's product into the fp32 accumulator (`kernels.matmul._dot`):
+# Hopper's fp8 wgmma keeps fewer mantissa bits while it accumulates, and the error grows with K. The
+# backward's wgrad sums over the tokens (K = M), so a training step of 4096 tokens or more promotes there too.
+FP8_PROMOTE_K = 4096
 
 
 def sync_autotuning(process_group=None):
@@ -328,7 +332,8 @@ def _first_launch(a, b, c, bias, residual, preact, z, activation, grad_activatio
         SCALED=a_scale is not None,
         QUANTIZE=c_scale is not None,
         STORE_AMAX=amax is not None,
-        INPUT_PRECISION="ieee" if b.dtype == torch.float32 and not tf32 else "tf32",
+        INPUT_PRECISION=("fp8_promoted" if fp8 and a.dtype in FP8_DTYPES and K >= FP8_PROMOTE_K
+                         else "ieee" if b.dtype == torch.float32 and not tf32 else "tf32"),
         INT64_OFFSETS=_needs_int64(operands),
         # the interpreter's bf16 and fp8 casts truncate: rounded by hand there (`matmul._cast_for_store`)
         EMULATE_BF16=INTERPRETED and (b.dtype == torch.bfloat16 or fp8),
@@ -453,18 +458,35 @@ def dgelu(grad, z, activation, need_db):
     if M and N:
         grid = (row_blocks, triton.cdiv(N, DGELU_BLOCK_N))
         with torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext():
-            launcher = functools.partial(_dgelu_kernel.warmup, grid=grid) if PRECOMPILING.get() \
-                else _dgelu_kernel[grid]
-            launcher(
-                grad, z, dz, colsum, M, N, *grad.stride(), *z.stride(), *dz.stride(),
-                GRAD_ACTIVATION=activation, STORE_COLSUM=need_db,
-                INT64_OFFSETS=_needs_int64((grad, z, dz)),
-                EMULATE_BF16=INTERPRETED and z.dtype == torch.bfloat16,
-                BLOCK_M=DGELU_BLOCK_M, BLOCK_N=DGELU_BLOCK_N, num_warps=DGELU_NUM_WARPS,
-            )
-        if not PRECOMPILING.get():
-            record(f"dgelu {DGELU_BLOCK_M}x{DGELU_BLOCK_N} warps={DGELU_NUM_WARPS}", None)
+            elementwise(_dgelu_kernel, grid, (grad, z, dz, colsum), (M, N, *grad.stride(), *z.stride(), *dz.stride()),
+                        dict(GRAD_ACTIVATION=activation, STORE_COLSUM=need_db, INT64_OFFSETS=_needs_int64((grad, z, dz)),
+                             EMULATE_BF16=INTERPRETED and z.dtype == torch.bfloat16, BLOCK_M=DGELU_BLOCK_M,
+                             BLOCK_N=DGELU_BLOCK_N),
+                        z.device, num_warps=DGELU_NUM_WARPS,
+                        line=f"dgelu {DGELU_BLOCK_M}x{DGELU_BLOCK_N} warps={DGELU_NUM_WARPS}")
     if not need_db:
         return dz, None
     db = colsum.sum(0) if M else torch.zeros(columns, dtype=torch.float32, device=z.device)
     return dz, db
+
+
+def elementwise(kernel, grid, tensors, scalars, meta, device, num_warps=4, line=None):
+    """One launch of a one-config kernel (the dGELU pass, fp8's quantize and scale update): the full JIT
+    path at its key's first call, then the bound launch (`bound.BOUND`), as the GEMMs. `tensors` are the
+    kernel's first arguments, then `scalars`, then the constexprs `meta`; `line` is what
+    `record_launches` records (default: the kernel's name). Call it on the launch's device."""
+    if PRECOMPILING.get():
+        kernel.warmup(*tensors, *scalars, grid=grid, **meta, num_warps=num_warps)
+        return
+    key = bound.elementwise_key(kernel, device, grid, tensors, scalars, meta)
+    launcher = bound.BOUND.get(key)
+    if launcher is not None:
+        launcher(*tensors)
+        return
+    compiled = kernel[grid](*tensors, *scalars, **meta, num_warps=num_warps)
+    line = record(line or getattr(kernel, "__name__", str(kernel)).strip("_"), None)
+    launcher = bound.bind_elementwise(kernel, compiled, device, grid, tensors, scalars, meta, line)
+    if launcher is not None:
+        if len(bound.BOUND) >= bound.BOUND_LIMIT:
+            bound.BOUND.clear()
+        bound.BOUND[key] = launcher

@@ -155,23 +155,40 @@ GATED_SPILLS = (MatmulConfig(16, 64, 128, num_warps=4, num_stages=3), MatmulConf
 GATED_TMA_TILES = (MatmulConfig(128, 128, 64, num_warps=8, num_stages=4, epilogue_subtile=2),)
 
 
+def two_accumulators_fit(config):
+    """Whether two fp32 accumulators of the tile take at most 128 registers a thread."""
+    return 2 * config.block_m * config.block_n // (32 * config.num_warps) <= 128
+
+
 def gated_fits(config):
-    """Whether the gated forward may run this tile: two accumulators in at most 128 registers a thread, and
-    not among GATED_SPILLS."""
-    accumulator_registers = 2 * config.block_m * config.block_n // (32 * config.num_warps)
-    return accumulator_registers <= 128 and config not in GATED_SPILLS
+    """Whether the gated forward may run this tile: two accumulators fit (`two_accumulators_fit`), and not
+    among GATED_SPILLS."""
+    return two_accumulators_fit(config) and config not in GATED_SPILLS
 
 
-def prune(configs, element_size, limit, store_element_size=0, grad_activation=False, gated=False):
+# A promoted fp8 GEMM (`matmul._dot`, "fp8_promoted") holds a second accumulator for each K-tile's product,
+# and waits for its wgmma before adding it (ptxas C7517, the promotion itself). Under triton 3.9 these
+# tiles, whose two accumulators fit, still serialized their wgmma (C7514); those that do not fit spilled.
+PROMOTED_SERIALIZES = (MatmulConfig(128, 64, 64, num_warps=4, num_stages=4),)
+
+
+def promoted_fits(config):
+    """Whether a promoted fp8 GEMM may run this tile."""
+    return two_accumulators_fit(config) and config not in PROMOTED_SERIALIZES
+
+
+def prune(configs, element_size, limit, store_element_size=0, grad_activation=False, gated=False, promoted=False):
     """The configs whose shared memory fits `limit` bytes (operands of `element_size` bytes; a TMA store
-    of C elements of `store_element_size`; two B tiles when `gated`, and only tiles that `gated_fits`); the
-    smallest when none does, so that a launch has a config."""
+    of C elements of `store_element_size`; two B tiles when `gated`, and only tiles that `gated_fits`; only
+    tiles that `promoted_fits` when `promoted`); the smallest when none does, so that a launch has a config."""
     def need(c):
         return c.shared_bytes(element_size, store_element_size, c.epilogue_slices(grad_activation),
                               2 if gated else 1)
 
     if gated:
         configs = [c for c in configs if gated_fits(c)] or list(configs)
+    if promoted:
+        configs = [c for c in configs if promoted_fits(c)] or list(configs)
 
     kept = [c for c in configs if need(c) <= limit]
     return kept or [min(configs, key=need)]

@@ -180,6 +180,10 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     if EMULATE_BF16:
         # The interpreter's bf16 dot multiplies raw bits (triton#11584); bf16 -> fp32 is exact.
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif INPUT_PRECISION == "fp8_promoted":
+        # Hopper's fp8 wgmma accumulates in reduced precision: each K-tile's product goes into a fresh
+        # accumulator, added to acc in fp32 (`launch.FP8_PROMOTE_K` says when).
+        acc = tl.dot(a, b, acc, max_num_imprecise_acc=a.shape[1])
     else:
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
