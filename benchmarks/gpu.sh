@@ -3,7 +3,7 @@
 # `run.py --plan headline`: the points that decide the backend table, the kernel choice and the targets,
 # in shuffled rounds with paired ratios), and optionally the kernel choice, the rest of the test suite and
 # an ncu profile. Each step has its own time budget: install 120 s, GPU tests 240 (JUnit and durations;
-# 449 cases, the CUDA rank setups included), the sanitizer 60, the benchmarks 270, about 11.5 minutes in
+# 450 cases, the CUDA rank setups included), the sanitizer 60, the benchmarks 270, about 11.5 minutes in
 # all. On a 10-minute slot run it as two commands back to back:
 #   BENCH_S=0 bash benchmarks/gpu.sh OUTDIR
 #   GPU_TESTS_S=0 SANITIZE_S=0 bash benchmarks/gpu.sh OUTDIR/bench   # the install again (a fresh machine)

@@ -4,6 +4,7 @@ the setups a GPU runner tests on one GPU: gloo over CUDA tensors (2 to 4 ranks, 
 CUDA in each rank, so the scenarios' modules and tensors live there) and NCCL at world size 1. And `run_python`, for code that needs a
 fresh interpreter (triton reads TRITON_INTERPRET once, as it decorates the kernels)."""
 import datetime
+import functools
 import os
 import pickle
 import queue
@@ -124,6 +125,17 @@ def rank_setups(world_sizes, cuda_world_sizes=(2, 3, 4)):
     setups += [pytest.param(("gloo", "cuda", w), id=f"gloo-cuda-{w}", marks=pytest.mark.gpu) for w in cuda_world_sizes]
     setups.append(pytest.param(("nccl", "cuda", 1), id="nccl-1", marks=pytest.mark.gpu))
     return setups
+
+
+def scenario_outcomes(scenarios):
+    """setup -> every rank's outcomes of `scenarios` (`run_scenarios`), for setups (backend, device, world size)
+    from `rank_setups`: one spawn per setup, cached, whose scenarios each test then reads (`check_scenario`)."""
+    @functools.cache
+    def outcomes(setup):
+        backend, device, world_size = setup
+        return run_scenarios(scenarios, world_size, backend=backend, device=device)
+
+    return outcomes
 
 
 def check_scenario(outcomes, name):

@@ -92,12 +92,12 @@ def test_rounds_are_shuffled_and_ratios_paired(smoke):
 
 def test_verdicts_need_the_whole_band_on_one_side():
     sys.path.insert(0, os.path.dirname(RUN))
-    import run
+    from harness.report import verdict
 
-    assert run.verdict([0.90, 0.98], 1.0) == "met" and run.verdict([1.02, 1.10], 1.0) == "missed"
-    assert run.verdict([0.95, 1.05], 1.0) == "within noise"
-    assert run.verdict([1.25, 1.4], 1.2, at_most=False) == "met"
-    assert run.verdict([1.1, 1.3], 1.2, at_most=False) == "within noise"
+    assert verdict([0.90, 0.98], 1.0) == "met" and verdict([1.02, 1.10], 1.0) == "missed"
+    assert verdict([0.95, 1.05], 1.0) == "within noise"
+    assert verdict([1.25, 1.4], 1.2, at_most=False) == "met"
+    assert verdict([1.1, 1.3], 1.2, at_most=False) == "within noise"
 
 
 def test_a_wrong_provider_is_caught_and_not_timed(smoke):

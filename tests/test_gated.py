@@ -1,7 +1,6 @@
 """The gated MLP: linear_glu and glu_mlp_shard against eager and fp64 (every kernel of the family that has a
 gated form), bad input, torch.compile; TensorParallelGatedMLP on 1 to 4 ranks against the dense block,
 with sizes that do not divide, empty shards, a merged gate_up weight, sequence parallelism and overlap."""
-import functools
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch import nn
 import tpkernels
 from numerics import (DEVICES, DTYPES, assert_close_to_ref, assert_compiled_matches_eager, check_forward_backward,
                       compare_params, linear_inputs, randn, same_everywhere)
-from spawn import check_scenario, rank_setups, run_scenarios
+from spawn import check_scenario, rank_setups, run_scenarios, scenario_outcomes
 from tpkernels import TensorParallelGatedMLP, custom_ops_gated, launch, reference
 from tpkernels import distributed as tpd
 from tpkernels.dtensor import local
@@ -329,12 +328,7 @@ def compiled_gated(rank, world):
 
 
 SCENARIOS = [gated, built_from_dense_and_merged, parallel_options]
-
-
-@functools.cache
-def _outcomes(setup):
-    backend, device, world_size = setup
-    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
+_outcomes = scenario_outcomes(SCENARIOS)  # one spawn per (backend, device, world size), cached
 
 
 @pytest.mark.parametrize("setup", rank_setups([1, 2, 3, 4]))

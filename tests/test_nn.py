@@ -2,7 +2,6 @@
 outputs, every gradient, one SGD step, collective counts, the bias added once, uneven sizes, 3-D
 inputs, state dicts, bad input and torch.compile."""
 import copy
-import functools
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
-from spawn import check_scenario, rank_setups, run_scenarios
+from spawn import check_scenario, rank_setups, run_scenarios, scenario_outcomes
 from tpkernels import ColumnParallelLinear, FP8Recipe, RowParallelLinear, TensorParallelMLP, overlap, perfmodel, reference
 from tpkernels import initialization
 from tpkernels import distributed as tpd
@@ -236,15 +235,10 @@ def compiled_mlp(rank, world):
     return "ok"
 
 
-# The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
-# scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
+# One spawn per setup runs every scenario (`spawn.scenario_outcomes`), and each test reads one scenario's
+# outcome.
 SCENARIOS = [column, row, mlp, bias_added_once, state_dicts, bad_input, empty_shards]
-
-
-@functools.cache
-def _outcomes(setup):
-    backend, device, world_size = setup
-    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
+_outcomes = scenario_outcomes(SCENARIOS)  # one spawn per (backend, device, world size), cached
 
 
 @pytest.mark.parametrize("setup", rank_setups(WORLD_SIZES))

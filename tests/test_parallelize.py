@@ -5,7 +5,6 @@ GPT-NeoX, BERT with its MLP split across two sibling modules), built from small 
 (Llama, Mistral, Qwen2, Gemma, Phi-3 with its merged gate_up_proj) the same way, their blocks replaced
 whole. Plus blocks the search must leave alone (gated look-alikes among them), and a plan."""
 import copy
-import functools
 import os
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from numerics import assert_close_to_ref
-from spawn import check_scenario, rank_setups, run_scenarios
+from spawn import check_scenario, rank_setups, scenario_outcomes
 from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, empty_parameters, parallelize
 from tpkernels import custom_ops_gated
 from tpkernels.checkpoint import shard_slice, load_sharded, save_sharded
@@ -83,6 +82,20 @@ def _shared_dir(world, name):
     return os.path.join(tempfile.gettempdir(), f"tpkernels-parallelize-{os.getppid()}-{world}-{name}")
 
 
+def _logits_step(tp, dense, family, device, seed):
+    """The parallelized model's logits against the dense one's and an fp64 copy's (the 2x-eager rule), then
+    one backward of each with the same gradient; returns the fp64 copy and the input ids."""
+    dense64 = copy.deepcopy(dense).double()
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed), device="cpu").to(device)
+    out, eager, ref = _logits(tp, ids), _logits(dense, ids), _logits(dense64, ids)
+    assert_close_to_ref(out, eager, ref, f"{family} logits")
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), device="cpu").to(device)
+    out.backward(grad)
+    eager.backward(grad)
+    ref.backward(grad.double())
+    return dense64, ids
+
+
 def real_models(rank, world):
     torch.manual_seed(0)
     device = torch.get_default_device()  # CUDA in the gloo-cuda and nccl setups
@@ -94,14 +107,7 @@ def real_models(rank, world):
         report = parallelize(tp)
         assert len(report.replaced) == LAYERS and not report.left_alone, str(report)
         assert not any(isinstance(m, (nn.Linear,)) and m.out_features == FFN for m in tp.modules())
-        dense64 = copy.deepcopy(dense).double()
-        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2), device="cpu").to(device)
-        out, eager, ref = _logits(tp, ids), _logits(dense, ids), _logits(dense64, ids)
-        assert_close_to_ref(out, eager, ref, f"{family} logits")
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), device="cpu").to(device)
-        out.backward(grad)
-        eager.backward(grad)
-        ref.backward(grad.double())
+        dense64, ids = _logits_step(tp, dense, family, device, seed=2)
         models = (tp, dense, dense64)
         for what in ("grad", "after SGD"):
             if what == "after SGD":
@@ -170,14 +176,7 @@ def gated_models(rank, world):
         blocks = [m for m in tp.modules() if isinstance(m, TensorParallelGatedMLP)]
         assert len(blocks) == LAYERS and not any(isinstance(m, nn.Linear) and FFN in (m.in_features, m.out_features)
                                                  for m in tp.modules()), "a block replaced in part"
-        ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(7), device="cpu").to(device)
-        dense64 = copy.deepcopy(dense).double()
-        out, eager, ref = _logits(tp, ids), _logits(dense, ids), _logits(dense64, ids)
-        assert_close_to_ref(out, eager, ref, f"{family} logits")
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8), device="cpu").to(device)
-        out.backward(grad)
-        eager.backward(grad)
-        ref.backward(grad.double())
+        dense64, ids = _logits_step(tp, dense, family, device, seed=7)
         tp_params = dict(tp.named_parameters())
         for name, p in dense.named_parameters():
             if name in tp_params and ".mlp." not in name:  # the blocks' own: tests/test_gated.py
@@ -328,15 +327,10 @@ def left_alone_and_plans(rank, world):
     return "ok"
 
 
-# The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
-# scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
+# One spawn per setup runs every scenario (`spawn.scenario_outcomes`), and each test reads one scenario's
+# outcome.
 SCENARIOS = [real_models, left_alone_and_plans, gated_models, gated_look_alikes]
-
-
-@functools.cache
-def _outcomes(setup):
-    backend, device, world_size = setup
-    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
+_outcomes = scenario_outcomes(SCENARIOS)  # one spawn per (backend, device, world size), cached
 
 
 @pytest.mark.parametrize("setup", rank_setups(WORLD_SIZES, cuda_world_sizes=(2, 3)))

@@ -2,7 +2,8 @@
 import pytest
 
 from patching import looked_up
-from tpkernels import custom_ops, extension, launch, nn, ops
+from tpkernels import custom_ops, extension, launch, ops
+from tpkernels.nn import linear as nn_linear
 
 
 def test_reads_through_a_module_are_found():
@@ -10,13 +11,13 @@ def test_reads_through_a_module_are_found():
     assert looked_up(launch, "INT32_LIMIT")  # a global of launch's own functions
     assert looked_up(extension, "has")  # ops calls extension.has
     assert looked_up(custom_ops, "fused_linear_inference")
-    assert looked_up(nn, "linear_gelu")  # nn's own binding, imported from ops
+    assert looked_up(nn_linear, "linear_gelu")  # the column layer's own binding, imported from ops
 
 
 def test_a_patch_that_changes_nothing_fails(monkeypatch):
-    # nn imported linear_gelu from ops: patching ops' binding leaves the modules' calls as they were
+    # nn.linear imported linear_gelu from ops: patching ops' binding leaves the modules' calls as they were
     assert not looked_up(ops, "linear_gelu")
     with pytest.raises(pytest.fail.Exception, match="changes nothing"):
         monkeypatch.setattr(ops, "linear_gelu", lambda *a, **k: None)
     assert ops.linear_gelu.__name__ == "linear_gelu"
-    monkeypatch.setattr(nn, "linear_gelu", lambda *a, **k: None)  # the binding nn's code reads
+    monkeypatch.setattr(nn_linear, "linear_gelu", lambda *a, **k: None)  # the binding the layer's code reads

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from tpkernels import perfmodel
+from tpkernels.demo import model_table
 
 NVLINK = perfmodel.MACHINES["h100-nvlink"]
 
@@ -100,4 +101,4 @@ def test_the_gated_mlp_has_a_column_stage_twice_as_wide_and_fusion_saves_its_ele
     decode = perfmodel.gated_column_times(1, 4096, 14336, 8, NVLINK)
     # M = 1: the weights' streaming (2 x 1792 x 4096 bf16 at 3.35 TB/s) is the fused time
     assert decode["fused"] == pytest.approx(2 * 1792 * 4096 * 2 / NVLINK.memory_bandwidth, rel=0.01)
-    assert "gated column stage" in perfmodel.table(1, 4096, 14336, [8], NVLINK, gated=True)
+    assert "gated column stage" in model_table.table(1, 4096, 14336, [8], NVLINK, gated=True)

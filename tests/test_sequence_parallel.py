@@ -3,7 +3,6 @@ identical weights: uneven sequence lengths and feature splits, outputs, every gr
 collective counts and bytes (chunking adds none), overlap on and off alike, and bad input refused on
 every rank before data moves."""
 import copy
-import functools
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from numerics import assert_close_to_ref, assert_compiled_matches_eager, compare_params, same_everywhere
-from spawn import check_scenario, rank_setups, run_scenarios
+from spawn import check_scenario, rank_setups, scenario_outcomes
 from tpkernels import (ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP, reference,
                        set_sequence_length)
 from tpkernels import distributed as tpd
@@ -270,16 +269,11 @@ def overlap_repeated(rank, world):
     return "ok"
 
 
-# The spawn harness's pattern, alike in every rank test file: one spawn per world size runs every
-# scenario (`spawn.run_scenarios`), and each test reads one scenario's outcome.
+# One spawn per setup runs every scenario (`spawn.scenario_outcomes`), and each test reads one scenario's
+# outcome.
 SCENARIOS = [sequence_parallel_mlp, sequence_parallel_layers, overlap_without_sequence_parallel,
              sequence_parallel_bad_input, compiled_sequence_parallel, stated_sequence_length, overlap_repeated]
-
-
-@functools.cache
-def _outcomes(setup):
-    backend, device, world_size = setup
-    return run_scenarios(SCENARIOS, world_size, backend=backend, device=device)
+_outcomes = scenario_outcomes(SCENARIOS)  # one spawn per (backend, device, world size), cached
 
 
 @pytest.mark.parametrize("setup", rank_setups(WORLD_SIZES))
@@ -287,3 +281,47 @@ def _outcomes(setup):
 def test_sequence_parallel_on_ranks(scenario, setup):
     values = check_scenario(_outcomes(setup), scenario)
     assert all(v == values[0] for v in values), f"ranks disagree: {values}"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_the_stated_sequence_parallel_path():
+    """The static sequence-parallel path (`set_sequence_length`) captures in a CUDA graph at world size 2:
+    a host sync (the shape exchange's `.tolist()`) would fail the capture. One GPU cannot run two NCCL ranks,
+    so the group is torch's fake process group (world size 2, collectives that move nothing): what this proves
+    is the host side, no sync and nothing capture forbids; the numbers are the gloo tests'."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        torch.manual_seed(43)
+        dtype = torch.bfloat16
+        blocks = [TensorParallelMLP(256, 1024, approximate="tanh", sequence_parallel=True, device="cuda", dtype=dtype),
+                  TensorParallelGatedMLP(256, 512, sequence_parallel=True, device="cuda", dtype=dtype)]
+        for block in blocks:
+            set_sequence_length(block, 128)  # 64 positions a rank
+        static_x = torch.randn(2, 64, 256, device="cuda", dtype=dtype, requires_grad=True)
+        static_grad = torch.randn(2, 64, 256, device="cuda", dtype=dtype)
+
+        def step():
+            outs = [block(static_x) for block in blocks]
+            torch.autograd.backward(outs, [static_grad] * len(outs))
+            return outs
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: the autotuner and the compiles settle here
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with tpd.count_collectives() as counts, torch.cuda.graph(graph):
+            outs = step()
+        assert "shape_exchange" not in _kinds(counts), counts.records
+        for _ in range(2):
+            static_x.data.copy_(torch.randn_like(static_x))
+            graph.replay()
+        torch.cuda.synchronize()
+        assert all(out.shape == (2, 64, 256) for out in outs)
+    finally:
+        dist.destroy_process_group()

@@ -5,7 +5,7 @@ import torch
 
 import tpkernels
 from numerics import DEVICES, assert_close_to_ref, check_forward_backward, linear_inputs, matmul_reference, randn
-from tpkernels import MatmulConfig, bound, launch, pin_config, reference
+from tpkernels import MatmulConfig, launch, pin_config, reference, workspace
 from tpkernels.kernels import GELU, GELU_TANH, GLU, MAX_SPLIT_K, SPLITK_CONFIGS, split_k
 
 # Small tiles, so that test-sized shapes split K many ways under the interpreter.
@@ -14,12 +14,12 @@ CONFIG = MatmulConfig(16, 32, 32, group_m=2, num_stages=1, epilogue_subtile=2)
 
 def _poison_workspaces():
     """NaN in every workspace: a partial read before it was written, or past M or N, shows."""
-    for workspace, _ in bound.WORKSPACES.values():
+    for workspace, _ in workspace.WORKSPACES.values():
         workspace.fill_(float("nan"))
 
 
 def _counters_are_zero():
-    return all(int(counters.abs().sum()) == 0 for _, counters in bound.WORKSPACES.values())
+    return all(int(counters.abs().sum()) == 0 for _, counters in workspace.WORKSPACES.values())
 
 
 def _splits(launches):
@@ -181,5 +181,5 @@ def test_cuda_graph_replays_and_streams(dtype):
             torch.cuda.synchronize()
             assert all(torch.equal(out, eager) for out in outs + others)
             assert _counters_are_zero()
-    assert len({key[1] for key in bound.WORKSPACES}) >= 2
+    assert len({key[1] for key in workspace.WORKSPACES}) >= 2
     assert _splits(launches)[0] > 1, launches

@@ -2,9 +2,9 @@
 
 Spawns the ranks: 2 CPU ranks on gloo by default, one rank per GPU on NCCL where there are two or
 more GPUs. Each reproduces the notebook's numbers, then runs four strategies for the whole MLP and
-rank 0 prints their collectives, bytes sent per rank, errors and times (`tpkernels.strategies`).
+rank 0 prints their collectives, bytes sent per rank, errors and times (`tpkernels.demo.strategies`).
 
-`python -m tpkernels model ...` prints the performance model's table instead (`tpkernels.perfmodel`).
+`python -m tpkernels model ...` prints the performance model's table instead (`tpkernels.demo.model_table`).
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ import tempfile
 import torch
 import torch.multiprocessing as mp
 
-from tpkernels.strategies import DTYPES, rank_main
+from tpkernels.demo.strategies import DTYPES, rank_main
 
 
 def parse_args(argv=None):
@@ -56,9 +56,9 @@ def main(args):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["model"]:  # the performance model: no ranks to spawn
-        from tpkernels import perfmodel
+        from tpkernels.demo import model_table
 
-        sys.exit(perfmodel.main(sys.argv[2:]))
+        sys.exit(model_table.main(sys.argv[2:]))
     arguments = parse_args()
     if arguments.device == "cpu" and "TRITON_INTERPRET" not in os.environ:
         # triton reads the switch as it decorates the kernels, which importing tpkernels already did:

@@ -1,6 +1,6 @@
 """Bound launches, the hot path: after a launch key's first call (the full path in `launch`), later
 calls of the key go straight to the compiled kernel's launcher with the arguments that first call
-computed. Also the split-K kernel's workspace, which every split-K call, bound or not, takes here.
+computed. The split-K kernel's workspace, which every split-K call takes, is `workspace`'s.
 
 A launch key (`launch_key`) holds everything the first call's choices and triton's specialization read:
 device, dtypes, shapes, strides, the low bits of every pointer, the epilogue, the block's kernel and
@@ -11,48 +11,10 @@ from triton import knobs
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tpkernels.kernels import INTERPRETED
+from tpkernels.workspace import splitk_workspace
 from tpkernels.settings import MATMUL_KERNEL, PINNED_CONFIG, RECORDED, SPLITK_ORDER
 
-__all__ = ["BOUND", "Bound", "BoundElementwise", "BoundTMA", "bind", "bind_elementwise", "elementwise_key", "launch_key",
-           "splitk_workspace"]
-
-
-# (device, stream) -> (fp32 workspace, int32 arrival counters) of eager launches. The counters are zeroed
-# once, when they are allocated, and every launch leaves them at 0. Each stream has its own pair, so
-# launches on two streams never share a counter; launches on one stream run in order, so they can share
-# it. A CUDA graph's launches have pairs of their own (`splitk_workspace`).
-WORKSPACES = {}
-# Buffers a bigger pair replaced. Kept: a launch still in flight may use them.
-RETIRED = []
-
-
-def _current_stream(device):
-    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-
-
-def splitk_workspace(device, elements, tiles, stream=None):
-    """An fp32 workspace of at least `elements` and `tiles` zeroed int32 counters for a split-K launch on
-    `stream` (default: the current stream of `device`), reused across calls.
-
-    During CUDA-graph capture every launch gets a pair of its own, from the graph's pool, its counters
-    zeroed by a fill the graph replays: a graph replayed while its stream's eager launches run, or two
-    graphs of one shape replayed on two streams, then never share a counter or a partial (a pair baked
-    from the stream's cache would be shared by all of them)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return (torch.empty(elements, dtype=torch.float32, device=device),
-                torch.zeros(tiles, dtype=torch.int32, device=device))
-    key = (device, _current_stream(device) if stream is None else stream)
-    pair = WORKSPACES.get(key)
-    if pair is not None and pair[0].numel() >= elements and pair[1].numel() >= tiles:
-        return pair
-    if pair is not None:
-        RETIRED.append(pair)
-        elements = max(elements, 2 * pair[0].numel())
-        tiles = max(tiles, 2 * pair[1].numel())
-    pair = (torch.empty(elements, dtype=torch.float32, device=device),
-            torch.zeros(tiles, dtype=torch.int32, device=device))
-    WORKSPACES[key] = pair
-    return pair
+__all__ = ["BOUND", "Bound", "BoundElementwise", "BoundTMA", "bind", "bind_elementwise", "elementwise_key", "launch_key"]
 
 
 # Launch key -> Bound: a bound launch is exactly what the full path would launch again for its key.
@@ -118,22 +80,27 @@ class Bound:
 
     def __call__(self, a, b, c, bias, residual, preact, z, scales=None, *, c_tensor=None):
         filler = c if c_tensor is None else c_tensor  # absent epilogue operands are passed as c (a tensor)
-        if self.device_index is None:
-            stream = 0
-        elif torch._C._cuda_getDevice() != self.device_index:
-            with torch.cuda.device(self.device_index):
-                return Bound.__call__(self, a, b, c, bias, residual, preact, z, scales, c_tensor=c_tensor)
-        else:
-            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
         operands = (a, b, c, filler if bias is None else bias, filler if residual is None else residual,
                     filler if preact is None else preact, filler if z is None else z)
         if scales is None:
             operands += (filler,) * 4
         else:
             operands += tuple(filler if s is None else s for s in scales)
-        if self.workspace is not None:
-            operands += splitk_workspace(self.device, *self.workspace, stream=stream)
-        args = operands + self.tail
+        if self.workspace is None:
+            return self._run(operands)
+        return self._run(operands, lambda stream: splitk_workspace(self.device, *self.workspace, stream=stream))
+
+    def _run(self, operands, more=None):
+        """Launch with `operands` (then `more(stream)`'s, then the tail) on the current stream of the launch's
+        device, made current for the call where another is; recorded as the first call was."""
+        if self.device_index is None:
+            stream = 0
+        elif torch._C._cuda_getDevice() != self.device_index:
+            with torch.cuda.device(self.device_index):
+                return self._run(operands, more)
+        else:
+            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        args = operands + (() if more is None else more(stream)) + self.tail
         enter_hook = knobs.runtime.launch_enter_hook
         # A profiler's hooks (proton) get triton's launch metadata; with none installed, it is never read.
         metadata = None
@@ -165,6 +132,16 @@ class BoundTMA(Bound):
                               TensorDescriptor(c, *c_layout), bias, residual, preact, z, scales, c_tensor=c)
 
 
+def _launcher(kernel, compiled):
+    """(what a bound launch calls, the compiled kernel): the compiled kernel's own launcher, or under the
+    interpreter a call of the kernel; (None, None) where nothing was compiled to bind."""
+    if INTERPRETED:
+        return _InterpretedLauncher(kernel), None
+    if compiled is None or not hasattr(compiled, "packed_metadata"):
+        return None, None
+    return compiled.run, compiled
+
+
 def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=None, descriptors=None):
     """The bound launch of a first call, or None where there is nothing to bind (a stubbed kernel).
     `descriptors`: for the TMA kernel, the first call's descriptors of a, b and c."""
@@ -174,12 +151,9 @@ def bind(kernel, compiled, device, grid, args, meta, config, record, workspace=N
     operands = 13 if workspace is not None else 11
     values = dict(zip(names, args), **meta, **config.kwargs())
     tail = tuple(values[name] for name in names[operands:])
-    if INTERPRETED:
-        launcher, compiled = _InterpretedLauncher(kernel), None
-    elif compiled is None or not hasattr(compiled, "packed_metadata"):
+    launcher, compiled = _launcher(kernel, compiled)
+    if launcher is None:
         return None
-    else:
-        launcher = compiled.run
     if descriptors is not None:
         return BoundTMA(compiled, launcher, device, grid, tail, record, descriptors)
     return Bound(compiled, launcher, device, grid, tail, workspace, record)
@@ -192,23 +166,7 @@ class BoundElementwise(Bound):
     __slots__ = ()
 
     def __call__(self, *tensors):
-        if self.device_index is None:
-            stream = 0
-        elif torch._C._cuda_getDevice() != self.device_index:
-            with torch.cuda.device(self.device_index):
-                return BoundElementwise.__call__(self, *tensors)
-        else:
-            stream = torch._C._cuda_getCurrentRawStream(self.device_index)
-        args = tensors + self.tail
-        enter_hook = knobs.runtime.launch_enter_hook
-        metadata = None
-        if self.compiled is not None and enter_hook is not None and getattr(enter_hook, "calls", True):
-            metadata = self.compiled.launch_metadata(self.grid, stream, *args)
-        self.launcher(*self.grid, stream, self.function, self.packed_metadata, metadata, enter_hook,
-                      knobs.runtime.launch_exit_hook, *args)
-        launches = RECORDED.get()
-        if launches is not None:
-            launches.append(self.record)
+        self._run(tensors)
 
 
 def elementwise_key(kernel, device, grid, tensors, scalars, meta):
@@ -224,10 +182,7 @@ def bind_elementwise(kernel, compiled, device, grid, tensors, scalars, meta, rec
         return None
     values = dict(zip(names, tensors + scalars), **meta)
     tail = tuple(values[name] for name in names[len(tensors):])
-    if INTERPRETED:
-        launcher, compiled = _InterpretedLauncher(kernel), None
-    elif compiled is None or not hasattr(compiled, "packed_metadata"):
+    launcher, compiled = _launcher(kernel, compiled)
+    if launcher is None:
         return None
-    else:
-        launcher = compiled.run
     return BoundElementwise(compiled, launcher, device, grid, tail, None, record)

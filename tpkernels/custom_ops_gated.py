@@ -91,13 +91,14 @@ def _(x, gate, up, gate_bias, up_bias, activation, store):
     return x.new_empty((x.shape[0], gate.shape[0])), x.new_empty((x.shape[0], 2 * gate.shape[0]) if store else (0,))
 
 
-def _input_grads(dgu, x, gate, up, needs):
-    """(dX, [dWg; dWu], [dbg | dbu]) from dGU = [dG | dU] [M, 2F], each empty when not needed."""
+def _input_grads(dgu, x, gate, up, needs, db32=None):
+    """(dX, [dWg; dWu], [dbg | dbu]) from dGU = [dG | dU] [M, 2F], each empty when not needed; `db32`, where
+    given, is dGU's fp32 column sums already made (by the pass that made dGU)."""
     need_dx, need_dw, need_db = needs
     dx, dw, db = (x.new_empty(0) for _ in range(3))
     F = gate.shape[0]
     if need_db:
-        db = dgu.sum(0, dtype=torch.float32).to(x.dtype)
+        db = (dgu.sum(0, dtype=torch.float32) if db32 is None else db32).to(x.dtype)
     if not launch.runs_triton(x):
         weight = torch.cat([gate, up])
         return (dgu @ weight if need_dx else dx), (dgu.t() @ x if need_dw else dw), db
@@ -121,10 +122,9 @@ def _fused_glu_backward(
     """(dX, [dWg; dWu] [2F, K], [dbg | dbu] [2F]) of `fused_glu`, each empty when `needs` says not wanted:
     dGU and its column sums in one elementwise pass, then one GEMM each for dX and dW."""
     if launch.runs_triton(x):
-        dgu, db32 = launch.dgelu(grad.to(x.dtype), gu, GLU + activation, False)
-    else:
-        dgu = reference.glu_backward(grad, gu, activation)
-    return _input_grads(dgu, x, gate, up, needs)
+        dgu, db32 = launch.dgelu(grad.to(x.dtype), gu, GLU + activation, needs[2])
+        return _input_grads(dgu, x, gate, up, needs, db32)
+    return _input_grads(reference.glu_backward(grad, gu, activation), x, gate, up, needs)
 
 
 @_fused_glu_backward.register_fake

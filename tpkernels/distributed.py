@@ -1,4 +1,4 @@
-"""Conjugate collectives as autograd functions, shard arithmetic, and process-group helpers.
+"""Conjugate collectives of the feature dim as autograd functions, shard arithmetic, and process-group helpers.
 
 Each pair is one collective forward and its adjoint backward (per-rank shapes, W ranks, F_r = the
 rank's share of F features, `torch.chunk(full, W)[r]`: DTensor's `Shard` layout, see `shard_sizes`):
@@ -8,19 +8,8 @@ rank's share of F features, `torch.chunk(full, W)[r]`: DTensor's `Shard` layout,
     gather_from(h [..., F_r])  forward: all-gather -> [..., F]   backward: keep this rank's F_r slice
     scatter_to(x [..., F])     forward: keep this rank's F_r     backward: all-gather -> [..., F]
 
-and for sequence parallelism, along a sequence dim of L positions (rank r holds L_r of them, its
-`torch.chunk(full, W, dim)[r]`, the same layout):
-
-    gather_sequence(x [.., L_r, ..])          forward: all-gather -> [.., L, ..]
-                                              backward: reduce-scatter of dX -> [.., L_r, ..]
-    reduce_scatter_sequence(p [.., L, ..])    forward: reduce-scatter of partials -> [.., L_r, ..]
-                                              backward: all-gather of dY -> [.., L, ..]
-
-One all-gather and one reduce-scatter move the bytes of one all-reduce; between them the activations
-are 1/W of their size. `sequence_sizes` checks that the ranks' shards fit together before any of them
-collectively moves data.
-
-All take an explicit `process_group` (None: the default group, or a 1-D DeviceMesh: its group) and return their input untouched at
+Sequence parallelism's pairs build on the helpers here (`all_gather_dim`, `reduce_scatter_dim`) and live
+in `sequence_parallel`. All take an explicit `process_group` (None: the default group, or a 1-D DeviceMesh: its group) and return their input untouched at
 world size 1 or when torch.distributed is not initialised. The collectives are torch's traceable
 functional collectives, so `torch.compile(fullgraph=True)` keeps them in the graph: NCCL for CUDA
 tensors, gloo for CPU ones, whatever backend the group was created with.
@@ -37,14 +26,14 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["copy_to", "count_collectives", "gather_from", "gather_sequence", "gather_sequence_chunk", "get_rank",
-           "get_world_size", "group_of", "reduce_from", "reduce_scatter_sequence", "reduce_scatter_sequence_chunk", "scatter_to",
-           "sequence_sizes", "shard", "shard_range", "shard_sizes"]
+__all__ = ["all_gather_dim", "before_collective", "copy_to", "count_collectives", "gather_from", "get_rank", "get_world_size",
+           "group_handle", "group_of", "MAX_DIMS", "pad_dim0", "rank_shapes", "reduce_from", "reduce_scatter_dim", "scatter_to", "shard",
+           "shard_range", "shard_sizes", "unwaited"]
 
 DEBUG_ENV = "TPKERNELS_DEBUG_COLLECTIVES"
 # all_gather_single replaced all_gather_tensor in newer torch; both gather along dim 0.
-_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
-_reduce_scatter_dim0 = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+reduce_scatter_dim0 = getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
 _counters = []
 
 
@@ -60,14 +49,14 @@ def group_of(process_group):
             raise ValueError(f"tpkernels takes a 1-D DeviceMesh (the tensor-parallel dimension, mesh['tp']), "
                              f"got a {process_group.ndim}-D mesh of shape {tuple(process_group.shape)} with dims "
                              f"{process_group.mesh_dim_names}")
-        return process_group.get_group()
+        return process_group.getgroup_handle()
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group must be None, a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
                         f"got {type(process_group).__name__}")
     return process_group
 
 
-def _group(process_group):
+def group_handle(process_group):
     group = group_of(process_group)
     return dist.group.WORLD if group is None else group
 
@@ -76,14 +65,14 @@ def get_world_size(process_group=None):
     """The group's size; 1 when torch.distributed is not initialised."""
     if not dist.is_available() or not dist.is_initialized():
         return 1
-    return dist.get_world_size(_group(process_group))
+    return dist.get_world_size(group_handle(process_group))
 
 
 def get_rank(process_group=None):
     """This process's rank in the group; 0 when torch.distributed is not initialised."""
     if not dist.is_available() or not dist.is_initialized():
         return 0
-    return dist.get_rank(_group(process_group))
+    return dist.get_rank(group_handle(process_group))
 
 
 def shard_sizes(features, world_size):
@@ -145,7 +134,7 @@ def count_collectives():
         _counters.remove(counts)
 
 
-def _before_collective(kind, t, group):
+def before_collective(kind, t, group):
     if torch.compiler.is_compiling():
         return
     world = dist.get_world_size(group)
@@ -164,24 +153,24 @@ def _before_collective(kind, t, group):
 
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(
     (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32))}
-_MAX_DIMS = 8
+MAX_DIMS = 8
 
 
-def _rank_shapes(t, group, kind=None):
+def rank_shapes(t, group, kind=None):
     """Every rank's (shape, dtype code) of t, by rank: one small all-gather (counted as `kind` if given).
-    t has at most _MAX_DIMS dims."""
-    mine = torch.tensor([t.dim(), _DTYPE_CODES.get(t.dtype, -1), *t.shape] + [0] * (_MAX_DIMS - t.dim()),
+    t has at most MAX_DIMS dims."""
+    mine = torch.tensor([t.dim(), _DTYPE_CODES.get(t.dtype, -1), *t.shape] + [0] * (MAX_DIMS - t.dim()),
                         dtype=torch.int64, device=t.device)
     if kind is not None:
-        _before_collective(kind, mine, group)
-    metas = funcol.wait_tensor(_all_gather_dim0(mine, 0, group)).view(dist.get_world_size(group), -1).tolist()
+        before_collective(kind, mine, group)
+    metas = funcol.wait_tensor(all_gather_dim0(mine, 0, group)).view(dist.get_world_size(group), -1).tolist()
     return [(tuple(meta[2:2 + meta[0]]), meta[1]) for meta in metas]
 
 
 def _check_same_on_every_rank(kind, t, group):
-    if t.dim() > _MAX_DIMS:
-        raise ValueError(f"{DEBUG_ENV}: cannot check a {t.dim()}-d tensor (at most {_MAX_DIMS} dims)")
-    metas = _rank_shapes(t, group)
+    if t.dim() > MAX_DIMS:
+        raise ValueError(f"{DEBUG_ENV}: cannot check a {t.dim()}-d tensor (at most {MAX_DIMS} dims)")
+    metas = rank_shapes(t, group)
     if any(meta != metas[0] for meta in metas):
         described = []
         for rank, (shape, code) in enumerate(metas):
@@ -193,7 +182,7 @@ def _check_same_on_every_rank(kind, t, group):
         )
 
 
-def _unwaited(result, group):
+def unwaited(result, group):
     """A collective's result left un-waited (torch's AsyncCollectiveTensor: the first use waits), where the
     group's backend can carry several collectives in flight. Gloo on CPU tensors is waited at once: with
     several of its all-gathers in flight, the overlapped MLP corrupted the heap in a stress run (torch
@@ -203,10 +192,10 @@ def _unwaited(result, group):
 
 
 def _all_reduce(t, group, wait=True):
-    """The sum over the group; un-waited (see `_unwaited`) unless `wait`."""
-    _before_collective("all_reduce", t, group)
+    """The sum over the group; un-waited (see `unwaited`) unless `wait`."""
+    before_collective("all_reduce", t, group)
     reduced = funcol.all_reduce(t.contiguous(), "sum", group)
-    return funcol.wait_tensor(reduced) if wait else _unwaited(reduced, group)
+    return funcol.wait_tensor(reduced) if wait else unwaited(reduced, group)
 
 
 def _split_last_dim(t, group):
@@ -222,67 +211,24 @@ def pad_dim0(t, rows):
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-def _all_gather_dim(t, sizes, dim, group):
+def all_gather_dim(t, sizes, dim, group):
     """Concatenate every rank's t (sizes[r] long along dim, sizes allowed to differ) along dim."""
     width = max(sizes)
     padded = pad_dim0(t.movedim(dim, 0), width).contiguous()
-    _before_collective("all_gather", padded, group)
-    gathered = funcol.wait_tensor(_all_gather_dim0(padded, 0, group))
+    before_collective("all_gather", padded, group)
+    gathered = funcol.wait_tensor(all_gather_dim0(padded, 0, group))
     pieces = [gathered[r * width:r * width + size] for r, size in enumerate(sizes)]
     return torch.cat(pieces).movedim(0, dim)
 
 
-def _reduce_scatter_dim(t, sizes, dim, group):
+def reduce_scatter_dim(t, sizes, dim, group):
     """Sum t over the ranks and keep this rank's slice along dim (sizes[rank] long)."""
     width = max(sizes)
     parts = torch.split(t.movedim(dim, 0), sizes)
     padded = torch.cat([pad_dim0(part, width) for part in parts]).contiguous()
-    _before_collective("reduce_scatter", padded, group)
-    mine = funcol.wait_tensor(_reduce_scatter_dim0(padded, "sum", 0, group))
+    before_collective("reduce_scatter", padded, group)
+    mine = funcol.wait_tensor(reduce_scatter_dim0(padded, "sum", 0, group))
     return mine[:sizes[dist.get_rank(group)]].movedim(0, dim).contiguous()
-
-
-def _normalize_dim(name, dim, ndim):
-    if not -ndim <= dim < ndim:
-        raise ValueError(f"{name}: sequence_dim={dim} is out of range for a {ndim}-d input "
-                         f"(valid: {-ndim} to {ndim - 1})")
-    return dim % ndim
-
-
-def sequence_sizes(x, sequence_dim, process_group=None, name="sequence_sizes"):
-    """The lengths of every rank's sequence shard along `sequence_dim`, checked to fit together.
-
-    One small all-gather of every rank's shape (counted as "shape_exchange"). Every rank gets the same
-    shapes, so every rank raises the same ValueError, before any collective moves data, when the shards
-    are not `torch.chunk(full, world_size, sequence_dim)` of one tensor: a shard of the wrong
-    length, or other dims that differ.
-
-    Returns:
-        [L_0, ..., L_{W-1}]; sum(...) is the full length.
-    """
-    world = get_world_size(process_group)
-    dim = _normalize_dim(name, sequence_dim, x.dim())
-    if world == 1:
-        return [x.shape[dim]]
-    group = _group(process_group)
-    if x.dim() > _MAX_DIMS:
-        raise ValueError(f"{name}: at most {_MAX_DIMS} dims, got a {x.dim()}-d input")
-    shapes = [shape for shape, _ in _rank_shapes(x, group, kind="shape_exchange")]
-    lengths = [shape[dim] if len(shape) > dim else -1 for shape in shapes]
-    expected = shard_sizes(max(sum(lengths), 0), world)
-    others = {shape[:dim] + shape[dim + 1:] for shape in shapes}
-    if len(others) > 1 or lengths != expected:
-        described = "; ".join(f"rank {r}: {shape}" for r, shape in enumerate(shapes))
-        raise ValueError(
-            f"{name}: with sequence_parallel=True rank r must hold tpkernels.distributed.shard(x, {world}, r, "
-            f"dim={sequence_dim}) of one tensor (torch.chunk's layout), so the shards along dim {dim} must be {expected} "
-            f"long (for {sum(lengths)} positions) and every other dim equal; got {described}"
-        )
-    return lengths
-
-
-# ---------------------------------------------------------------------------------------------------
-# Conjugate pairs
 
 
 class _CopyTo(torch.autograd.Function):
@@ -310,7 +256,7 @@ class _GatherFrom(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard, sizes, group):
         ctx.group = group
-        return _all_gather_dim(shard, sizes, shard.dim() - 1, group)
+        return all_gather_dim(shard, sizes, shard.dim() - 1, group)
 
     @staticmethod
     def backward(ctx, grad):
@@ -326,7 +272,7 @@ class _ScatterTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather_dim(grad, ctx.sizes, grad.dim() - 1, ctx.group), None
+        return all_gather_dim(grad, ctx.sizes, grad.dim() - 1, ctx.group), None
 
 
 def copy_to(x, process_group=None, *, wait=True):
@@ -336,7 +282,7 @@ def copy_to(x, process_group=None, *, wait=True):
     backward GEMMs do)."""
     if get_world_size(process_group) == 1:
         return x
-    return _CopyTo.apply(x, _group(process_group), wait)
+    return _CopyTo.apply(x, group_handle(process_group), wait)
 
 
 def reduce_from(partial, process_group=None, *, wait=True):
@@ -346,7 +292,7 @@ def reduce_from(partial, process_group=None, *, wait=True):
     use waits)."""
     if get_world_size(process_group) == 1:
         return partial
-    return _ReduceFrom.apply(partial, _group(process_group), wait)
+    return _ReduceFrom.apply(partial, group_handle(process_group), wait)
 
 
 def gather_from(shard, features, process_group=None):
@@ -359,117 +305,11 @@ def gather_from(shard, features, process_group=None):
     world = get_world_size(process_group)
     if world == 1:
         return shard
-    return _GatherFrom.apply(shard, shard_sizes(features, world), _group(process_group))
+    return _GatherFrom.apply(shard, shard_sizes(features, world), group_handle(process_group))
 
 
 def scatter_to(x, process_group=None):
     """Keep this rank's slice of the last dim (`shard`); backward all-gathers the gradient."""
     if get_world_size(process_group) == 1:
         return x
-    return _ScatterTo.apply(x, _group(process_group))
-
-
-# _GatherSequence and _ReduceScatterSequence have one shape on purpose: they are conjugates, each one's
-# forward the other's backward (as _GatherFrom and _ScatterTo, and the chunked pair below).
-class _GatherSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, sizes, dim, group):
-        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
-        return _all_gather_dim(x, sizes, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_dim(grad, ctx.sizes, ctx.dim, ctx.group), None, None, None
-
-
-class _ReduceScatterSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, partial, sizes, dim, group):
-        ctx.sizes, ctx.dim, ctx.group = sizes, dim, group
-        return _reduce_scatter_dim(partial, sizes, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_dim(grad, ctx.sizes, ctx.dim, ctx.group), None, None, None
-
-
-def gather_sequence(x, sizes, sequence_dim=-2, process_group=None):
-    """All-gather sequence shards into the full sequence; backward reduce-scatters the gradient.
-
-    Args:
-        x: this rank's shard, `shard(full, world_size, rank, sequence_dim)`.
-        sizes: every rank's shard length (`sequence_sizes`).
-        sequence_dim: the sequence dim of x.
-    """
-    if get_world_size(process_group) == 1:
-        return x
-    dim = _normalize_dim("gather_sequence", sequence_dim, x.dim())
-    return _GatherSequence.apply(x, list(sizes), dim, _group(process_group))
-
-
-def reduce_scatter_sequence(partial, sequence_dim=-2, process_group=None):
-    """Sum the ranks' partials and keep this rank's slice of the sequence (`shard`); backward
-    all-gathers the gradient. Returns [.., L_r, ..]."""
-    world = get_world_size(process_group)
-    if world == 1:
-        return partial
-    dim = _normalize_dim("reduce_scatter_sequence", sequence_dim, partial.dim())
-    return _ReduceScatterSequence.apply(partial, shard_sizes(partial.shape[dim], world), dim, _group(process_group))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Chunked collectives for comm/compute overlap. Each returns its result un-waited (torch's
-# AsyncCollectiveTensor; on gloo, waited: `_unwaited`): the collective runs while the caller computes
-# the next chunk, and the first use of the result waits for it. The bytes of the chunks add up to the
-# unchunked collective's.
-
-
-class _GatherChunkAsync(torch.autograd.Function):
-    """[w, ...] on each rank -> [W * w, ...]: rank r's chunk at rows r*w:(r+1)*w. Backward reduce-scatters."""
-
-    @staticmethod
-    def forward(ctx, chunk, group):
-        ctx.group = group
-        chunk = chunk.contiguous()
-        _before_collective("all_gather", chunk, group)
-        return _unwaited(_all_gather_dim0(chunk, 0, group), group)
-
-    @staticmethod
-    def backward(ctx, grad):  # un-waited too: the other chunks' backward GEMMs run meanwhile
-        grad = grad.contiguous()
-        _before_collective("reduce_scatter", grad, ctx.group)
-        return _unwaited(_reduce_scatter_dim0(grad, "sum", 0, ctx.group), ctx.group), None
-
-
-class _ReduceScatterChunkAsync(torch.autograd.Function):
-    """[W * w, ...] partials -> [w, ...]: the sum of every rank's rows r*w:(r+1)*w for r = this rank."""
-
-    @staticmethod
-    def forward(ctx, partial, group):
-        ctx.group = group
-        partial = partial.contiguous()
-        _before_collective("reduce_scatter", partial, group)
-        return _unwaited(_reduce_scatter_dim0(partial, "sum", 0, group), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        _before_collective("all_gather", grad, ctx.group)
-        return _unwaited(_all_gather_dim0(grad, 0, ctx.group), ctx.group), None
-
-
-def gather_sequence_chunk(chunk, width, process_group=None):
-    """All-gather one chunk of this rank's sequence shard (dim 0), padded to `width` rows: returns
-    [W * width, ...] un-waited; its backward reduce-scatters the gradient."""
-    padded = pad_dim0(chunk, width)
-    if get_world_size(process_group) == 1:
-        return padded
-    return _GatherChunkAsync.apply(padded, _group(process_group))
-
-
-def reduce_scatter_sequence_chunk(partial, process_group=None):
-    """Reduce-scatter [W * width, ...] partials (rank r's rows at r*width) into this rank's [width, ...],
-    un-waited; its backward all-gathers the gradient."""
-    if get_world_size(process_group) == 1:
-        return partial
-    return _ReduceScatterChunkAsync.apply(partial, _group(process_group))
+    return _ScatterTo.apply(x, group_handle(process_group))

@@ -39,14 +39,12 @@ The gated MLP (`fp8_glu_mlp_shard`) is the same with W1 = [gate_r; up_r] [2F_r, 
 (one scale: the gated kernel reads gate and up as one operand), h = act(g) * u quantized in the gated
 kernel's epilogue, and dZ = [dG | dU] from the dH GEMM's gated epilogue.
 """
-import contextlib
 from dataclasses import dataclass
 
 import torch
-import triton
 from torch import nn
 
-# custom_ops and custom_ops_fp8 register the ops this module calls
+# custom_ops registers the backward ops the "master" backward calls
 from tpkernels import custom_ops, custom_ops_fp8, launch, ops, reference  # noqa: F401
 from tpkernels.distributed import get_world_size
 from tpkernels.custom_ops_gated import adjacent

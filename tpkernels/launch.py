@@ -32,14 +32,13 @@ kernel, with descriptors made per call from the operands and the block shapes th
 """
 import contextlib
 import functools
-import json
-import os
 
 import torch
 import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from tpkernels import autotune, bound
+from tpkernels import autotune, bound, tables
+from tpkernels.workspace import splitk_workspace
 from tpkernels.autotune import AUTOTUNERS, autotuner, bucket, set_block_shapes
 from tpkernels.kernels import (
     DGELU_BLOCK_M,
@@ -196,10 +195,8 @@ def rule_kernel(m, n, k, programs, capability, tma_possible):
 # kernel_table.json: the kernel a GPU run measured fastest, per (operand layout, dtype, M bucket, N, K),
 # where its paired ratio band to each other kernel lay wholly below 1 and the rule picks another
 # (`benchmarks/run.py --plan headline` writes it). Shapes it does not list follow `rule_kernel`.
-with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_table.json")) as _table_file:
-    KERNEL_TABLE = json.load(_table_file)
-_KERNEL_CHOICES = {(e["layout"], e["dtype"], e["m_bucket"], e["n"], e["k"]): e["kernel"]
-                   for e in KERNEL_TABLE["entries"]}
+KERNEL_TABLE = tables.load(tables.KERNEL_TABLE)
+_KERNEL_CHOICES = tables.kernel_choices(KERNEL_TABLE)
 
 
 def table_kernel(layout, dtype, m, n, k):
@@ -371,7 +368,7 @@ def _matmul_splitk(a, b, c, epilogue, sizes, strides, meta, config):
     elements, tiles = _splitk_extent(M, N, K, candidates, programs)
     if meta["ACTIVATION"] >= GLU:
         elements *= 2  # a gate and an up partial per split
-    workspace, counters = bound.splitk_workspace(a.device, elements, tiles)
+    workspace, counters = splitk_workspace(a.device, elements, tiles)
     meta = dict(meta, INT64_OFFSETS=meta["INT64_OFFSETS"] or elements >= INT32_LIMIT, SPLIT_ORDER=SPLITK_ORDER.get())
     args = (a, b, c, *epilogue, workspace, counters, *sizes, *strides)
 

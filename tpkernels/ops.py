@@ -19,15 +19,13 @@ TRITON_INTERPRET=1 was set before triton was imported), "cublaslt" and "cpu" (th
 `tpkernels._C`, where built), "eager" (`tpkernels.reference`); "auto" picks by `auto_backend`.
 """
 import functools
-import json
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from tpkernels import custom_ops, custom_ops_gated, extension, reference
+from tpkernels import custom_ops, custom_ops_gated, extension, reference, tables
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY, INTERPRETED, SILU, MatmulConfig
 from tpkernels.launch import pin_config, runs_triton, sync_autotuning, use_matmul_kernel
 
@@ -44,14 +42,10 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Backends
 
 BACKENDS = ("auto", "triton", "cublaslt", "cpu", "eager")
-_HERE = os.path.dirname(os.path.abspath(__file__))
 # Read once: torch.compile traces the backend choice. backend_table.json: CUDA, written by the harness
 # from a GPU run; backend_table_cpu.json: CPU tensors, from `run.py --cpu-results` on a CPU machine.
-with open(os.path.join(_HERE, "backend_table.json")) as _table_file:
-    _BACKEND_TABLE = json.load(_table_file)
-with open(os.path.join(_HERE, "backend_table_cpu.json")) as _table_file:
-    _CPU_TABLE = json.load(_table_file)
-_TABLES = {"cuda": _BACKEND_TABLE, "cpu": _CPU_TABLE}
+_TABLES = {device: tables.load(name) for device, name in tables.BACKEND_TABLES.items()}
+_BACKEND_TABLE, _CPU_TABLE = _TABLES["cuda"], _TABLES["cpu"]
 _NOTHING, _NO_CPU_EXTENSION, _NO_CUBLASLT = frozenset(), frozenset({"cpu"}), frozenset({"cublaslt"})
 
 
@@ -62,9 +56,8 @@ def _rule_lookup(table_name, dtype, M, activation, unavailable, packed=False, we
     at least that many elements (K x N: the smallest it was measured at; below, host costs decide)."""
     name = str(dtype).replace("torch.", "")
     for rule in _TABLES[table_name]["rules"]:
-        if (name in rule.get("dtypes", [name]) and activation in rule.get("activations", [activation])
-                and rule.get("min_m", 0) <= M <= rule.get("max_m", M) and rule.get("packed", packed) == packed
-                and weight_elements >= rule.get("min_weight_elements", 0) and rule["backend"] not in unavailable):
+        if rule["backend"] not in unavailable and tables.rule_matches(rule, name, M, activation, packed,
+                                                                      weight_elements):
             return rule["backend"]
     return None
 

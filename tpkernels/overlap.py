@@ -20,8 +20,8 @@ import functools
 import torch
 
 from tpkernels import perfmodel
-from tpkernels.distributed import (copy_to, gather_sequence_chunk, pad_dim0, reduce_from,
-                                   reduce_scatter_sequence_chunk, shard_sizes)
+from tpkernels.distributed import copy_to, pad_dim0, reduce_from, shard_sizes
+from tpkernels.sequence_parallel import gather_sequence_chunk, reduce_scatter_sequence_chunk
 
 __all__ = ["OVERLAP_CHUNKS", "OVERLAP_MACHINE", "column_sequence", "mlp_sequence", "overlap_break_even",
            "overlapping", "row_sequence", "rows", "sequence_chunks"]

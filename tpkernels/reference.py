@@ -154,15 +154,22 @@ def glu_backward(grad, gu, act):
     return torch.cat([activation_backward(grad * u, g, act), grad * activation(g, act)], dim=-1).to(gu.dtype)
 
 
+def _add_linears(module, layers, in_features, hidden_features, out_features, bias, device, dtype):
+    """module.<name> = nn.Linear(<from>, <to>) for each (name, from, to) of "in", "hidden", "out" (out: in's
+    width when None), built in that order: the order a seed draws their initialisations in."""
+    widths = {"in": in_features, "hidden": hidden_features, "out": in_features if out_features is None else out_features}
+    for name, source, target in layers:
+        setattr(module, name, torch.nn.Linear(widths[source], widths[target], bias, device=device, dtype=dtype))
+
+
 class MLP(torch.nn.Module):
     """The dense model that `TensorParallelMLP` shards: fc2(gelu(fc1(x))), built fc1 first, then fc2."""
 
     def __init__(self, in_features, hidden_features, out_features=None, bias=True, approximate="none",
                  device=None, dtype=None):
         super().__init__()
-        out_features = in_features if out_features is None else out_features
-        self.fc1 = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
-        self.fc2 = torch.nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
+        _add_linears(self, [("fc1", "in", "hidden"), ("fc2", "hidden", "out")], in_features, hidden_features,
+                     out_features, bias, device, dtype)
         self.approximate = approximate
 
     def forward(self, x):
@@ -176,10 +183,8 @@ class GatedMLP(torch.nn.Module):
     def __init__(self, in_features, hidden_features, out_features=None, bias=False, activation="silu",
                  device=None, dtype=None):
         super().__init__()
-        out_features = in_features if out_features is None else out_features
-        self.gate_proj = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
-        self.up_proj = torch.nn.Linear(in_features, hidden_features, bias, device=device, dtype=dtype)
-        self.down_proj = torch.nn.Linear(hidden_features, out_features, bias, device=device, dtype=dtype)
+        _add_linears(self, [("gate_proj", "in", "hidden"), ("up_proj", "in", "hidden"), ("down_proj", "hidden", "out")],
+                     in_features, hidden_features, out_features, bias, device, dtype)
         self.activation = activation
         # a module, as transformers' act_fn: what `tpkernels.parallelize` finds by structure
         self.act_fn = {"silu": torch.nn.SiLU(), "gelu": torch.nn.GELU(),

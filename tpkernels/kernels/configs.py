@@ -57,6 +57,7 @@ class MatmulConfig:
 
 
 # Tables of tiles: the lists below look alike on purpose, one row a config the autotuner may try.
+# The config lists below are alike in shape on purpose (a kept duplicate): they are data, one tile a line.
 HOPPER_CONFIGS = (
     # 128-row tiles for two warpgroups of 64-row wgmma; the epilogue in slices of at most 64 fp32
     # values per thread (triton 3.6 serializes wgmma (C7515) or spills above that).

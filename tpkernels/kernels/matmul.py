@@ -376,6 +376,10 @@ def _tile_product(a_ptr, b_ptr, pid_m, pid_n, M, N, k_start, k_length,
     return acc, acc_up
 
 
+# The family's parameter list is written out in each of its three kernels, on purpose (a kept duplicate):
+# a kernel's constexprs are its own parameters, one each. Grouped in a tuple, the epilogue's switches would
+# be specialized as runtime values, its branches compiled in; the launchers pass the list flat, by name
+# (`bound.bind`), and `benchmarks/compile_report.py` types it by name. Add a parameter to all three.
 @triton.jit
 def _matmul_kernel(
     # pointers

@@ -29,6 +29,10 @@ import triton.language as tl
 from tpkernels.kernels.matmul import _epilogue, _tile_id_to_pids, _tile_product
 
 
+# The family's parameter list is written out in each of its three kernels, on purpose (a kept duplicate):
+# a kernel's constexprs are its own parameters, one each. Grouped in a tuple, the epilogue's switches would
+# be specialized as runtime values, its branches compiled in; the launchers pass the list flat, by name
+# (`bound.bind`), and `benchmarks/compile_report.py` types it by name. Add a parameter to all three.
 @triton.jit
 def _matmul_splitk_kernel(
     # pointers
