@@ -54,8 +54,8 @@ def rule_matches(rule, dtype_name, M, activation, packed=False, weight_elements=
 
 def backend_rule(backend, dtypes=None, activations=None, min_m=None, max_m=None, **extra):
     """One rule of a backend table (the fields left None are absent: the rule then covers every value)."""
-    rule = {"dtypes": dtypes, "activations": activations, "min_m": min_m, "max_m": max_m, **extra, "backend": backend}
-    rule = {key: value for key, value in rule.items() if value is not None}
+    rule = {"dtypes": dtypes, "activations": activations, "min_m": min_m, "max_m": max_m, **extra}
+    rule = {key: value for key, value in rule.items() if value is not None} | {"backend": backend}
     if set(rule) - _RULE_KEYS:
         raise ValueError(f"backend_rule: unknown fields {sorted(set(rule) - _RULE_KEYS)}")
     return rule
