@@ -469,7 +469,7 @@ def gate_failures(row):
         failures.append(f"spills {row['spill_store_bytes']} bytes")
     # A promoted fp8 GEMM waits for each K-tile's wgmma before adding its product (C7517): that wait is the
     # promotion, and so is the longer mainloop; anything else fails as elsewhere.
-    promoted = MODES.get(row["mode"], {}).get("precision") == "fp8_promoted"
+    promoted = MODES.get(row.get("mode"), {}).get("precision") == "fp8_promoted"
     warnings = [w for w in row["warnings"] if not (promoted and w == "C7517")]
     if warnings:
         failures.append("ptxas " + ", ".join(warnings) + ": " + " | ".join(row["warning_text"])[:300])

@@ -345,6 +345,13 @@ def test_gate_catches_what_it_is_for():
     for name, change in broken.items():
         assert compile_report.gate_failures({**clean, **change}), name
     assert compile_report.gate_failures({**clean, "target": "sm80", "spill_store_bytes": 8}) == []
+    # a promoted fp8 GEMM may wait for each wgmma (C7517) and run a longer mainloop; nothing else is let through
+    waits = dict(warnings=["C7517"], warning_text=["wgmma.wait_group is injected"], mainloop_ratio=2.1)
+    promoted = {**clean, **waits, "dtype": "fp8", "mode": "wgrad_fp8_promoted"}
+    assert compile_report.gate_failures(promoted) == []
+    assert compile_report.gate_failures({**promoted, "mode": "wgrad_fp8"})
+    assert compile_report.gate_failures({**promoted, "spill_store_bytes": 8})
+    assert compile_report.gate_failures({**promoted, "warnings": ["C7517", "C7514"]})
 
 
 def test_mainloop_finder_on_a_listing():
