@@ -9,7 +9,8 @@ rank's share of F features, `torch.chunk(full, W)[r]`: DTensor's `Shard` layout,
     scatter_to(x [..., F])     forward: keep this rank's F_r     backward: all-gather -> [..., F]
 
 Sequence parallelism's pairs build on the helpers here (`all_gather_dim`, `reduce_scatter_dim`) and live
-in `sequence_parallel`. All take an explicit `process_group` (None: the default group, or a 1-D DeviceMesh: its group) and return their input untouched at
+in `sequence_parallel`. All take an explicit `process_group` (None: the default group, or a 1-D DeviceMesh:
+its group) and return their input untouched at
 world size 1 or when torch.distributed is not initialised. The collectives are torch's traceable
 functional collectives, so `torch.compile(fullgraph=True)` keeps them in the graph: NCCL for CUDA
 tensors, gloo for CPU ones, whatever backend the group was created with.
@@ -26,9 +27,9 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 
-__all__ = ["all_gather_dim", "before_collective", "copy_to", "count_collectives", "gather_from", "get_rank", "get_world_size",
-           "group_handle", "group_of", "MAX_DIMS", "pad_dim0", "rank_shapes", "reduce_from", "reduce_scatter_dim", "scatter_to", "shard",
-           "shard_range", "shard_sizes", "unwaited"]
+__all__ = ["MAX_DIMS", "all_gather_dim", "before_collective", "copy_to", "count_collectives", "gather_from", "get_rank",
+           "get_world_size", "group_handle", "group_of", "pad_dim0", "rank_shapes", "reduce_from", "reduce_scatter_dim",
+           "scatter_to", "shard", "shard_range", "shard_sizes", "unwaited"]
 
 DEBUG_ENV = "TPKERNELS_DEBUG_COLLECTIVES"
 # all_gather_single replaced all_gather_tensor in newer torch; both gather along dim 0.
@@ -49,7 +50,7 @@ def group_of(process_group):
             raise ValueError(f"tpkernels takes a 1-D DeviceMesh (the tensor-parallel dimension, mesh['tp']), "
                              f"got a {process_group.ndim}-D mesh of shape {tuple(process_group.shape)} with dims "
                              f"{process_group.mesh_dim_names}")
-        return process_group.getgroup_handle()
+        return process_group.get_group()
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group must be None, a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
                         f"got {type(process_group).__name__}")

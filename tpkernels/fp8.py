@@ -22,8 +22,8 @@ conservative state (see `FP8Scaling`).
 
 Backward (`FP8Recipe.backward`): "fp8" (the default, as TransformerEngine's) runs the four GEMMs in fp8,
 the gradients in e5m2 with their own delayed scales (dY's and dZ's histories), the operands laid out
-K-major as Hopper's fp8 wgmma wants them (transposed copies of the e4m3 weights, once per weight
-version, and of the saved e4m3 activations):
+K-major as Hopper's fp8 wgmma wants them (transposed copies of the e4m3 weights the forward used, made
+by the backward, and of the saved e4m3 activations):
 
     dY_q = q5(dY, s_dy)
     dZ = (dY_q @ W2_q) * gelu'(z)           one GEMM, the dGELU in its epilogue, dZ in x's dtype
