@@ -14,8 +14,8 @@ CONFIG = MatmulConfig(16, 32, 32, group_m=2, num_stages=1, epilogue_subtile=2)
 
 def _poison_workspaces():
     """NaN in every workspace: a partial read before it was written, or past M or N, shows."""
-    for workspace, _ in workspace.WORKSPACES.values():
-        workspace.fill_(float("nan"))
+    for partials, _ in workspace.WORKSPACES.values():
+        partials.fill_(float("nan"))
 
 
 def _counters_are_zero():
