@@ -65,6 +65,9 @@ from tpkernels.kernels import (  # noqa: E402
 )
 
 MAINLOOP_RATIO_LIMIT = 1.5
+# A promoted fp8 GEMM (K >= launch.FP8_PROMOTE_K) adds each K-tile's product into the accumulator after
+# waiting for its wgmma: 1.56-2.08x the plain GEMM's mainloop on the tiles it may run (triton 3.6 and 3.9).
+PROMOTED_RATIO_LIMIT = 2.5
 NUM_SMS = 132
 TARGETS = {"sm90": 90, "sm80": 80}
 ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
@@ -468,18 +471,18 @@ def gate_failures(row):
     if row["spill_store_bytes"]:
         failures.append(f"spills {row['spill_store_bytes']} bytes")
     # A promoted fp8 GEMM waits for each K-tile's wgmma before adding its product (C7517): that wait is the
-    # promotion, and so is the longer mainloop; anything else fails as elsewhere.
+    # promotion, and so is a mainloop up to PROMOTED_RATIO_LIMIT; anything else fails as elsewhere.
     promoted = MODES.get(row.get("mode"), {}).get("precision") == "fp8_promoted"
     warnings = [w for w in row["warnings"] if not (promoted and w == "C7517")]
     if warnings:
         failures.append("ptxas " + ", ".join(warnings) + ": " + " | ".join(row["warning_text"])[:300])
-    if row["kernel"] not in MATMULS or promoted:
+    if row["kernel"] not in MATMULS:
         return failures
     if row["wgmma_a_from_registers"] and not row["plain_wgmma_a_from_registers"]:
         failures.append("wgmma reads A from registers; the plain GEMM reads it from shared memory")
     if row["mainloop_ratio"] is None:
         failures.append("no mainloop with a matrix instruction found")
-    elif row["mainloop_ratio"] > MAINLOOP_RATIO_LIMIT:
+    elif row["mainloop_ratio"] > (PROMOTED_RATIO_LIMIT if promoted else MAINLOOP_RATIO_LIMIT):
         failures.append(f"mainloop {row['mainloop_instructions']} instructions, "
                         f"{row['mainloop_ratio']}x the plain GEMM's {row['plain_mainloop_instructions']}")
     return failures

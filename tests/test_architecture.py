@@ -11,10 +11,11 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "tpkernels"
 # layer's and the layers' below.
 LAYERS = [
     ("kernels", ["kernels"]),
-    ("native and settings", ["_C", "extension", "settings", "tables", "reference", "perfmodel"]),
+    ("leaves, native and settings", ["_C", "extension", "settings", "tables", "reference", "perfmodel",
+                                     "initialization"]),
     ("launch", ["autotune", "workspace", "bound", "launch"]),
     ("ops and distributed", ["custom_ops", "custom_ops_gated", "custom_ops_fp8", "ops", "distributed",
-                             "sequence_parallel", "dtensor", "overlap", "fp8", "initialization"]),
+                             "sequence_parallel", "dtensor", "overlap", "fp8"]),
     ("modules", ["nn"]),
     ("model surgery and checkpoints", ["parallelize", "checkpoint", "checkpoint_files"]),
     ("demo and the package's front", ["demo", "__main__", ""]),

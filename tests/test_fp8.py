@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import tpkernels
 from numerics import DEVICES, assert_close_to_ref, linear_inputs, randn
 from spawn import run_ranks
-from tpkernels import fp8, launch, reference
+from tpkernels import bound, fp8, launch, reference
 from tpkernels.kernels import GELU, GELU_TANH, IDENTITY
 from tpkernels.dtensor import local
 
@@ -580,8 +580,9 @@ def test_gated_weights_in_two_buffers_are_quantized_again_when_either_changes():
 
 
 def _compiled_fp8_layers(rank, world_size):
-    """Each fp8 layer, compiled with fullgraph=True, against its eager twin over three training steps: the
-    outputs, the gradients and the fp8 state (amax history and scales) after each step. Since the scale
+    """Each fp8 layer, compiled with fullgraph=True, against its eager twin over three training steps and one
+    of gradient accumulation (two forwards, then their backwards): the outputs, the gradients and the fp8
+    state (amax history and scales) after each step. Since the scale
     update, the quantizers and the fp8 GEMMs are ops, the compiled graph holds them, not a graph break."""
     from tpkernels import ColumnParallelLinear, RowParallelLinear, TensorParallelGatedMLP, TensorParallelMLP
 
@@ -610,6 +611,20 @@ def _compiled_fp8_layers(rank, world_size):
                                            getattr(eager.fp8_scaling, buffer), msg=f"{name} {buffer} step {step}")
             eager.zero_grad()
             compiled_twin.zero_grad()
+        # gradient accumulation: two forwards, then both backwards (the second step's update runs between
+        # the first forward and its backward, which must read the scales the backward's time holds)
+        xs = [torch.randn(5, width, generator=torch.Generator().manual_seed(90 + i)) for i in range(2)]
+        outs = [eager(x) for x in xs]
+        twin_outs = [compiled(x) for x in xs]
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        torch.autograd.backward(twin_outs, [torch.ones_like(o) for o in twin_outs])
+        for got, expected in zip(twin_outs, outs):
+            torch.testing.assert_close(got, expected, msg=f"{name} accumulated")
+        for (param, p), p_twin in zip(eager.named_parameters(), compiled_twin.parameters()):
+            torch.testing.assert_close(local(p_twin.grad), local(p.grad), msg=f"{name} {param} accumulated")
+        for buffer in ("amax_history", "scale", "scale_inv"):
+            torch.testing.assert_close(getattr(compiled_twin.fp8_scaling, buffer), getattr(eager.fp8_scaling, buffer),
+                                       msg=f"{name} {buffer} accumulated")
     return "ok"
 
 
@@ -644,9 +659,10 @@ def test_compiled_fp8_graph_holds_the_fp8_ops():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("K, promoted", [(4095, False), (4096, True)])
 def test_long_fp8_gemms_promote_their_accumulation(device, K, promoted, monkeypatch):
-    """At K >= launch.FP8_PROMOTE_K an fp8 GEMM promotes each K-tile's product into the fp32 accumulator
-    (Hopper's fp8 wgmma accumulates with fewer bits); shorter ones, and 16-bit GEMMs, do not. Only tiles whose
-    second accumulator fits are tried."""
+    """At K >= launch.FP8_PROMOTE_K an fp8 GEMM is launched promoted (each K-tile's product added into the fp32
+    accumulator: Hopper's fp8 wgmma accumulates with fewer bits); shorter ones, and 16-bit GEMMs, are not.
+    Only tiles whose second accumulator fits are tried. This checks the choice; what promotion does to the
+    error is measured on a GPU (`test_fp8_error_against_k_with_promotion`: the interpreter's fp8 dot is exact)."""
     x = torch.randn(4, K, device=device)
     if not launch.runs_triton(x):
         pytest.skip("this call does not run the Triton kernels here (no GPU and no TRITON_INTERPRET=1)")
@@ -687,13 +703,28 @@ def test_fp8_error_against_k_with_promotion():
             theirs = torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.float32, use_fast_accum=False)
             saved = launch.FP8_PROMOTE_K
             launch.FP8_PROMOTE_K = 1 << 30
+            bound.BOUND.clear()  # the launch key does not hold the threshold: bind the unpromoted launch anew
             try:
                 unpromoted = torch.empty_like(ours)
                 launch.matmul(a, b.t(), unpromoted, scales=(one, one, None, None))
             finally:
                 launch.FP8_PROMOTE_K = saved
+                bound.BOUND.clear()
             errors = [(t.double() - exact).abs().max().item() for t in (ours, theirs, unpromoted)]
             rows.append((K, *errors))
             scale = exact.abs().max().item()
             assert errors[0] <= 2 * errors[1] + 1e-6 * scale, (K, errors)
     print("K, promoted, torch._scaled_mm, unpromoted max errors:", rows)
+
+
+def test_slot_views_follow_a_buffer_whose_storage_was_swapped():
+    """`FP8Scaling.slot` caches its views per buffer; a move that swaps a buffer's storage in place (`.data =`,
+    as FSDP2 moves buffers) makes new ones, so the kernels never read the old storage."""
+    scaling = fp8.FP8Scaling(tpkernels.FP8Recipe(), fp8.MLP_TENSORS)
+    first = scaling.slot("h")
+    assert scaling.slot("h")[0] is first[0]  # cached
+    scaling.scale.data = torch.full((4,), 3.0)
+    scale, _, amax = scaling.slot("h")
+    assert scale.item() == 3.0 and scale.data_ptr() == scaling.scale[1:2].data_ptr()
+    amax.fill_(5.0)
+    assert scaling.amax_history[0, 1] == 5.0

@@ -352,6 +352,9 @@ def test_gate_catches_what_it_is_for():
     assert compile_report.gate_failures({**promoted, "mode": "wgrad_fp8"})
     assert compile_report.gate_failures({**promoted, "spill_store_bytes": 8})
     assert compile_report.gate_failures({**promoted, "warnings": ["C7517", "C7514"]})
+    assert compile_report.gate_failures({**promoted, "mainloop_ratio": 3.0, "mainloop_instructions": 360})
+    assert compile_report.gate_failures({**promoted, "wgmma_a_from_registers": True})
+    assert compile_report.gate_failures({**promoted, "mainloop_ratio": None})
 
 
 def test_mainloop_finder_on_a_listing():

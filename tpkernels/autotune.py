@@ -32,9 +32,11 @@ def bucket(n):
 
 
 # LAYOUT (`layout_code`) keeps apart launches of one size bucket whose operands lie differently in
-# memory: the NT forward and the NN dX of a layer want different tiles.
+# memory: the NT forward and the NN dX of a layer want different tiles. INPUT_PRECISION keeps apart a
+# promoted fp8 GEMM (K >= launch.FP8_PROMOTE_K) and an unpromoted one of the same K bucket (2049 to 4096):
+# the promoted one may run only the tiles `configs.promoted_fits`.
 AUTOTUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "LAYOUT", "ACTIVATION", "GRAD_ACTIVATION", "HAS_RESIDUAL",
-                "STORE_PREACT"]
+                "STORE_PREACT", "INPUT_PRECISION"]
 _AUTOTUNE_CAN_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters
 
 

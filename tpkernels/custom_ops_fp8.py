@@ -10,6 +10,10 @@ Per call, 2-D operands (the functions in `fp8` check and reshape); q(t, s) = sat
                       an fp8 out_dtype is quantized with out_scale, and amax raised to max |out| (mutated)
     fp8_gemm          a_q [M, K], b_q [K, N] (K-major), their inverse scales -> a_q @ b_q * s [M, N]
                       (* act'(z); gated: z = [g | u] and the result [dG | dU], [M, 2N])
+    fp8_quantize_grad t [M, N], a layer's scaling handle and tensor name -> (q [M, N] in e5m2, scale_inv [1]):
+                      a gradient quantized with that tensor's scale as it is when the backward runs, its
+                      amax raised; the op reads and writes the layer's buffers itself (`SCALINGS`)
+    fp8_snapshot      t -> a copy of t (a scale buffer's view the backward reads as the forward saw it)
     fp8_dgelu         grad [M, N], z [M, N] -> (dZ = grad * act'(z) in z's dtype, db = its column sums in
                       fp32, or an empty tensor unless need_db): the fp8 linear's backward, before dZ's
                       quantization (`launch.dgelu`, one pass)
@@ -25,6 +29,8 @@ Eager callers run an op's body directly (`run`): the dispatcher's path of a Pyth
 `launch.runs_triton` says they can, and the torch path of `reference` elsewhere (the "eager" backend).
 """
 import contextlib
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -34,8 +40,8 @@ from torch import Tensor
 from tpkernels import launch, reference
 from tpkernels.kernels import GLU, IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
 
-__all__ = ["QUANTIZE_BLOCK", "dgelu_impl", "gemm_impl", "linear_impl", "quantize_amax_impl", "quantize_impl",
-           "scale_update_impl", "run"]
+__all__ = ["QUANTIZE_BLOCK", "SCALINGS", "dgelu_impl", "gemm_impl", "linear_impl", "quantize_amax_impl",
+           "quantize_grad_impl", "quantize_impl", "register", "scale_update_impl", "run", "snapshot_impl"]
 
 QUANTIZE_BLOCK = (32, 128)
 
@@ -77,7 +83,9 @@ def quantize_amax_impl(t: Tensor, scale: Tensor, amax: Tensor, dtype: torch.dtyp
     return _quantize(t, scale, amax, dtype, use_triton)
 
 
-# Two ops, with and without the amax: an optional mutated argument that is None trips inductor (torch 2.13)
+# Two ops, with and without the amax: in an op returning one tensor, an optional mutated argument that is
+# None tripped inductor (torch 2.13, "getitem is not an OpOverload"); fp8_linear, which returns two, compiles
+# with its amax None (the fp8 layers' compile test)
 _fp8_quantize = torch.library.custom_op("tpkernels::fp8_quantize", mutates_args=())(quantize_impl)
 _fp8_quantize_amax = torch.library.custom_op("tpkernels::fp8_quantize_amax", mutates_args=("amax",))(quantize_amax_impl)
 
@@ -204,3 +212,45 @@ _fp8_dgelu = torch.library.custom_op("tpkernels::fp8_dgelu", mutates_args=())(dg
 @_fp8_dgelu.register_fake
 def _(grad, z, activation, need_db, use_triton):
     return torch.empty_like(z), z.new_empty(z.shape[1] if need_db else 0, dtype=torch.float32)
+
+
+# handle -> a layer's FP8Scaling. A backward quantizes its gradients with the scales current when it runs and
+# raises their amax: reached through a handle, not as tensors, since a compiled backward's tensors are saved by
+# the forward, and the next forward's scale update (gradient accumulation, pipeline schedules) rewrites them.
+SCALINGS = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def register(scaling):
+    """A handle for `scaling` (an FP8Scaling: `slot(name)` gives its (scale, scale_inv, amax) views)."""
+    handle = next(_HANDLES)
+    SCALINGS[handle] = scaling
+    return handle
+
+
+def quantize_grad_impl(t: Tensor, handle: int, name: str, dtype: torch.dtype,
+                       use_triton: bool) -> tuple[Tensor, Tensor]:
+    scale, scale_inv, amax = SCALINGS[handle].slot(name)
+    return _quantize(t, scale, amax, dtype, use_triton), scale_inv.clone()
+
+
+# No mutated arguments: the buffers it writes are the layer's, reached through the handle
+_fp8_quantize_grad = torch.library.custom_op("tpkernels::fp8_quantize_grad", mutates_args=())(quantize_grad_impl)
+
+
+@_fp8_quantize_grad.register_fake
+def _(t, handle, name, dtype, use_triton):
+    return torch.empty(t.shape, dtype=dtype, device=t.device), t.new_empty(1, dtype=torch.float32)
+
+
+def snapshot_impl(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+# An op, not `clone()`: compiled, a clone of a buffer that an in-place update then rewrites may be elided
+_fp8_snapshot = torch.library.custom_op("tpkernels::fp8_snapshot", mutates_args=())(snapshot_impl)
+
+
+@_fp8_snapshot.register_fake
+def _(t):
+    return torch.empty_like(t)

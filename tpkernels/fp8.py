@@ -159,6 +159,7 @@ class FP8Scaling(nn.Module):
                              persistent=False)
         self._weights = {}
         self._slots = {}  # name -> (the buffers, their views): `slot`
+        self._handle = custom_ops_fp8.register(self)  # how a backward reaches the gradients' scales
 
     def extra_repr(self):
         return f"tensors={self.tensors}, recipe={self.recipe}"
@@ -202,6 +203,8 @@ class FP8Scaling(nn.Module):
         check_device("fp8", device)  # before the scale update's launch
         if not self.recipe.cache_weights:
             self._weights.clear()
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current device: compare like with like
+            device = torch.device("cuda", torch.cuda.current_device())
         if self.amax_history.device != device:
             self._reset(device)
         recipe = self.recipe
@@ -214,13 +217,25 @@ class FP8Scaling(nn.Module):
         buffers = (self.scale, self.scale_inv, self.amax_history)
         if torch.compiler.is_compiling():
             return self._views(name, *buffers)
+        # Keyed by the buffers and their storage: a move may swap a buffer's storage in place (`.data =`, as
+        # FSDP2 moves buffers), which would leave views of the old storage.
+        key = tuple((b, b.data_ptr()) for b in buffers)
         cached = self._slots.get(name)
-        if cached is None or any(a is not b for a, b in zip(cached[0], buffers)):
-            cached = self._slots[name] = (buffers, self._views(name, *buffers))
+        if cached is None or any(a is not b or p != q for (a, p), (b, q) in zip(cached[0], key)):
+            cached = self._slots[name] = (key, self._views(name, *buffers))
         return cached[1]
 
     def __getstate__(self):  # a copy (deepcopy, pickle) makes its own views of its own buffers
         return dict(super().__getstate__(), _slots={})
+
+    def __setstate__(self, state):  # and has a handle of its own
+        super().__setstate__(state)
+        self._handle = custom_ops_fp8.register(self)
+
+    def grad_slot(self, name):
+        """(handle, name): how a backward reaches the scale and amax of gradient tensor `name` as they are
+        when it runs (`custom_ops_fp8.quantize_grad_impl`)."""
+        return self._handle, name
 
     def _views(self, name, scale, scale_inv, history):
         i = self.tensors.index(name)
@@ -261,7 +276,8 @@ def _quantize_weight(weight, backend):
 # op name -> the body its eager calls run (`custom_ops_fp8.run`)
 _IMPLS = {"fp8_scale_update": custom_ops_fp8.scale_update_impl, "fp8_quantize": custom_ops_fp8.quantize_impl,
           "fp8_quantize_amax": custom_ops_fp8.quantize_amax_impl, "fp8_linear": custom_ops_fp8.linear_impl,
-          "fp8_gemm": custom_ops_fp8.gemm_impl, "fp8_dgelu": custom_ops_fp8.dgelu_impl}
+          "fp8_gemm": custom_ops_fp8.gemm_impl, "fp8_dgelu": custom_ops_fp8.dgelu_impl,
+          "fp8_quantize_grad": custom_ops_fp8.quantize_grad_impl, "fp8_snapshot": custom_ops_fp8.snapshot_impl}
 
 
 def _run(name, *args):
@@ -303,13 +319,25 @@ def _transposed(t):
     return t.t().contiguous()
 
 
+def _snapshot(t):
+    """A copy of a scale buffer's view, for a backward to read as the forward saw it (the next forward's update
+    rewrites the buffer). The op `tpkernels::fp8_snapshot`: compiled, a `clone()` of the buffer may be elided
+    once the update is made in place, and the backward would read the next step's scale."""
+    return _run("fp8_snapshot", t)
+
+
+def _quantize_grad(t, slot, backend):
+    """(t in e5m2, its scale_inv): a gradient quantized with the scale of `slot` (`FP8Scaling.grad_slot`) as it
+    is now, its amax raised. The op `tpkernels::fp8_quantize_grad`."""
+    return _run("fp8_quantize_grad", t, *slot, E5M2, backend != "eager")
+
+
 def _fp8_dgrad_wgrad(dz, dz_slot, x_q, x_scale_inv, w_q, w_scale_inv, needs, dtype, backend):
     """The fp8 backward of one linear y = x @ W.T, given dZ (the gradient at its output, in a 16-bit or
     fp32 dtype) and the forward's e4m3 x and W: (dX, dW) in `dtype` (the weight's) where `needs` = (need_dx, need_dw),
-    else None. dZ is quantized to e5m2 once, with `dz_slot` = (scale, scale_inv, amax)."""
+    else None. dZ is quantized to e5m2 once, with `dz_slot`'s scale (`FP8Scaling.grad_slot`)."""
     need_dx, need_dw = needs
-    dz_scale, dz_scale_inv, dz_amax = dz_slot
-    dz_q = quantize(dz, dz_scale, dz_amax, dtype=E5M2, backend=backend)
+    dz_q, dz_scale_inv = _quantize_grad(dz, dz_slot, backend)
     dx = dw = None
     if need_dx:  # dX = dZ @ W: B = W [N, K], read K-major from its transposed copy W.T [K, N]
         dx = _gemm_q(dz_q, dz_scale_inv, _transposed(w_q).t(), w_scale_inv, dtype, backend)
@@ -324,8 +352,7 @@ def _fp8_row_backward(grad, dy_slot, h_q, h_scale_inv, w2_q, w2_scale_inv, need_
     needed. dY is quantized to e5m2 once; dZ = (dY @ W2) * act'(z) comes from the GEMM's epilogue (gated:
     z = [g | u] and dZ = [dG | dU]), in z's dtype; dW2 and db2 in `dtype` (the weight's)."""
     db2 = grad.sum(0, dtype=torch.float32).to(dtype) if need_db2 else None
-    dy_scale, dy_scale_inv, dy_amax = dy_slot
-    dy_q = quantize(grad, dy_scale, dy_amax, dtype=E5M2, backend=backend)
+    dy_q, dy_scale_inv = _quantize_grad(grad, dy_slot, backend)
     dw2 = dz = None
     if need_dw2:  # dW2 = dY.T @ h: both K-major (K = M, the tokens)
         dw2 = _gemm_q(_transposed(dy_q), dy_scale_inv, _transposed(h_q).t(), h_scale_inv, dtype, backend)
@@ -341,9 +368,10 @@ def _column_sums(dz, need, dtype):
 
 # The autograd functions below take only tensors and plain values (the scales as (scale, scale_inv, amax)
 # views of the layer's buffers, the e4m3 weights made by the caller), and call only ops: torch.compile
-# traces them whole. The scales the backward quantizes with are read when it runs (held on ctx, not saved:
-# the next step's update rewrites them, maybe before this backward); those of the forward's x and h are
-# saved as copies.
+# traces them whole. The scales the backward quantizes its gradients with are read when it runs, through the
+# layer's handle (`FP8Scaling.grad_slot`): the next step's update rewrites them, maybe before this backward
+# (gradient accumulation, pipeline schedules), and a compiled backward may hold only what the forward saved.
+# Those of the forward's x and h are saved as copies.
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -361,7 +389,7 @@ class _FP8Linear(torch.autograd.Function):
         ctx.fp8_backward = fp8_backward
         if need_grad:
             if fp8_backward:
-                ctx.save_for_backward(x_q, scale_inv.clone(), w_q, w_scale_inv, preact)
+                ctx.save_for_backward(x_q, _snapshot(scale_inv), w_q, w_scale_inv, preact)
             else:
                 ctx.save_for_backward(x, weight, preact)
         ctx.activation, ctx.dy_slot, ctx.backend, ctx.dtype = activation, dy_slot, backend, weight.dtype
@@ -403,8 +431,8 @@ class _FP8MLP(torch.autograd.Function):
                            None, None, backend)
         ctx.fp8_backward = fp8_backward
         if need_grad:
-            saved = (x_q, x_scale_inv.clone(), w1_q, w1_scale_inv, w2_q) if fp8_backward else (x, w1, w2)
-            ctx.save_for_backward(*saved, w2_scale_inv, h_q, h_scale_inv.clone(), z)
+            saved = (x_q, _snapshot(x_scale_inv), w1_q, w1_scale_inv, w2_q) if fp8_backward else (x, w1, w2)
+            ctx.save_for_backward(*saved, w2_scale_inv, h_q, _snapshot(h_scale_inv), z)
         ctx.activation, ctx.slots, ctx.backend, ctx.dtype = activation, slots, backend, w1.dtype
         return out
 
@@ -457,8 +485,8 @@ class _FP8GatedMLP(torch.autograd.Function):
                            None, None, backend)
         ctx.fp8_backward = fp8_backward
         if need_grad:
-            saved = (x_q, x_scale_inv.clone(), w1_q, w1_scale_inv, w2_q) if fp8_backward else (x, gate, up, w2)
-            ctx.save_for_backward(*saved, w2_scale_inv, h_q, h_scale_inv.clone(), gu)
+            saved = (x_q, _snapshot(x_scale_inv), w1_q, w1_scale_inv, w2_q) if fp8_backward else (x, gate, up, w2)
+            ctx.save_for_backward(*saved, w2_scale_inv, h_q, _snapshot(h_scale_inv), gu)
         ctx.activation, ctx.slots, ctx.backend = activation, slots, backend
         ctx.features, ctx.dtype = gate.shape[0], gate.dtype
         return out
@@ -492,8 +520,8 @@ class _FP8GatedMLP(torch.autograd.Function):
 
 
 def _mlp_slots(scaling):
-    """The (scale, scale_inv, amax) of x, h, dY and dZ."""
-    return tuple(scaling.slot(name) for name in ("x", "h", "dy", "dz"))
+    """The (scale, scale_inv, amax) of x and h, and the backward's ways to dY's and dZ's (`grad_slot`)."""
+    return scaling.slot("x"), scaling.slot("h"), scaling.grad_slot("dy"), scaling.grad_slot("dz")
 
 
 def _check_out_dtype(name, x, out_dtype):
@@ -521,7 +549,7 @@ def fp8_linear(x, weight, bias, scaling, *, name="w", activation=IDENTITY, owner
     check_device("fp8_linear", x.device)
     rows = x.reshape(x.shape[:-1].numel(), x.shape[-1])  # an empty shard's x too
     w_q, w_scale_inv = scaling.weight(name, weight, backend)
-    out = _FP8Linear.apply(rows, weight, bias, w_q, w_scale_inv, scaling.slot("x"), scaling.slot("dy"), activation,
+    out = _FP8Linear.apply(rows, weight, bias, w_q, w_scale_inv, scaling.slot("x"), scaling.grad_slot("dy"), activation,
                            owner, out_dtype or x.dtype, backend, scaling.recipe.backward == "fp8")
     return out.view(*x.shape[:-1], weight.shape[0])
 
