@@ -40,15 +40,27 @@ from torch import Tensor
 from tpkernels import launch, reference
 from tpkernels.kernels import GLU, IDENTITY, INTERPRETED, _quantize_kernel, _scale_update_kernel
 
-__all__ = ["QUANTIZE_BLOCK", "SCALINGS", "dgelu_impl", "gemm_impl", "linear_impl", "quantize_amax_impl",
+__all__ = ["OPS", "QUANTIZE_BLOCK", "SCALINGS", "dgelu_impl", "gemm_impl", "linear_impl", "quantize_amax_impl",
            "quantize_grad_impl", "quantize_impl", "register", "scale_update_impl", "run", "snapshot_impl"]
 
 QUANTIZE_BLOCK = (32, 128)
 
 
-def run(op, impl, *args):
-    """op(*args) under torch.compile, which traces the op; impl(*args), its body, in eager. Only from code that
+# op name -> (the op, its body)
+OPS = {}
+
+
+def _op(name, impl, mutates_args=()):
+    """`impl` registered as the op `tpkernels::<name>`, kept with it for `run`."""
+    op = torch.library.custom_op(f"tpkernels::{name}", mutates_args=mutates_args)(impl)
+    OPS[name] = (op, impl)
+    return op
+
+
+def run(name, *args):
+    """The op `tpkernels::<name>` under torch.compile, which traces it; its body in eager. Only from code that
     handles autograd itself (`fp8`'s autograd functions): the body has none."""
+    op, impl = OPS[name]
     return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
@@ -86,8 +98,8 @@ def quantize_amax_impl(t: Tensor, scale: Tensor, amax: Tensor, dtype: torch.dtyp
 # Two ops, with and without the amax: in an op returning one tensor, an optional mutated argument that is
 # None tripped inductor (torch 2.13, "getitem is not an OpOverload"); fp8_linear, which returns two, compiles
 # with its amax None (the fp8 layers' compile test)
-_fp8_quantize = torch.library.custom_op("tpkernels::fp8_quantize", mutates_args=())(quantize_impl)
-_fp8_quantize_amax = torch.library.custom_op("tpkernels::fp8_quantize_amax", mutates_args=("amax",))(quantize_amax_impl)
+_fp8_quantize = _op("fp8_quantize", quantize_impl)
+_fp8_quantize_amax = _op("fp8_quantize_amax", quantize_amax_impl, mutates_args=("amax",))
 
 
 @_fp8_quantize.register_fake
@@ -123,8 +135,7 @@ def scale_update_impl(history: Tensor, scale: Tensor, scale_inv: Tensor, fmax: T
     history[0].zero_()
 
 
-_fp8_scale_update = torch.library.custom_op("tpkernels::fp8_scale_update",
-                                           mutates_args=("history", "scale", "scale_inv"))(scale_update_impl)
+_fp8_scale_update = _op("fp8_scale_update", scale_update_impl, mutates_args=("history", "scale", "scale_inv"))
 
 
 @_fp8_scale_update.register_fake
@@ -158,7 +169,7 @@ def linear_impl(x_q: Tensor, x_scale_inv: Tensor, w_q: Tensor, w_scale_inv: Tens
     return out, preact
 
 
-_fp8_linear = torch.library.custom_op("tpkernels::fp8_linear", mutates_args=("amax",))(linear_impl)
+_fp8_linear = _op("fp8_linear", linear_impl, mutates_args=("amax",))
 
 
 @_fp8_linear.register_fake
@@ -188,7 +199,7 @@ def gemm_impl(a_q: Tensor, a_scale_inv: Tensor, b_q: Tensor, b_scale_inv: Tensor
     return out
 
 
-_fp8_gemm = torch.library.custom_op("tpkernels::fp8_gemm", mutates_args=())(gemm_impl)
+_fp8_gemm = _op("fp8_gemm", gemm_impl)
 
 
 @_fp8_gemm.register_fake
@@ -206,7 +217,7 @@ def dgelu_impl(grad: Tensor, z: Tensor, activation: int, need_db: bool, use_trit
     return dz, (z.new_empty(0, dtype=torch.float32) if db is None else db)
 
 
-_fp8_dgelu = torch.library.custom_op("tpkernels::fp8_dgelu", mutates_args=())(dgelu_impl)
+_fp8_dgelu = _op("fp8_dgelu", dgelu_impl)
 
 
 @_fp8_dgelu.register_fake
@@ -235,7 +246,7 @@ def quantize_grad_impl(t: Tensor, handle: int, name: str, dtype: torch.dtype,
 
 
 # No mutated arguments: the buffers it writes are the layer's, reached through the handle
-_fp8_quantize_grad = torch.library.custom_op("tpkernels::fp8_quantize_grad", mutates_args=())(quantize_grad_impl)
+_fp8_quantize_grad = _op("fp8_quantize_grad", quantize_grad_impl)
 
 
 @_fp8_quantize_grad.register_fake
@@ -248,7 +259,7 @@ def snapshot_impl(t: Tensor) -> Tensor:
 
 
 # An op, not `clone()`: compiled, a clone of a buffer that an in-place update then rewrites may be elided
-_fp8_snapshot = torch.library.custom_op("tpkernels::fp8_snapshot", mutates_args=())(snapshot_impl)
+_fp8_snapshot = _op("fp8_snapshot", snapshot_impl)
 
 
 @_fp8_snapshot.register_fake

@@ -208,8 +208,8 @@ class FP8Scaling(nn.Module):
         if self.amax_history.device != device:
             self._reset(device)
         recipe = self.recipe
-        _run("fp8_scale_update", self.amax_history, self.scale, self.scale_inv, self.fmax, recipe.margin,
-             recipe.amax_compute_algo == "most_recent")
+        custom_ops_fp8.run("fp8_scale_update", self.amax_history, self.scale, self.scale_inv, self.fmax,
+                           recipe.margin, recipe.amax_compute_algo == "most_recent")
 
     def slot(self, name):
         """(scale, scale_inv, amax) of one tensor: one-element views of the buffers, made once per buffer
@@ -273,25 +273,13 @@ def _quantize_weight(weight, backend):
     return quantize(weight.detach(), scale, backend=backend), 1.0 / scale
 
 
-# op name -> the body its eager calls run (`custom_ops_fp8.run`)
-_IMPLS = {"fp8_scale_update": custom_ops_fp8.scale_update_impl, "fp8_quantize": custom_ops_fp8.quantize_impl,
-          "fp8_quantize_amax": custom_ops_fp8.quantize_amax_impl, "fp8_linear": custom_ops_fp8.linear_impl,
-          "fp8_gemm": custom_ops_fp8.gemm_impl, "fp8_dgelu": custom_ops_fp8.dgelu_impl,
-          "fp8_quantize_grad": custom_ops_fp8.quantize_grad_impl, "fp8_snapshot": custom_ops_fp8.snapshot_impl}
-
-
-def _run(name, *args):
-    """The op `tpkernels::<name>` under torch.compile, its body in eager."""
-    return custom_ops_fp8.run(getattr(torch.ops.tpkernels, name), _IMPLS[name], *args)
-
-
 def quantize(t, scale, amax=None, *, dtype=E4M3, backend="auto"):
     """saturate(t * scale) in `dtype` (e4m3 or e5m2), for a 2-D t; `amax` (a one-element fp32 tensor), if
     given, is raised to max |t|. One pass on the Triton kernels, torch ops elsewhere (the ops
     `tpkernels::fp8_quantize` and `fp8_quantize_amax`)."""
     if amax is None:
-        return _run("fp8_quantize", t, scale, dtype, backend != "eager")
-    return _run("fp8_quantize_amax", t, scale, amax, dtype, backend != "eager")
+        return custom_ops_fp8.run("fp8_quantize", t, scale, dtype, backend != "eager")
+    return custom_ops_fp8.run("fp8_quantize_amax", t, scale, amax, dtype, backend != "eager")
 
 
 def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact_dtype, out_scale, amax, backend,
@@ -300,8 +288,8 @@ def _linear_q(x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, p
     the pre-activation in `preact_dtype`, or an empty tensor for None); amax, if given, is raised to
     max |act(...)|. `gated`: w_q [2F, K] and bias [2F] hold [gate; up], the pre-activation is [M, 2F], and
     the output is act(g) * u, [M, F]. The op `tpkernels::fp8_linear`."""
-    return _run("fp8_linear", x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype, preact_dtype, out_scale,
-                amax, gated, backend != "eager")
+    return custom_ops_fp8.run("fp8_linear", x_q, x_scale_inv, w_q, w_scale_inv, bias, activation, out_dtype,
+                              preact_dtype, out_scale, amax, gated, backend != "eager")
 
 
 def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype, backend, z=None, grad_activation=IDENTITY, gated=False):
@@ -309,8 +297,8 @@ def _gemm_q(a_q, a_scale_inv, b_q, b_scale_inv, out_dtype, backend, z=None, grad
     and b_q [K, N] (column-major: K-major, as fp8 wgmma and torch._scaled_mm read it). `gated`: z is [g | u]
     and the result [dG | dU], both [M, 2N], from the product dH (`reference.glu_backward`). The op
     `tpkernels::fp8_gemm`."""
-    return _run("fp8_gemm", a_q, a_scale_inv, b_q, b_scale_inv, z, grad_activation, gated, out_dtype,
-                backend != "eager")
+    return custom_ops_fp8.run("fp8_gemm", a_q, a_scale_inv, b_q, b_scale_inv, z, grad_activation, gated,
+                              out_dtype, backend != "eager")
 
 
 def _transposed(t):
@@ -323,13 +311,13 @@ def _snapshot(t):
     """A copy of a scale buffer's view, for a backward to read as the forward saw it (the next forward's update
     rewrites the buffer). The op `tpkernels::fp8_snapshot`: compiled, a `clone()` of the buffer may be elided
     once the update is made in place, and the backward would read the next step's scale."""
-    return _run("fp8_snapshot", t)
+    return custom_ops_fp8.run("fp8_snapshot", t)
 
 
 def _quantize_grad(t, slot, backend):
     """(t in e5m2, its scale_inv): a gradient quantized with the scale of `slot` (`FP8Scaling.grad_slot`) as it
     is now, its amax raised. The op `tpkernels::fp8_quantize_grad`."""
-    return _run("fp8_quantize_grad", t, *slot, E5M2, backend != "eager")
+    return custom_ops_fp8.run("fp8_quantize_grad", t, *slot, E5M2, backend != "eager")
 
 
 def _fp8_dgrad_wgrad(dz, dz_slot, x_q, x_scale_inv, w_q, w_scale_inv, needs, dtype, backend):
@@ -408,7 +396,7 @@ class _FP8Linear(torch.autograd.Function):
             if ctx.activation == IDENTITY:
                 dz, db = grad, _column_sums(grad, need_db, ctx.dtype)
             else:  # db from the same pass
-                dz, db = _run("fp8_dgelu", grad, preact, ctx.activation, need_db, ctx.backend != "eager")
+                dz, db = custom_ops_fp8.run("fp8_dgelu", grad, preact, ctx.activation, need_db, ctx.backend != "eager")
                 db = db.to(ctx.dtype) if need_db else None
             dx, dw = _fp8_dgrad_wgrad(dz, ctx.dy_slot, x_q, x_scale_inv, w_q, w_scale_inv, (need_dx, need_dw),
                                       ctx.dtype, ctx.backend)
